@@ -1,0 +1,54 @@
+// Portability macros and exactly-rounded float helpers shared by CPU and CUDA code.
+//
+// Why the *_rn helpers: nvcc contracts `a * b + c` into one FMA by default (one rounding instead
+// of two), and the CPU build could do the same under -march flags. Formats that must be
+// bit-identical to bitsandbytes (which rounds after every operation, as PyTorch does) spell out
+// each rounding through these helpers; the host build also passes -ffp-contract=off.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define PK_HOST_DEVICE inline
+#endif
+
+namespace peftkern {
+
+PK_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+PK_HOST_DEVICE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+PK_HOST_DEVICE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// IEEE round-to-nearest reciprocal, i.e. exactly `1.0f / a`.
+PK_HOST_DEVICE float rcp_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __frcp_rn(a);
+#else
+  return 1.0f / a;
+#endif
+}
+
+PK_HOST_DEVICE float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
+
+}  // namespace peftkern

@@ -1,0 +1,59 @@
+// Library-level ops: build information and the debug switch that poisons fresh outputs.
+#include <torch/library.h>
+
+#include <atomic>
+#include <sstream>
+#include <string>
+
+#include "common/outputs.h"
+
+#if defined(PEFTKERN_WITH_CUDA)
+#include <cuda_runtime_api.h>  // CUDART_VERSION: the toolkit this binary was compiled with
+#endif
+
+#include "build_config.h"  // generated: PEFTKERN_CUDA_ARCHS, PEFTKERN_TORCH_VERSION
+
+namespace peftkern {
+namespace {
+
+std::atomic<bool> g_poison_outputs{false};
+
+std::string compiler_name() {
+  std::ostringstream s;
+#if defined(__clang__)
+  s << "clang " << __clang_major__ << "." << __clang_minor__;
+#elif defined(__GNUC__)
+  s << "gcc " << __GNUC__ << "." << __GNUC_MINOR__ << "." << __GNUC_PATCHLEVEL__;
+#else
+  s << "unknown";
+#endif
+  return s.str();
+}
+
+std::string build_info() {
+  std::ostringstream s;
+  s << "{\"cuda\": ";
+#if defined(PEFTKERN_WITH_CUDA)
+  s << "\"" << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << "\"";
+#else
+  s << "null";
+#endif
+  s << ", \"cuda_archs\": \"" << PEFTKERN_CUDA_ARCHS << "\"";
+  s << ", \"torch\": \"" << PEFTKERN_TORCH_VERSION << "\"";
+  s << ", \"compiler\": \"" << compiler_name() << "\"}";
+  return s.str();
+}
+
+void set_poison_outputs(bool enabled) { g_poison_outputs.store(enabled); }
+
+}  // namespace
+
+bool poison_outputs_enabled() { return g_poison_outputs.load(std::memory_order_relaxed); }
+
+}  // namespace peftkern
+
+// No tensor arguments means no dispatch key: impl() in a fragment registers a catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(peftkern, m) {
+  m.impl("build_info", &peftkern::build_info);
+  m.impl("set_poison_outputs", &peftkern::set_poison_outputs);
+}

@@ -1,0 +1,37 @@
+// The schema of every peftkern op, declared once. Device implementations register themselves
+// beside their code (TORCH_LIBRARY_IMPL in csrc/<family>/*_cpu.cpp and *_cuda.cu); fake (meta)
+// implementations, autograd formulas and the plain-PyTorch references live in peftkern/ops/.
+#include <torch/library.h>
+
+TORCH_LIBRARY(peftkern, m) {
+  // --- NF4 (bitsandbytes-compatible 4-bit NormalFloat), csrc/nf4/ -------------------------------
+  // Quantize any float tensor, flattened row-major, in blocks of `blocksize` elements.
+  // packed: uint8 [ceil(numel / 2), 1], two codes per byte (bitsandbytes' layout);
+  // absmax: float32 [ceil(numel / blocksize)].
+  m.def("nf4_quantize(Tensor weight, int blocksize) -> (Tensor packed, Tensor absmax)");
+  // Inverse of nf4_quantize: returns a `dtype` tensor of `shape` (numel must match the codes).
+  m.def(
+      "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, int[] shape, "
+      "ScalarType dtype) -> Tensor");
+  // nf4_dequantize with double-quantized absmax (bitsandbytes' compress_statistics):
+  // absmax[b] = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize] + offset,
+  // decoded on the fly, never written to memory.
+  m.def(
+      "nf4_dequantize_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, "
+      "Tensor nested_code, Tensor nested_offset, int blocksize, int nested_blocksize, int[] shape, "
+      "ScalarType dtype) -> Tensor");
+  // 8-bit blockwise quantization against a sorted 256-entry code table (used for the absmax
+  // values under double quantization). codes: uint8 like x.flatten(); absmax: float32 per block.
+  m.def("quantize_blockwise_8bit(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
+  // codes -> float32 values: code[codes[i]] * absmax[i // blocksize].
+  m.def("dequantize_blockwise_8bit(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // The NF4 code table the kernels use (float32 [16], CPU), exported so Python never copies it.
+  m.def("nf4_code_table() -> Tensor");
+
+  // --- Library ----------------------------------------------------------------------------------
+  // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).
+  m.def("build_info() -> str");
+  // Debug aid for tests: when on, every output an op allocates is filled with a poison pattern
+  // (NaN / 0xA5 bytes) before the kernel runs, so an element a kernel forgets to write shows up.
+  m.def("set_poison_outputs(bool enabled) -> ()");
+}

@@ -1,0 +1,81 @@
+"""Loads the compiled op library `peftkern._C` and says what it holds.
+
+Importing `_C` registers every op as `torch.ops.peftkern.*` (CPU kernels always, CUDA kernels in a
+CUDA build). Where the library is missing, or lacks a kernel for a device, the Python wrappers in
+`peftkern.ops` run the op's plain-PyTorch reference instead, so the package always works.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading it registers the ops)
+
+    _LOAD_ERROR: Exception | None = None
+except ImportError as error:  # no compiled library: a source checkout that was never built
+    _C = None
+    _LOAD_ERROR = error
+
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def available() -> bool:
+    """True when the compiled op library loaded."""
+    return _C is not None
+
+
+def load_error() -> Exception | None:
+    """Why the compiled library did not load (None when it did)."""
+    return _LOAD_ERROR
+
+
+def _kernels_by_device() -> dict[str, frozenset[str]]:
+    # Read once at import: a plain set lookup is all torch.compile has to trace later.
+    if _C is None:
+        return {}
+    kernels = {}
+    for device_type, key in _DISPATCH_KEYS.items():
+        names = torch._C._dispatch_get_registrations_for_dispatch_key(key)
+        kernels[device_type] = frozenset(n.split("::", 1)[1] for n in names if n.startswith("peftkern::"))
+    return kernels
+
+
+_KERNELS = _kernels_by_device()
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when `torch.ops.peftkern.<op>` has a compiled kernel for `device_type` ("cpu"/"cuda")."""
+    return op in _KERNELS.get(device_type, ())
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build compiled the CUDA kernels (whether or not a GPU is visible now)."""
+    return has_kernel("nf4_dequantize", "cuda")
+
+
+def build_info() -> dict:
+    """What was built: CUDA version and archs (None / "" for a CPU-only build), the torch it was
+    compiled against, the compiler; plus what is running now."""
+    info = {"extension": available(), "cuda_kernels": has_cuda_kernels(), "torch_runtime": torch.__version__}
+    if _C is None:
+        info["load_error"] = str(_LOAD_ERROR)
+        return info
+    info.update(json.loads(torch.ops.peftkern.build_info()))
+    if info.get("torch") and info["torch"] != torch.__version__:
+        warnings.warn(
+            f"peftkern was compiled against torch {info['torch']} but torch {torch.__version__} is "
+            "running; rebuild peftkern (pip install --no-build-isolation -e .)",
+            stacklevel=2,
+        )
+    return info
+
+
+def set_poison_outputs(enabled: bool) -> None:
+    """Debug aid: fill every output the compiled ops allocate with NaN / 0xA5 before the kernel
+    writes it, so an unwritten element is caught. Off by default (it costs a memset)."""
+    if _C is not None:
+        torch.ops.peftkern.set_poison_outputs(enabled)

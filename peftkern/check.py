@@ -1,0 +1,140 @@
+"""`python -m peftkern.check`: every compiled op on every available device against its
+plain-PyTorch reference, on fresh random inputs. Prints one row per case and exits non-zero on
+any failure, or when the compiled library is missing. Run it first on a new machine or GPU.
+
+Every output is poisoned (NaN / 0xA5) before the kernel writes it, so unwritten elements fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import _ext
+from .ops import nf4 as nf4_ops
+
+# Odd sizes, a partial last block, sizes below one block, empty, and one 2-D weight shaped like
+# a real projection.
+SHAPES = [(1,), (63,), (3, 5), (257, 129), (1000, 33), (0, 7), (2048, 64)]
+BLOCKSIZES = [32, 64, 256, 4096]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@dataclass
+class Result:
+    op: str
+    device: str
+    dtype: str
+    shape: tuple
+    blocksize: int
+    max_error: float
+    passed: bool
+
+
+def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| (inf on a shape mismatch or a NaN where the reference has none)."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return float("inf")
+    if got.numel() == 0:
+        return 0.0
+    diff = (got.double() - want.double()).abs()
+    return float("inf") if torch.isnan(diff).any() else diff.max().item()
+
+
+def _exact(results: list, op, device, dtype, shape, bs, pairs) -> None:
+    """NF4 ops are exact: same float32 arithmetic and rounding as the reference, so error 0."""
+    error = max(_max_error(got, want) for got, want in pairs)
+    results.append(Result(op, device, str(dtype).removeprefix("torch."), tuple(shape), bs, error, error == 0.0))
+
+
+def check_nf4(device: str, generator: torch.Generator) -> list[Result]:
+    results: list[Result] = []
+    code8 = nf4_ops.dynamic_code_8bit(device)
+    ops = torch.ops.peftkern
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            for bs in BLOCKSIZES:
+                w = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+                packed, absmax = ops.nf4_quantize(w, bs)
+                ref_packed, ref_absmax = nf4_ops.nf4_quantize_reference(w, bs)
+                _exact(results, "nf4_quantize", device, dtype, shape, bs, [(packed, ref_packed), (absmax, ref_absmax)])
+
+                out = ops.nf4_dequantize(packed, absmax, bs, list(shape), dtype)
+                ref = nf4_ops.nf4_dequantize_reference(ref_packed, ref_absmax, bs, shape, dtype)
+                _exact(results, "nf4_dequantize", device, dtype, shape, bs, [(out, ref)])
+
+                offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+                codes, nested = ops.quantize_blockwise_8bit(absmax - offset, code8, 256)
+                ref_codes, ref_nested = nf4_ops.quantize_blockwise_8bit_reference(absmax - offset, code8, 256)
+                _exact(
+                    results, "quantize_blockwise_8bit", device, dtype, shape, 256,
+                    [(codes, ref_codes), (nested, ref_nested)],
+                )  # fmt: skip
+                values = ops.dequantize_blockwise_8bit(codes, nested, code8, 256)
+                ref_values = nf4_ops.dequantize_blockwise_8bit_reference(codes, nested, code8, 256)
+                _exact(results, "dequantize_blockwise_8bit", device, dtype, shape, 256, [(values, ref_values)])
+
+                args = (packed, codes, nested, code8, offset.reshape(()), bs, 256)
+                out = ops.nf4_dequantize_nested(*args, list(shape), dtype)
+                ref = nf4_ops.nf4_dequantize_nested_reference(*args, shape, dtype)
+                _exact(results, "nf4_dequantize_nested", device, dtype, shape, bs, [(out, ref)])
+    return results
+
+
+def devices() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available() and _ext.has_cuda_kernels():
+        found.append("cuda")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="print passing rows too (default: a summary per op)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    args = parser.parse_args(argv)
+
+    info = _ext.build_info()
+    print(f"peftkern build: {info}")
+    if not _ext.available():
+        print("FAIL: the compiled op library is missing; build it with `pip install --no-build-isolation -e .`")
+        return 1
+    if torch.cuda.is_available() and not _ext.has_cuda_kernels():
+        print("note: a GPU is visible but this build has no CUDA kernels (CPU-only build): checking CPU only")
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    print(f"seed {seed}; devices {devices()}")
+    generator = torch.Generator().manual_seed(seed)
+
+    _ext.set_poison_outputs(True)
+    try:
+        results = [r for device in devices() for r in check_nf4(device, generator)]
+    finally:
+        _ext.set_poison_outputs(False)
+
+    header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
+    print(header)
+    print("-" * len(header))
+    shown = results if args.all else [r for r in results if not r.passed]
+    for r in shown:
+        print(f"{r.op:<28}{r.device:<8}{r.dtype:<10}{str(r.shape):<14}{r.blocksize:>6}{r.max_error:>12.3g}  "
+              f"{'pass' if r.passed else 'FAIL'}")  # fmt: skip
+    if not args.all:  # one summary row per (op, device, dtype)
+        groups: dict[tuple, list[Result]] = {}
+        for r in results:
+            groups.setdefault((r.op, r.device, r.dtype), []).append(r)
+        for (op, device, dtype), rows in groups.items():
+            worst = max(r.max_error for r in rows)
+            ok = all(r.passed for r in rows)
+            print(f"{op:<28}{device:<8}{dtype:<10}{f'{len(rows)} cases':<14}{'all':>6}{worst:>12.3g}  "
+                  f"{'pass' if ok else 'FAIL'}")  # fmt: skip
+    failed = sum(not r.passed for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
