@@ -1,0 +1,62 @@
+"""Shared machinery for the pytest-benchmark suites: each benchmark records the bytes it must
+move, and the session ends with one table of time, GB/s and the ratio to a plain memory copy of
+the same bytes measured in the same run (the bandwidth floor)."""
+
+import pytest
+import torch
+
+_ROWS = []
+_MEMCPY_GBPS = {}
+
+
+def memcpy_gbps(device: str) -> float:
+    """Bandwidth of a plain tensor copy on `device` (bytes read + bytes written per second),
+    measured once per run on a buffer larger than the caches."""
+    if device not in _MEMCPY_GBPS:
+        import time
+
+        src = torch.randn(64 * 2**20 // 4, device=device)  # 64 MiB
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(12):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        _MEMCPY_GBPS[device] = 2 * src.numel() * 4 / times[len(times) // 2] / 1e9
+    return _MEMCPY_GBPS[device]
+
+
+@pytest.fixture
+def record(benchmark, request):
+    """record(group, impl, bytes_moved, device): call after benchmark.pedantic(...)."""
+
+    def _record(group: str, impl: str, bytes_moved: int, device: str = "cpu"):
+        median = benchmark.stats.stats.median
+        gbps = bytes_moved / median / 1e9
+        floor = memcpy_gbps(device)
+        benchmark.extra_info.update(group=group, impl=impl, bytes=bytes_moved, gbps=gbps, memcpy_gbps=floor)
+        _ROWS.append((group, impl, median, gbps, gbps / floor))
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("peftkern bench summary (median times; GB/s counts the bytes the op must read + write)")
+    write(f"memcpy bandwidth in this run: {', '.join(f'{d} {g:.1f} GB/s' for d, g in _MEMCPY_GBPS.items())}")
+    header = f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'vs peftkern':>13}"
+    write(header)
+    write("-" * len(header))
+    ours = {group: median for group, impl, median, _, _ in _ROWS if impl == "peftkern"}
+    for group, impl, median, gbps, fraction in _ROWS:
+        speedup = f"{median / ours[group]:.2f}x" if group in ours else "-"
+        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{speedup:>13}")
+    write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster)")
