@@ -191,6 +191,18 @@ def test_torch_compile_fullgraph(generator):
     assert torch.equal(compiled(w), roundtrip(w))
 
 
+def test_torch_compile_inductor_dequantize_matmul(generator):
+    """The QLoRA use: dequantize feeding a matmul, compiled by inductor (the default backend)."""
+    torch._dynamo.reset()
+    q = peftkern.nf4_quantize(random_weight((40, 72), torch.float32, generator), 64)
+    x = torch.randn(5, 72, generator=generator)
+
+    def project(inputs):
+        return inputs @ q.dequantize().t()
+
+    torch.testing.assert_close(torch.compile(project, fullgraph=True)(x), project(x), rtol=1e-5, atol=1e-6)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_kernels_match_cpu(dtype, generator):
