@@ -28,6 +28,20 @@ TORCH_LIBRARY(peftkern, m) {
   // The NF4 code table the kernels use (float32 [16], CPU), exported so Python never copies it.
   m.def("nf4_code_table() -> Tensor");
 
+  // --- LoRA on dense bases, csrc/lora/ ---------------------------------------------------------
+  // out = x·Wᵀ + b + scaling·(xd·Aᵀ)·Bᵀ with xd = x ⊙ dropout_mask · keep_scale (xd = x when no
+  // mask). x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r], dropout_mask [M, K]
+  // bool. Also returns xa = xd·Aᵀ [M, r], which the backward reuses.
+  m.def(
+      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "float scaling, Tensor? dropout_mask, float keep_scale) -> (Tensor out, Tensor xa)");
+  // Gradients of lora_linear_fwd for x, lora_a and lora_b (the base weight and bias are frozen);
+  // recomputes xd from x and the mask rather than storing it.
+  m.def(
+      "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor xa, float scaling, Tensor? dropout_mask, float keep_scale) -> "
+      "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
+
   // --- Library ----------------------------------------------------------------------------------
   // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).
   m.def("build_info() -> str");

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext
+from .ops import lora as lora_ops
 from .ops import nf4 as nf4_ops
 
 # Odd sizes, a partial last block, sizes below one block, empty, and one 2-D weight shaped like
@@ -85,6 +86,69 @@ def check_nf4(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# Rounding tolerance per dtype, relative to the magnitude of the terms summed (see below).
+GEMM_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+LORA_SHAPES = [(1, 7, 5, 2), (13, 33, 17, 4), (64, 96, 80, 16), (3, 5, 4, 8), (9, 1, 3, 1)]  # (tokens, in, out, r)
+
+
+def lora_linear_errors(x, w, b, a, bb, mask, keep_scale, scaling, generator) -> dict[str, float]:
+    """Worst error / allowed error of lora_linear_fwd's output and of its gradients for x, A, B
+    (pass: <= 1). Allowed: tolerance(dtype) * the same computation on absolute values in float64,
+    i.e. the sum of |terms| that bounds a GEMM's rounding error, element by element; so a result
+    that cancels to almost nothing is judged on its terms, not on itself. NaN gives inf."""
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    out, _ = torch.ops.peftkern.lora_linear_fwd(x, w, b, a, bb, scaling, mask, keep_scale)
+
+    def reference64(transform):
+        leaves = [transform(t.detach().double().cpu()).requires_grad_() if t is not None else None
+                  for t in (x, w, b, a, bb)]  # fmt: skip
+        cpu_mask = mask.cpu() if mask is not None else None
+        return lora_ops.lora_linear_reference(*leaves, scaling, cpu_mask, keep_scale), leaves
+
+    exact, leaves = reference64(lambda t: t)
+    magnitude, abs_leaves = reference64(torch.abs)
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)  # one rounded g for all three
+    got = torch.autograd.grad(out, (x, a, bb), g.to(out.device))
+    want = torch.autograd.grad(exact, [leaves[i] for i in (0, 3, 4)], g.double())
+    bounds = torch.autograd.grad(magnitude, [abs_leaves[i] for i in (0, 3, 4)], g.double().abs())
+
+    tolerance = GEMM_TOLERANCE[out.dtype]
+    errors = {}
+    for name, ours, exact_value, bound in zip(
+        ("out", "grad_x", "grad_a", "grad_b"), (out, *got), (exact, *want), (magnitude.detach(), *bounds)
+    ):
+        ours = ours.detach().cpu().double()
+        if torch.isnan(ours).any():
+            errors[name] = float("inf")
+        else:
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound + 1e-300)).max().item()
+    return errors
+
+
+def random_lora_inputs(shape, dtype, device, generator, bias=True, dropout=False):
+    m, k, n, r = shape
+
+    def rand(*size):
+        t = torch.randn(size, generator=generator, dtype=torch.float64) / max(size[-1], 1) ** 0.5
+        return t.to(device=device, dtype=dtype)
+
+    mask = (torch.rand(m, k, generator=generator) > 0.3).to(device) if dropout else None
+    return rand(m, k), rand(n, k), rand(n) if bias else None, rand(r, k), rand(n, r), mask
+
+
+def check_lora(device: str, generator: torch.Generator) -> list[Result]:
+    results = []
+    for dtype in DTYPES:
+        for shape in LORA_SHAPES:
+            for dropout in (False, True):
+                x, w, b, a, bb, mask = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
+                errors = lora_linear_errors(x, w, b, a, bb, mask, 1 / 0.7 if dropout else 1.0, 0.75, generator)
+                worst = max(errors.values())
+                results.append(Result("lora_linear_fwd+bwd", device, str(dtype).removeprefix("torch."), shape,
+                                      0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -111,10 +175,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        results = [r for device in devices() for r in check_nf4(device, generator)]
+        results = [r for device in devices() for check in (check_nf4, check_lora) for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
 
+    print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1)")
     header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

@@ -4,7 +4,7 @@
 // Parallel over quantization blocks with at::parallel_for (OpenMP in PyTorch's builds, and it
 // honours torch.set_num_threads); the inner loops are branch-free so GCC vectorises them at -O3.
 // The per-element math comes from common/blockwise_quant.h, shared with the CUDA kernels.
-#include <ATen/Dispatch.h>
+#include "../common/dispatch.h"
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -91,7 +91,7 @@ void dequantize_nf4(const uint8_t* packed, const DequantArgs& args, ScaleOf scal
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight, int64_t blocksize) {
   auto [packed, absmax] = check_and_allocate_quantize(weight, blocksize);
   const at::Tensor w = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "nf4_quantize", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(w.scalar_type(), "nf4_quantize", [&] {
     quantize_nf4(w.const_data_ptr<scalar_t>(), w.numel(), blocksize,
                  packed.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>());
   });
@@ -103,7 +103,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
   const DequantArgs args = check_dequantize(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
   const float* absmax_ptr = absmax.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize", [&] {
     dequantize_nf4(
         packed.const_data_ptr<uint8_t>(), args, [&](int64_t b) { return absmax_ptr[b]; },
         out.mutable_data_ptr<scalar_t>());
@@ -125,7 +125,7 @@ at::Tensor nf4_dequantize_nested_cpu(const at::Tensor& packed, const at::Tensor&
   const float* nested = nested_absmax.const_data_ptr<float>();
   const float* code = nested_code.const_data_ptr<float>();
   const float offset = nested_offset.const_data_ptr<float>()[0];
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "nf4_dequantize_nested", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize_nested", [&] {
     dequantize_nf4(
         packed.const_data_ptr<uint8_t>(), args,
         [&](int64_t b) {
@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor&
   const bool has_tail = n % blocksize != 0;
   uint8_t* codes_ptr = codes.mutable_data_ptr<uint8_t>();
   float* absmax_ptr = absmax.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "quantize_8bit", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(xc.scalar_type(), "quantize_8bit", [&] {
     const scalar_t* src = xc.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, grain_in_blocks(blocksize), [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {

@@ -2,7 +2,7 @@
 // (common/blockwise_quant.h) as nf4_cpu.cpp, so the CPU tests prove the arithmetic and this
 // file only has to get the indexing right. Every kernel indexes with int64 and runs on the
 // current stream of the input's device; every launch is checked.
-#include <ATen/Dispatch.h>
+#include "../common/dispatch.h"
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   const int64_t n = w.numel();
   if (n == 0) return {packed, absmax};
   const int64_t blocks = ceil_div(n, blocksize);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "nf4_quantize", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(w.scalar_type(), "nf4_quantize", [&] {
     nf4_quantize_kernel<scalar_t>
         <<<grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0,
            at::cuda::getCurrentCUDAStream()>>>(w.const_data_ptr<scalar_t>(),
@@ -189,7 +189,7 @@ template <typename ScaleOf>
 void launch_dequantize(const at::Tensor& packed, const DequantArgs& args, ScaleOf scale_of,
                        at::Tensor& out) {
   if (args.numel == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "nf4_dequantize",
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(out.scalar_type(), "nf4_dequantize",
                                   [&] {
     nf4_dequantize_kernel<scalar_t, ScaleOf>
         <<<grid_for(ceil_div(args.numel, kElemsPerThread), kThreads), kThreads, 0,
@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
   const int64_t n = xc.numel();
   if (n == 0) return {codes, absmax};
   const int64_t blocks = ceil_div(n, blocksize);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "quantize_8bit", [&] {
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(xc.scalar_type(), "quantize_8bit", [&] {
     quantize_8bit_kernel<scalar_t>
         <<<grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0,
            at::cuda::getCurrentCUDAStream()>>>(

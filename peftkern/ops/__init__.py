@@ -1,7 +1,7 @@
-"""One module per op family: the plain-PyTorch reference (the spec), the fake implementation
-and the wrapper that picks the compiled kernel for a tensor's device or falls back to the
-reference. Importing a family module registers its fakes."""
+"""One module per op family: the plain-PyTorch reference (the spec), the fake implementation,
+the autograd formula and the wrapper that picks the compiled kernel for a tensor's device or
+falls back to the reference. Importing a family module registers its fakes and autograd."""
 
-from . import nf4
+from . import lora, nf4
 
-__all__ = ["nf4"]
+__all__ = ["lora", "nf4"]

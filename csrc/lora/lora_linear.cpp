@@ -1,0 +1,124 @@
+// LoRA on a dense base: forward and hand-written backward.
+//
+//   out = x·Wᵀ + b + s·(xd·Aᵀ)·Bᵀ,   xd = x ⊙ mask · keep_scale  (dropout; xd = x without it)
+//
+// Shapes: x [M, K], W [N, K] (any strides: a transposed view serves fan_in_fan_out bases),
+// b [N], A [r, K], B [N, r], mask [M, K] bool. Python flattens leading dims into M.
+//
+// What this version fuses (every GEMM is the vendor BLAS — MKL/oneDNN on CPU, cuBLAS(Lt) on
+// CUDA — reached through ATen, so one implementation serves both devices):
+//   * the bias rides in the base GEMM's epilogue (addmm), the LoRA-B product is accumulated into
+//     the same output buffer by the GEMM's beta=1 epilogue (no [M, N] temporary, no extra add);
+//   * backward stores only x (an alias, no copy), the bool dropout mask and xa = xd·Aᵀ [M, r];
+//     xd is recomputed from x and the mask instead of being stored ([M, K] floats saved);
+//   * dx accumulates the LoRA term into the base term's buffer the same way.
+// Not yet: one GEMM over W stacked with A (reads x once) and custom GEMM kernels with the
+// dropout in their prologue: see DESIGN.md.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+
+namespace peftkern {
+namespace lora {
+namespace {
+
+constexpr const char* kFwd = "lora_linear_fwd";
+constexpr const char* kBwd = "lora_linear_bwd";
+
+void check_same(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
+              " but x is ", x.scalar_type(), " (cast the adapter or the input first)");
+  check_device(t, op, name, x, "x");
+}
+
+// Validates shapes; returns (M, K, N, r).
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_lora_args(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+    const at::Tensor& lora_b, const std::optional<at::Tensor>& dropout_mask) {
+  check_dtype(x, op, "x", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2, op,
+              ": weight, lora_a and lora_b must be 2-D");
+  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0), r = lora_a.size(0);
+  TORCH_CHECK(weight.size(1) == k, op, ": weight is ", weight.sizes(), " but x has ", k,
+              " features (expected [out_features, ", k, "])");
+  TORCH_CHECK(lora_a.size(1) == k, op, ": lora_a is ", lora_a.sizes(), ", expected [r, ", k, "]");
+  TORCH_CHECK(lora_b.size(0) == n && lora_b.size(1) == r, op, ": lora_b is ", lora_b.sizes(),
+              ", expected [", n, ", ", r, "]");
+  check_same(weight, op, "weight", x);
+  check_same(lora_a, op, "lora_a", x);
+  check_same(lora_b, op, "lora_b", x);
+  if (dropout_mask) {
+    check_dtype(*dropout_mask, op, "dropout_mask", {at::kBool});
+    TORCH_CHECK(dropout_mask->sizes() == x.sizes(), op, ": dropout_mask is ", dropout_mask->sizes(),
+                " but x is ", x.sizes());
+    check_device(*dropout_mask, op, "dropout_mask", x, "x");
+  }
+  return {m, k, n, r};
+}
+
+at::Tensor dropped_input(const at::Tensor& x, const std::optional<at::Tensor>& mask,
+                         double keep_scale) {
+  return mask ? x * *mask * keep_scale : x;
+}
+
+// -> (out [M, N], xa [M, r]); xa is what backward needs besides x and the mask.
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
+                                                   const std::optional<at::Tensor>& bias,
+                                                   const at::Tensor& lora_a,
+                                                   const at::Tensor& lora_b, double scaling,
+                                                   const std::optional<at::Tensor>& dropout_mask,
+                                                   double keep_scale) {
+  const auto [m, k, n, r] = check_lora_args(kFwd, x, weight, lora_a, lora_b, dropout_mask);
+  if (bias) {
+    check_same(*bias, kFwd, "bias", x);
+    check_numel(*bias, kFwd, "bias", n);
+  }
+  at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor xa = at::mm(dropped_input(x, dropout_mask, keep_scale), lora_a.t());
+  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  return {out, xa};
+}
+
+// -> (dx [M, K], dA [r, K], dB [N, r]) for grad_out [M, N]; W, b are frozen (no gradient).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scaling,
+    const std::optional<at::Tensor>& dropout_mask, double keep_scale) {
+  const auto [m, k, n, r] = check_lora_args(kBwd, x, weight, lora_a, lora_b, dropout_mask);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kBwd,
+              ": grad_out is ", grad_out.sizes(), ", expected [", m, ", ", n, "]");
+  check_same(grad_out, kBwd, "grad_out", x);
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m && xa.size(1) == r, kBwd, ": xa is ", xa.sizes(),
+              ", expected [", m, ", ", r, "]");
+  // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [M, r] factors, not the big ones.
+  at::Tensor grad_b = at::mm(grad_out.t(), xa).mul_(scaling);  // [N, r]
+  at::Tensor grad_xa = at::mm(grad_out, lora_b).mul_(scaling);  // [M, r]
+  at::Tensor grad_a = at::mm(grad_xa.t(), dropped_input(x, dropout_mask, keep_scale));  // [r, K]
+  at::Tensor grad_x = at::mm(grad_out, weight);  // [M, K]
+  if (dropout_mask) {
+    grad_x.addcmul_(at::mm(grad_xa, lora_a), *dropout_mask, keep_scale);
+  } else {
+    grad_x.addmm_(grad_xa, lora_a);
+  }
+  return {grad_x, grad_a, grad_b};
+}
+
+}  // namespace
+}  // namespace lora
+}  // namespace peftkern
+
+// The same ATen code serves both devices (its GEMMs dispatch to the device's BLAS), so it is
+// registered for CPU and CUDA alike; a CPU-only build of peftkern still runs it on GPU tensors.
+TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
+  m.impl("lora_linear_fwd", &peftkern::lora::lora_linear_fwd);
+  m.impl("lora_linear_bwd", &peftkern::lora::lora_linear_bwd);
+}
+TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+  m.impl("lora_linear_fwd", &peftkern::lora::lora_linear_fwd);
+  m.impl("lora_linear_bwd", &peftkern::lora::lora_linear_bwd);
+}

@@ -1,0 +1,102 @@
+"""LoRA-on-a-dense-base op family: the plain-PyTorch reference (the spec), fakes, the autograd
+formula of `peftkern::lora_linear_fwd` (its backward is the op `lora_linear_bwd`), and the wrapper
+`lora_linear` that layers call.
+
+    out = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ
+
+What backward keeps: x (an alias of the layer input, not a copy), the bool dropout mask, and
+xa = dropout(x)·Aᵀ ([tokens, r]); dropout(x) is recomputed. The base W and b are frozen in LoRA;
+if a caller does make them trainable, their gradients are computed too (never silently dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+
+# --------------------------------------------------------------------------------------------
+# Reference: the spec (autograd through plain PyTorch ops gives its gradients).
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_mask=None, keep_scale=1.0):
+    dropped = x if dropout_mask is None else x * dropout_mask * keep_scale
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_a), lora_b)
+
+
+# --------------------------------------------------------------------------------------------
+# Fakes and autograd for the compiled op.
+# --------------------------------------------------------------------------------------------
+
+if _ext.available():
+
+    @torch.library.register_fake("peftkern::lora_linear_fwd")
+    def _(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale):
+        return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+
+    @torch.library.register_fake("peftkern::lora_linear_bwd")
+    def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_mask, keep_scale):
+        return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale = inputs
+        ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], dropout_mask)
+        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_out, grad_xa):
+        x, weight, lora_a, lora_b, xa, dropout_mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
+            grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
+        )
+        if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
+            dropped = x if dropout_mask is None else x * dropout_mask * ctx.keep_scale
+            grad_a = grad_a + grad_xa.t() @ dropped
+            contribution = grad_xa @ lora_a
+            grad_x = grad_x + (contribution if dropout_mask is None else contribution * dropout_mask * ctx.keep_scale)
+        grad_weight = grad_out.t() @ x if needs[1] else None
+        grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+
+    torch.library.register_autograd("peftkern::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrapper
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """`x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ` over any leading dims of x.
+
+    weight is [out, in] ([in, out] with fan_in_fan_out, as GPT-2's Conv1D stores it); lora_a is
+    [r, in], lora_b [out, r]. Dropout is applied to the LoRA branch only, as in PEFT.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
+    if fan_in_fan_out:
+        weight = weight.t()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    mask, keep_scale = None, 1.0
+    if training and dropout > 0.0:
+        mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout)
+        keep_scale = 1.0 / (1.0 - dropout)
+    if _ext.has_kernel("lora_linear_fwd", x.device.type):
+        out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), mask, keep_scale)[0]
+    else:
+        out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+    return out.view(*lead, out.shape[-1])

@@ -1,0 +1,124 @@
+"""The LoRA-on-dense-base op: outputs and hand-written gradients against the reference (autograd
+through plain PyTorch), gradcheck in float64, opcheck, torch.compile, bad input."""
+
+import pytest
+import torch
+
+from peftkern.check import LORA_SHAPES, lora_linear_errors, random_lora_inputs
+from peftkern.ops import lora as lora_ops
+
+from .conftest import requires_cuda
+
+ops = torch.ops.peftkern
+SHAPES = LORA_SHAPES  # (tokens, in, out, r): odd sizes, one token, r larger than a dimension, r = 1
+
+
+def make_inputs(m, k, n, r, dtype, generator, device="cpu", bias=True, dropout=False):
+    x, w, b, a, bb, mask = random_lora_inputs((m, k, n, r), dtype, device, generator, bias=bias, dropout=dropout)
+    return x.requires_grad_(), w, b, a.requires_grad_(), bb.requires_grad_(), mask
+
+
+def check_output_and_gradients(x, w, b, a, bb, mask, keep, scaling, generator):
+    """Output and gradients for x, A, B within the dtype's rounding tolerance of the float64
+    reference (see peftkern.check.lora_linear_errors for the bound)."""
+    errors = lora_linear_errors(x, w, b, a, bb, mask, keep, scaling, generator)
+    assert all(e <= 1.0 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bias, dropout", [(True, False), (False, True), (True, True)])
+def test_matches_reference(dtype, bias, dropout, generator):
+    for m, k, n, r in SHAPES:
+        x, w, b, a, bb, mask = make_inputs(m, k, n, r, dtype, generator, bias=bias, dropout=dropout)
+        check_output_and_gradients(x, w, b, a, bb, mask, 1 / 0.7 if dropout else 1.0, 0.75, generator)
+
+
+def test_wrapper_handles_leading_dims_and_fan_in_fan_out(generator):
+    x = torch.randn(2, 3, 10, generator=generator)
+    w = torch.randn(6, 10, generator=generator)
+    a, bb = torch.randn(4, 10, generator=generator), torch.randn(6, 4, generator=generator)
+    want = lora_ops.lora_linear_reference(x, w, None, a, bb, 2.0)
+    torch.testing.assert_close(lora_ops.lora_linear(x, w, None, a, bb, 2.0), want)
+    # GPT-2's Conv1D stores [in, out]
+    torch.testing.assert_close(lora_ops.lora_linear(x, w.t().contiguous(), None, a, bb, 2.0, fan_in_fan_out=True),
+                               want)  # fmt: skip
+
+
+def test_dropout_only_in_training_and_only_on_the_lora_branch(generator):
+    x = torch.randn(50, 40, generator=generator)
+    w, a, bb = torch.randn(30, 40), torch.randn(8, 40), torch.randn(30, 8)
+    torch.testing.assert_close(lora_ops.lora_linear(x, w, None, a, bb, 1.0, dropout=0.5, training=False),
+                               lora_ops.lora_linear_reference(x, w, None, a, bb, 1.0))  # fmt: skip
+    base_only = lora_ops.lora_linear(x, w, None, a, torch.zeros_like(bb), 1.0, dropout=0.5, training=True)
+    torch.testing.assert_close(base_only, x @ w.t())
+    out = lora_ops.lora_linear(x, w, None, a, bb, 1.0, dropout=0.5, training=True)
+    assert not torch.allclose(out, lora_ops.lora_linear_reference(x, w, None, a, bb, 1.0))
+
+
+@pytest.mark.parametrize("bias, dropout", [(True, False), (False, True)])
+def test_gradcheck_float64(bias, dropout, generator):
+    x, w, b, a, bb, mask = make_inputs(6, 5, 4, 3, torch.float64, generator, bias=bias, dropout=dropout)
+    if b is not None:
+        b.requires_grad_()  # a trainable bias (PEFT's bias="all") gets its gradient too
+
+    def f(x, a, bb, b):
+        return ops.lora_linear_fwd(x, w, b, a, bb, 1.7, mask, 1.25 if dropout else 1.0)[0]
+
+    assert torch.autograd.gradcheck(f, (x, a, bb, b))
+
+
+def test_trainable_base_weight_gets_its_gradient(generator):
+    x, w, b, a, bb, _ = make_inputs(5, 4, 3, 2, torch.float64, generator)
+    w.requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: ops.lora_linear_fwd(x, w, b, a, bb, 0.5, None, 1.0)[0], (w,))
+
+
+def test_opcheck(generator):
+    x, w, b, a, bb, mask = make_inputs(7, 9, 5, 3, torch.float32, generator, dropout=True)
+    torch.library.opcheck(ops.lora_linear_fwd.default, (x, w, b, a, bb, 0.5, mask, 1.5))
+    out, xa = ops.lora_linear_fwd(x, w, b, a, bb, 0.5, mask, 1.5)
+    g = torch.randn_like(out)
+    torch.library.opcheck(ops.lora_linear_bwd.default, (g, x.detach(), w, a.detach(), bb.detach(), xa.detach(), 0.5,
+                                                        mask, 1.5))  # fmt: skip
+
+
+def test_torch_compile_fullgraph(generator):
+    torch._dynamo.reset()
+    x, w, b, a, bb, _ = make_inputs(8, 16, 12, 4, torch.float32, generator)
+
+    def step(x, a, bb):
+        return lora_ops.lora_linear(x, w, b, a, bb, 0.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, a, bb), (x, a, bb))
+    want = torch.autograd.grad(step(x, a, bb), (x, a, bb))
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: {**t, "x": t["x"].unsqueeze(0)}, "x must be 2-D"),
+        (lambda t: {**t, "w": t["w"][:, :-1]}, "weight is"),
+        (lambda t: {**t, "a": t["a"][:, :-1]}, "lora_a is"),
+        (lambda t: {**t, "bb": t["bb"][:-1]}, "lora_b is"),
+        (lambda t: {**t, "a": t["a"].double()}, "lora_a is Double but x is Float"),
+        (lambda t: {**t, "b": t["b"][:-1]}, "bias must have"),
+        (lambda t: {**t, "mask": torch.ones(2, 2, dtype=torch.bool)}, "dropout_mask is"),
+        (lambda t: {**t, "x": t["x"].int()}, "x must be"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(mutate, message, generator):
+    x, w, b, a, bb, mask = make_inputs(4, 6, 5, 2, torch.float32, generator, dropout=True)
+    t = mutate({"x": x.detach(), "w": w, "b": b, "a": a.detach(), "bb": bb.detach(), "mask": mask})
+    with pytest.raises(RuntimeError, match=message):
+        ops.lora_linear_fwd(t["x"], t["w"], t["b"], t["a"], t["bb"], 1.0, t["mask"], 1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(dtype, generator):
+    for m, k, n, r in SHAPES:
+        x, w, b, a, bb, mask = make_inputs(m, k, n, r, dtype, generator, device="cuda", dropout=True)
+        check_output_and_gradients(x, w, b, a, bb, mask, 1.25, 0.5, generator)
