@@ -33,14 +33,16 @@ def memcpy_gbps(device: str) -> float:
 
 @pytest.fixture
 def record(benchmark, request):
-    """record(group, impl, bytes_moved, device): call after benchmark.pedantic(...)."""
+    """record(group, impl, bytes_moved, device, flops=None): call after benchmark.pedantic(...)."""
 
-    def _record(group: str, impl: str, bytes_moved: int, device: str = "cpu"):
+    def _record(group: str, impl: str, bytes_moved: int, device: str = "cpu", flops: int | None = None):
         median = benchmark.stats.stats.median
         gbps = bytes_moved / median / 1e9
         floor = memcpy_gbps(device)
-        benchmark.extra_info.update(group=group, impl=impl, bytes=bytes_moved, gbps=gbps, memcpy_gbps=floor)
-        _ROWS.append((group, impl, median, gbps, gbps / floor))
+        gflops = flops / median / 1e9 if flops else None
+        benchmark.extra_info.update(group=group, impl=impl, bytes=bytes_moved, gbps=gbps, memcpy_gbps=floor,
+                                    gflops=gflops)  # fmt: skip
+        _ROWS.append((group, impl, median, gbps, gbps / floor, gflops))
 
     return _record
 
@@ -52,11 +54,12 @@ def pytest_terminal_summary(terminalreporter):
     write("")
     write("peftkern bench summary (median times; GB/s counts the bytes the op must read + write)")
     write(f"memcpy bandwidth in this run: {', '.join(f'{d} {g:.1f} GB/s' for d, g in _MEMCPY_GBPS.items())}")
-    header = f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'vs peftkern':>13}"
+    header = f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'GFLOP/s':>9}{'vs peftkern':>13}"
     write(header)
     write("-" * len(header))
-    ours = {group: median for group, impl, median, _, _ in _ROWS if impl == "peftkern"}
-    for group, impl, median, gbps, fraction in _ROWS:
+    ours = {row[0]: row[2] for row in _ROWS if row[1] == "peftkern"}
+    for group, impl, median, gbps, fraction, gflops in _ROWS:
         speedup = f"{median / ours[group]:.2f}x" if group in ours else "-"
-        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{speedup:>13}")
+        flops_text = f"{gflops:.1f}" if gflops else "-"
+        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{flops_text:>9}{speedup:>13}")
     write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster)")
