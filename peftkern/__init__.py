@@ -5,15 +5,24 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 """
 
 from ._ext import build_info, has_cuda_kernels
+from .methods.lora import LoraConfig
 from .nf4 import NestedAbsmax, NF4Weight, nf4_dequantize, nf4_quantize
+from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoraConfig",
     "NF4Weight",
     "NestedAbsmax",
     "build_info",
     "has_cuda_kernels",
     "nf4_dequantize",
+    "merge",
+    "merge_and_unload",
     "nf4_quantize",
+    "patch",
+    "print_trainable_parameters",
+    "unmerge",
+    "unpatch",
 ]

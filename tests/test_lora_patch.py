@@ -1,0 +1,191 @@
+"""peftkern.patch with LoRA against Hugging Face PEFT itself, on tiny randomly initialised Llama
+(GQA), Qwen2, Mistral and GPT-2 models built from configs: the same modules are targeted, and
+with the same adapter weights the logits, loss, gradients and a few optimizer steps agree."""
+
+import copy
+
+import pytest
+import torch
+
+import peftkern
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_model(arch: str):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return transformers.GPT2LMHeadModel(config)
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    return model_cls(config_cls(**TINY, num_key_value_heads=2))
+
+
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "gate_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def pair(arch, **config):
+    """(PEFT model, peftkern-patched model) from one base, with PEFT's adapter weights copied
+    into ours (random A and B: init_lora_weights=False)."""
+    base = tiny_model(arch)
+    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, **config}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = peftkern.patch(copy.deepcopy(base), config)
+    prefix = "base_model.model."
+    their_lora = {k[len(prefix):]: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    our_lora = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    assert their_lora.keys() == our_lora.keys()  # same modules, same names
+    with torch.no_grad():
+        for key, value in their_lora.items():
+            our_lora[key].copy_(value)
+    return theirs, ours
+
+
+def batch(generator):
+    ids = torch.randint(0, 96, (3, 11), generator=generator)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_logits_loss_gradients_and_steps_match_peft(arch, use_rslora, generator):
+    theirs, ours = pair(arch, target_modules=TARGETS[arch], use_rslora=use_rslora)
+    inputs = batch(generator)
+    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-5, atol=1e-6)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert their_grads.keys() == our_grads.keys()
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    # a few optimizer steps keep the same loss curve
+    losses = {"theirs": [], "ours": []}
+    for label, model in (("theirs", theirs), ("ours", ours)):
+        model.zero_grad()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(4):
+            loss = model(**inputs).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[label].append(loss.item())
+    assert losses["ours"][-1] < losses["ours"][0]
+    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["q_proj", "v_proj"]},
+        {"target_modules": r".*\.layers\.1\.self_attn\.(q|k)_proj"},
+        {"target_modules": "all-linear"},
+        {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+        {"target_modules": "all-linear", "exclude_modules": ["o_proj", "gate_proj"]},
+        {},  # PEFT's default targets for the architecture
+    ],
+)
+def test_same_targets_as_peft(config):
+    base = tiny_model("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, **config))
+    ours = peftkern.patch(copy.deepcopy(base), {"r": 2, **config})
+    their_names = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    our_names = {n for n, m in ours.named_modules() if isinstance(m, peftkern.methods.lora.LoraLinear)}
+    assert our_names == their_names and our_names
+
+
+def test_trainable_parameters_are_exactly_the_adapters(capsys):
+    theirs, ours = pair("llama", target_modules=["q_proj", "v_proj"])
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad
+    }
+    peftkern.print_trainable_parameters(ours)
+    ours_line = capsys.readouterr().out.strip()
+    theirs.print_trainable_parameters()
+    assert ours_line == capsys.readouterr().out.strip()
+
+
+def test_unpatch_restores_the_model_exactly(generator):
+    model = tiny_model("gpt2")
+    model.transformer.wte.weight.requires_grad_(False)  # a user's own freezing survives
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    peftkern.patch(model, {"r": 4, "target_modules": ["c_attn", "c_fc"], "init_lora_weights": False})
+    peftkern.merge(model)
+    peftkern.unpatch(model)
+    assert {n: type(m) for n, m in model.named_modules()} == {n: type(m) for n, m in modules.items()}
+    assert all(model.get_submodule(n) is m for n, m in modules.items() if n)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_merge_unmerge_and_merge_and_unload(generator):
+    _, model = pair("llama", target_modules=["q_proj", "down_proj"])
+    inputs = batch(generator)
+    model.eval()
+    with torch.no_grad():
+        want = model(**inputs).logits
+        peftkern.merge(model)
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+        peftkern.unmerge(model)
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+        plain = peftkern.merge_and_unload(model)
+        assert not any(isinstance(m, peftkern.methods.lora.LoraLinear) for m in plain.modules())
+        torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_is_active_in_train_mode_only(generator):
+    _, model = pair("llama", target_modules=["q_proj"], lora_dropout=0.5)
+    inputs = batch(generator)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**inputs).logits, model(**inputs).logits
+        model.train()
+        c = model(**inputs).logits
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize(
+    "config, error, message",
+    [
+        ({"r": 4, "target_modules": ["no_such_module"]}, ValueError, "matches target_modules"),
+        ({"r": 0, "target_modules": ["q_proj"]}, ValueError, "r must be a positive integer"),
+        ({"r": 4, "target_modules": ["q_proj", "embed_tokens"]}, TypeError, "'model.embed_tokens'.*Embedding"),
+        ({"r": 4, "target_modules": ["q_proj"], "use_dora": True}, NotImplementedError, "use_dora"),
+        ({"r": 4, "target_modules": ["q_proj"], "lora_dropout": 1.0}, ValueError, "lora_dropout"),
+    ],
+)
+def test_bad_config_leaves_the_model_untouched(config, error, message):
+    model = tiny_model("llama")
+    before = {n: (type(m), m) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(error, match=message):
+        peftkern.patch(model, config)
+    assert {n: (type(m), m) for n, m in model.named_modules()} == before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_accepts_peft_config_objects():
+    model = peftkern.patch(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["k_proj"]))
+    assert sum(isinstance(m, peftkern.methods.lora.LoraLinear) for m in model.modules()) == 2
+    with pytest.raises(RuntimeError, match="already patched"):
+        peftkern.patch(model, {"r": 2, "target_modules": ["q_proj"]})
