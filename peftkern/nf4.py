@@ -110,6 +110,9 @@ class NF4Weight:
             raise ValueError("from_bnb: no QuantState given and the weight has none (was it quantized?)")
         if quant_state.quant_type != "nf4":
             raise ValueError(f"from_bnb: only NF4 is supported, this weight is {quant_state.quant_type!r}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("from_bnb: this weight was repacked by bitsandbytes' AVX512 CPU path; its bytes are "
+                             "no longer bitsandbytes' NF4 layout")  # fmt: skip
         packed = weight.data if isinstance(weight, torch.nn.Parameter) else weight
         if packed.dtype != torch.uint8:  # bitsandbytes allows other quant_storage dtypes
             packed = packed.view(torch.uint8)
@@ -213,6 +216,56 @@ class NF4Weight:
         from safetensors.torch import load_file
 
         return cls.from_state_dict(load_file(str(path), device=str(device)), prefix)
+
+
+class NF4Linear(torch.nn.Module):
+    """A frozen linear layer whose weight is held in NF4 (what `peftkern.patch(...,
+    quantize="nf4")` puts under a LoRA adapter). The NF4 tensors are buffers, so `.to()`,
+    `.cuda()` and `state_dict()` handle them; forward dequantizes into x's dtype."""
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.blocksize, self.shape, self.dtype = weight.blocksize, weight.shape, weight.dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        nested = weight.nested
+        self.nested_blocksize = nested.blocksize if nested else None
+        for name in ("absmax", "code", "offset"):
+            self.register_buffer(f"nested_{name}", getattr(nested, name) if nested else None)
+        self.bias = torch.nn.Parameter(bias.detach(), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+        return cls(nf4_quantize(linear.weight, blocksize, double_quant), linear.bias)
+
+    def nf4_weight(self) -> NF4Weight:
+        nested = None
+        if self.nested_absmax is not None:
+            nested = NestedAbsmax(self.nested_absmax, self.nested_code, self.nested_offset, self.nested_blocksize)
+        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize, nested)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must move the NF4 state but never cast it (a bf16 absmax would
+        # corrupt the format): buffers follow device moves only; the bias follows everything.
+        buffers = dict(self._buffers)
+        self._buffers.clear()
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in buffers.items():
+                if tensor is not None:
+                    moved = fn(tensor)
+                    tensor = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+                self._buffers[name] = tensor
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return torch.nn.functional.linear(x, self.nf4_weight().dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}"
 
 
 def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:

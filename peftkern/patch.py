@@ -12,6 +12,7 @@ import re
 from torch import nn
 
 from .methods import lora as lora_method
+from .nf4 import NF4Linear
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
 DEFAULT_LORA_TARGETS = {
@@ -80,12 +81,19 @@ def _resolve_targets(model: nn.Module, config: lora_method.LoraConfig):
     return all_linear
 
 
-def patch(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
+def patch(model: nn.Module, config, adapter_name: str = "default", quantize: str | None = None) -> nn.Module:
     """Swap LoRA layers into `model` in place (it is returned too). `config`: a
     `peftkern.LoraConfig`, a `peft.LoraConfig` or a dict of PEFT's field names.
-    Freezes every parameter but the adapters, as PEFT does."""
+    Freezes every parameter but the adapters, as PEFT does.
+
+    Bases may be dense (`nn.Linear`, `Conv1D`) or NF4 (bitsandbytes `Linear4bit`, read without
+    copying): QLoRA. `quantize="nf4"` quantizes the targeted dense `nn.Linear` bases to NF4
+    (blocksize 64, double quantization, as QLoRA) and frees their dense weights; `unpatch` then
+    gives back the NF4 layers, not the dense ones."""
     if getattr(model, _PATCH_RECORD, None):
         raise RuntimeError("this model is already patched; unpatch it first (several adapters come later)")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     config = lora_method.LoraConfig.from_any(config)
     config.validate()
     all_linear = _resolve_targets(model, config)
@@ -97,16 +105,29 @@ def patch(model: nn.Module, config, adapter_name: str = "default") -> nn.Module:
         if not lora_method.supports(module):
             raise TypeError(
                 f"module {name!r} matches target_modules but is a {type(module).__name__}; peftkern's LoRA "
-                "supports nn.Linear and transformers' Conv1D bases so far"
+                "supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far"
             )
+        lora_method.nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
+        if quantize and not isinstance(module, nn.Linear):
+            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
 
     # Only now change the model; record enough to undo every change exactly.
     record = {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": []}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for name, module in matched:
+    progress = matched
+    if quantize:
+        try:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(matched, desc="peftkern: quantizing to NF4", unit="layer", disable=None)
+        except ImportError:
+            pass
+    for name, module in progress:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if quantize and lora_method.nf4_base_weight(module) is None:
+            module = NF4Linear.from_linear(module)  # the dense weight is released with the old module
         setattr(parent, attr, lora_method.LoraLinear(module, adapter_name, config))
         record["swaps"].append((parent_name, attr, module))
     setattr(model, _PATCH_RECORD, record)

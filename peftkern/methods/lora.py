@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..nf4 import NF4Linear, NF4Weight
 from ..ops import lora as lora_ops
 
 
@@ -89,8 +90,24 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
 
 
+def _is_bnb_linear4bit(module: nn.Module) -> bool:
+    # bitsandbytes' Linear4bit subclasses nn.Linear: test for it before treating a base as dense.
+    return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
+
+
+def nf4_base_weight(module: nn.Module) -> NF4Weight | None:
+    """The NF4 weight of a quantized base (ours or bitsandbytes', read without copying), else None."""
+    if isinstance(module, NF4Linear):
+        return module.nf4_weight()
+    if _is_bnb_linear4bit(module):
+        if module.weight.quant_state is None:
+            raise ValueError("a bitsandbytes Linear4bit base must be quantized (moved to its device) before patching")
+        return NF4Weight.from_bnb(module.weight)
+    return None
+
+
 def supports(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, (nn.Linear, NF4Linear)) or _is_conv1d(module)
 
 
 class LoraLinear(nn.Module):
@@ -100,10 +117,14 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig):
         super().__init__()
         self.base_layer = base_layer
+        self.quantized = nf4_base_weight(base_layer) is not None
         # GPT-2's Conv1D stores its weight as [in, out]: always fan-in-fan-out, as PEFT forces.
-        self.fan_in_fan_out = config.fan_in_fan_out or _is_conv1d(base_layer)
-        weight = base_layer.weight
-        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.fan_in_fan_out = (config.fan_in_fan_out or _is_conv1d(base_layer)) and not self.quantized
+        if self.quantized:
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:
+            weight = base_layer.weight
+            self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
@@ -113,8 +134,10 @@ class LoraLinear(nn.Module):
         self.add_adapter(adapter_name, config)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
-        weight = self.base_layer.weight
-        factory = dict(device=weight.device, dtype=weight.dtype)
+        if self.quantized:  # float32 adapters on a 4-bit base, as PEFT makes them
+            factory = dict(device=nf4_base_weight(self.base_layer).device, dtype=torch.float32)
+        else:
+            factory = dict(device=self.base_layer.weight.device, dtype=self.base_layer.weight.dtype)
         self.lora_A[name] = nn.Linear(self.in_features, config.r, bias=False, **factory)
         self.lora_B[name] = nn.Linear(config.r, self.out_features, bias=False, **factory)
         self.scaling[name] = config.scaling
@@ -132,8 +155,16 @@ class LoraLinear(nn.Module):
         delta = self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
         return delta.t() if self.fan_in_fan_out else delta
 
+    def _refuse_quantized_merge(self) -> None:
+        if self.quantized:
+            raise NotImplementedError(
+                "merging LoRA into an NF4 base would re-quantize it (lossy); not supported yet. "
+                "Dequantize the base first if you need a merged dense model."
+            )
+
     @torch.no_grad()
     def merge(self) -> None:
+        self._refuse_quantized_merge()
         if not self.merged:
             self.base_layer.weight += self.delta_weight(self.active_adapter).to(self.base_layer.weight.dtype)
             self.merged = True
@@ -151,6 +182,12 @@ class LoraLinear(nn.Module):
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         if lora_a.dtype != x.dtype:  # e.g. float32 adapters on a bfloat16 model: compute in x's dtype
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if self.quantized:
+            bias = self.base_layer.bias
+            return lora_ops.nf4_lora_linear(
+                x, nf4_base_weight(self.base_layer), bias.to(x.dtype) if bias is not None else None,
+                lora_a, lora_b, self.scaling[name], dropout=self.dropout[name], training=self.training,
+            )  # fmt: skip
         return lora_ops.lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, self.scaling[name],
             dropout=self.dropout[name], training=self.training, fan_in_fan_out=self.fan_in_fan_out,

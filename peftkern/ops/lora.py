@@ -69,6 +69,16 @@ if _ext.available():
 # --------------------------------------------------------------------------------------------
 
 
+def _prepare(x: torch.Tensor, dropout: float, training: bool, op: str):
+    """x flattened to [tokens, in], and the dropout mask and keep scale (None, 1.0 when off)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{op}: dropout must be in [0, 1), got {dropout}")
+    x2 = x.reshape(-1, x.shape[-1])
+    if not (training and dropout > 0.0):
+        return x2, None, 1.0
+    return x2, torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout), 1.0 / (1.0 - dropout)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -85,18 +95,56 @@ def lora_linear(
     weight is [out, in] ([in, out] with fan_in_fan_out, as GPT-2's Conv1D stores it); lora_a is
     [r, in], lora_b [out, r]. Dropout is applied to the LoRA branch only, as in PEFT.
     """
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"lora_linear: dropout must be in [0, 1), got {dropout}")
     if fan_in_fan_out:
         weight = weight.t()
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    mask, keep_scale = None, 1.0
-    if training and dropout > 0.0:
-        mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout)
-        keep_scale = 1.0 / (1.0 - dropout)
+    x2, mask, keep_scale = _prepare(x, dropout, training, "lora_linear")
     if _ext.has_kernel("lora_linear_fwd", x.device.type):
         out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), mask, keep_scale)[0]
     else:
         out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
-    return out.view(*lead, out.shape[-1])
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: the same with the base weight held in NF4.
+# --------------------------------------------------------------------------------------------
+
+
+class _NF4LoraLinear(torch.autograd.Function):
+    """lora_linear over an NF4 base: the dequantized weight lives only inside forward and inside
+    backward (recomputed there), never between them; saved: x, the mask, A, B and xa."""
+
+    @staticmethod
+    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale):
+        dense = weight.dequantize(x.dtype)
+        if _ext.has_kernel("lora_linear_fwd", x.device.type):
+            out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale)
+        else:  # no compiled library: the reference, with backward by autograd through it (below)
+            out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale), None
+        ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
+        ctx.weight, ctx.scaling, ctx.keep_scale = weight, scaling, keep_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        dense = ctx.weight.dequantize(grad_out.dtype)  # recomputed, not stored
+        if xa is not None:
+            grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
+                grad_out, x, dense, lora_a, lora_b, xa, ctx.scaling, mask, ctx.keep_scale
+            )
+        else:
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b)]
+                out = lora_linear_reference(leaves[0], dense, None, leaves[1], leaves[2], ctx.scaling, mask,
+                                            ctx.keep_scale)  # fmt: skip
+                grad_x, grad_a, grad_b = torch.autograd.grad(out, leaves, grad_out)
+        grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, training=False) -> torch.Tensor:
+    """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype."""
+    x2, mask, keep_scale = _prepare(x, dropout, training, "nf4_lora_linear")
+    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -1,0 +1,117 @@
+"""QLoRA: LoRA over NF4 bases, against PEFT + bitsandbytes (same NF4 bytes: we read bitsandbytes'
+Linear4bit without copying) and against the dense computation on the dequantized weight."""
+
+import copy
+
+import pytest
+import torch
+
+import peftkern
+from peftkern.methods.lora import LoraLinear
+from peftkern.nf4 import NF4Linear
+from peftkern.ops import lora as lora_ops
+
+from .test_lora_patch import batch, tiny_model
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def with_bnb_linear4bit(model, targets):
+    """The model with every targeted nn.Linear replaced by a bitsandbytes NF4 Linear4bit
+    (double quantization, float32 compute), quantized on CPU."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)  # fmt: skip
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to("cpu"))
+    return model
+
+
+def test_nf4_lora_linear_matches_dense_and_stores_no_dense_weight(generator):
+    w = torch.randn(48, 40, generator=generator) * 0.1
+    q = peftkern.nf4_quantize(w, 64)
+    dense = q.dequantize()
+    x = torch.randn(2, 7, 40, generator=generator, requires_grad=True)
+    a = (torch.randn(4, 40, generator=generator) * 0.1).requires_grad_()
+    b = (torch.randn(48, 4, generator=generator) * 0.1).requires_grad_()
+    bias = torch.randn(48, generator=generator)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = lora_ops.nf4_lora_linear(x, q, bias, a, b, 0.5)
+    assert torch.Size([48, 40]) not in saved  # the dequantized weight is recomputed in backward
+    want = lora_ops.lora_linear_reference(x, dense, bias, a, b, 0.5)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn(out.shape, generator=generator)
+    for got, exp in zip(torch.autograd.grad(out, (x, a, b), g), torch.autograd.grad(want, (x, a, b), g)):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_peft_with_bitsandbytes(generator):
+    base = with_bnb_linear4bit(tiny_model("llama"), TARGETS)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = peftkern.patch(copy.deepcopy(base), config)
+    prefix = "base_model.model."
+    their_lora = {k[len(prefix):]: v for k, v in theirs.state_dict().items() if "lora_" in k}
+    our_lora = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
+    assert their_lora.keys() == our_lora.keys() and all(v.dtype == torch.float32 for v in our_lora.values())
+    with torch.no_grad():
+        for key, value in their_lora.items():
+            our_lora[key].copy_(value)
+    assert sum(isinstance(m, LoraLinear) and m.quantized for m in ours.modules()) == 4 * 2
+
+    inputs = batch(generator)
+    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-5)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their_grads = {n.removeprefix(prefix): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert their_grads.keys() == our_grads.keys()
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quantize_nf4_option(generator):
+    model = tiny_model("llama")
+    config = {"r": 4, "target_modules": TARGETS, "init_lora_weights": False}
+    quantized = peftkern.patch(copy.deepcopy(model), config, quantize="nf4")
+    layers = [m for m in quantized.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(isinstance(m.base_layer, NF4Linear) for m in layers)
+
+    # The same adapters on a dense model whose weights are the dequantized NF4 ones: same logits.
+    dense = peftkern.patch(copy.deepcopy(model), config)
+    with torch.no_grad():
+        for (name, q_layer), d_layer in zip(
+            [(n, m) for n, m in quantized.named_modules() if isinstance(m, LoraLinear)],
+            [m for m in dense.modules() if isinstance(m, LoraLinear)],
+        ):
+            d_layer.base_layer.weight.copy_(q_layer.base_layer.nf4_weight().dequantize())
+            d_layer.lora_A["default"].weight.copy_(q_layer.lora_A["default"].weight)
+            d_layer.lora_B["default"].weight.copy_(q_layer.lora_B["default"].weight)
+    inputs = batch(generator)
+    torch.testing.assert_close(quantized(**inputs).logits, dense(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(NotImplementedError, match="re-quantize"):
+        peftkern.merge(quantized)
+    quantized.to(torch.bfloat16)  # the NF4 state must not be cast
+    nf4 = layers[0].base_layer
+    assert nf4.packed.dtype == torch.uint8 and nf4.absmax.dtype == torch.uint8 and nf4.nested_absmax.dtype == torch.float32
+    peftkern.unpatch(quantized)
+    assert not any(isinstance(m, LoraLinear) for m in quantized.modules())
+    assert any(isinstance(m, NF4Linear) for m in quantized.modules())  # the dense weights were released
+
+
+def test_bad_quantize_argument_leaves_model_untouched():
+    model = tiny_model("llama")
+    before = {n: m for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match="quantize must be"):
+        peftkern.patch(model, {"r": 2, "target_modules": ["q_proj"]}, quantize="int8")
+    assert {n: m for n, m in model.named_modules()} == before
