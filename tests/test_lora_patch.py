@@ -189,3 +189,52 @@ def test_accepts_peft_config_objects():
     assert sum(isinstance(m, peftkern.methods.lora.LoraLinear) for m in model.modules()) == 2
     with pytest.raises(RuntimeError, match="already patched"):
         peftkern.patch(model, {"r": 2, "target_modules": ["q_proj"]})
+
+
+def test_autocast_bf16_as_accurate_as_peft(generator):
+    theirs, ours = pair("llama", target_modules=TARGETS["llama"])
+    inputs = batch(generator)
+    with torch.no_grad():
+        exact = ours(**inputs).logits  # float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_ours, out_theirs = ours(**inputs).logits, theirs(**inputs).logits
+    assert out_ours.dtype == out_theirs.dtype
+
+    def error(t):
+        return ((t.float() - exact).norm() / exact.norm()).item()
+
+    assert error(out_ours) <= 2 * error(out_theirs) + 1e-3, (error(out_ours), error(out_theirs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(**inputs).loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in ours.parameters() if p.requires_grad)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(generator):
+    _, plain = pair("llama", target_modules=TARGETS["llama"], lora_dropout=0.1)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inputs = batch(generator)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(1234)  # the same dropout masks in both runs (checkpointing replays the RNG)
+        model(**inputs).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_torch_compile_patched_model(generator):
+    torch._dynamo.reset()
+    _, model = pair("llama", target_modules=TARGETS["llama"])
+    inputs = batch(generator)
+    want = model(**inputs).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    got = torch.compile(model, backend="aot_eager")(**inputs).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)

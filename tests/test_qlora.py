@@ -115,3 +115,16 @@ def test_bad_quantize_argument_leaves_model_untouched():
     with pytest.raises(ValueError, match="quantize must be"):
         peftkern.patch(model, {"r": 2, "target_modules": ["q_proj"]}, quantize="int8")
     assert {n: m for n, m in model.named_modules()} == before
+
+
+def test_qlora_under_autocast_bf16(generator):
+    model = peftkern.patch(tiny_model("llama"), {"r": 4, "target_modules": TARGETS, "init_lora_weights": False},
+                           quantize="nf4")  # fmt: skip
+    inputs = batch(generator)
+    with torch.no_grad():
+        exact = model(**inputs).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**inputs)
+    assert ((out.logits.float() - exact).norm() / exact.norm()).item() < 2e-2
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)

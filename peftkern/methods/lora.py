@@ -180,12 +180,16 @@ class LoraLinear(nn.Module):
         if self.merged or name is None:
             return self.base_layer(x)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if lora_a.dtype != x.dtype:  # e.g. float32 adapters on a bfloat16 model: compute in x's dtype
+        if lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            # e.g. float32 adapters on a bfloat16 model: compute in x's dtype (under autocast the
+            # op casts everything to the autocast dtype itself)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if self.quantized:
             bias = self.base_layer.bias
+            if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                bias = bias.to(x.dtype)
             return lora_ops.nf4_lora_linear(
-                x, nf4_base_weight(self.base_layer), bias.to(x.dtype) if bias is not None else None,
+                x, nf4_base_weight(self.base_layer), bias,
                 lora_a, lora_b, self.scaling[name], dropout=self.dropout[name], training=self.training,
             )  # fmt: skip
         return lora_ops.lora_linear(

@@ -69,6 +69,16 @@ if _ext.available():
 # --------------------------------------------------------------------------------------------
 
 
+def _autocast(*tensors):
+    """Under torch.autocast, cast the floating inputs to the autocast dtype, as autocast does for
+    F.linear (our ops are not on autocast's list, and would otherwise see mixed dtypes)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _prepare(x: torch.Tensor, dropout: float, training: bool, op: str):
     """x flattened to [tokens, in], and the dropout mask and keep scale (None, 1.0 when off)."""
     if not 0.0 <= dropout < 1.0:
@@ -97,6 +107,7 @@ def lora_linear(
     """
     if fan_in_fan_out:
         weight = weight.t()
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
     x2, mask, keep_scale = _prepare(x, dropout, training, "lora_linear")
     if _ext.has_kernel("lora_linear_fwd", x.device.type):
         out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), mask, keep_scale)[0]
@@ -145,6 +156,7 @@ class _NF4LoraLinear(torch.autograd.Function):
 
 def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, training=False) -> torch.Tensor:
     """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype."""
+    x, bias, lora_a, lora_b = _autocast(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
     x2, mask, keep_scale = _prepare(x, dropout, training, "nf4_lora_linear")
     out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale)
     return out.view(*x.shape[:-1], out.shape[-1])
