@@ -42,6 +42,12 @@ TORCH_LIBRARY(peftkern, m) {
       "Tensor xa, float scaling, Tensor? dropout_mask, float keep_scale) -> "
       "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
 
+  // --- DoRA, csrc/dora/ ---------------------------------------------------------------------------
+  // norms[i] = || W[i, :] + scaling * (B[i, :] @ A) ||_2 over the input dim, for weight [N, K],
+  // lora_a [r, K], lora_b [N, r]: DoRA's (detached) weight norm in one pass, never forming
+  // W + scaling * B @ A. Output [N] in the weight's dtype, accumulated in float32.
+  m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
+
   // --- Library ----------------------------------------------------------------------------------
   // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).
   m.def("build_info() -> str");

@@ -52,6 +52,26 @@ def has_kernel(op: str, device_type: str) -> bool:
     return op in _KERNELS.get(device_type, ())
 
 
+def op_exists(op: str) -> bool:
+    """True when the loaded library declares `peftkern::<op>` (an older build may not)."""
+    if _C is None:
+        return False
+    try:
+        getattr(torch.ops.peftkern, op)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def register_fake(op: str):
+    """torch.library.register_fake for `peftkern::<op>` when the library declares it; otherwise
+    (no library, or one built before the op existed) a no-op, and the op's wrapper runs the
+    reference."""
+    if op_exists(op):
+        return torch.library.register_fake(f"peftkern::{op}")
+    return lambda fn: fn
+
+
 def has_cuda_kernels() -> bool:
     """True when this build compiled the CUDA kernels (whether or not a GPU is visible now)."""
     return has_kernel("nf4_dequantize", "cuda")

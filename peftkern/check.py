@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext
+from .ops import dora as dora_ops
 from .ops import lora as lora_ops
 from .ops import nf4 as nf4_ops
 
@@ -149,6 +150,23 @@ def check_lora(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+def check_dora(device: str, generator: torch.Generator) -> list[Result]:
+    """dora_weight_norm against its float32/float64 reference: relative error per row."""
+    results = []
+    for dtype in DTYPES:
+        for n, k, r in [(1, 1, 1), (17, 33, 4), (96, 257, 16), (0, 8, 2)]:
+            w, a, b = (torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in ((n, k), (r, k), (n, r)))
+            got = torch.ops.peftkern.dora_weight_norm(w, a, b, 0.7).double().cpu()
+            want = dora_ops.dora_weight_norm_reference(w.cpu().double(), a.cpu().double(), b.cpu().double(), 0.7)
+            error = ((got - want).abs() / want.clamp_min(1e-30)).max().item() if n else 0.0
+            error = float("inf") if torch.isnan(got).any() else error
+            # one rounding to the output dtype (float32 accumulation inside)
+            allowed = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            results.append(Result("dora_weight_norm", device, str(dtype).removeprefix("torch."), (n, k, r), 0,
+                                  error, error <= allowed))  # fmt: skip
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -175,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        results = [r for device in devices() for check in (check_nf4, check_lora) for r in check(device, generator)]
+        results = [r for device in devices() for check in (check_nf4, check_lora, check_dora) for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
 
-    print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1)")
+    print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
+          "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3)")
     header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

@@ -170,7 +170,8 @@ def test_dropout_is_active_in_train_mode_only(generator):
         ({"r": 4, "target_modules": ["no_such_module"]}, ValueError, "matches target_modules"),
         ({"r": 0, "target_modules": ["q_proj"]}, ValueError, "r must be a positive integer"),
         ({"r": 4, "target_modules": ["q_proj", "embed_tokens"]}, TypeError, "'model.embed_tokens'.*Embedding"),
-        ({"r": 4, "target_modules": ["q_proj"], "use_dora": True}, NotImplementedError, "use_dora"),
+        ({"r": 4, "target_modules": ["q_proj"], "bias": "all"}, NotImplementedError, "bias"),
+        ({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, NotImplementedError, "modules_to_save"),
         ({"r": 4, "target_modules": ["q_proj"], "lora_dropout": 1.0}, ValueError, "lora_dropout"),
     ],
 )

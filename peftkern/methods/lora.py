@@ -3,9 +3,9 @@
 
 Supported now: r, lora_alpha, lora_dropout, target_modules (suffix list, regex full-match,
 "all-linear", or PEFT's per-architecture default), exclude_modules, layers_to_transform,
-layers_pattern, fan_in_fan_out, use_rslora, init_lora_weights in {True, False, "gaussian"}.
-Not yet (a clear NotImplementedError, never silently ignored): use_dora, bias other than "none",
-modules_to_save, rank_pattern / alpha_pattern, other init schemes, NF4 bases.
+layers_pattern, fan_in_fan_out, use_rslora, use_dora, init_lora_weights in {True, False,
+"gaussian"}; dense and NF4 bases. Not yet (a clear NotImplementedError, never silently ignored):
+bias other than "none", modules_to_save, rank_pattern / alpha_pattern, other init schemes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nf4 import NF4Linear, NF4Weight
+from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 
 
@@ -68,7 +69,6 @@ class LoraConfig:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         unsupported = {
-            "use_dora": self.use_dora,
             "bias": self.bias != "none",
             "modules_to_save": bool(self.modules_to_save),
             "rank_pattern": bool(self.rank_pattern),
@@ -110,6 +110,15 @@ def supports(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, NF4Linear)) or _is_conv1d(module)
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's trainable magnitude vector m [out_features]; a module so that its state-dict key is
+    PEFT's `lora_magnitude_vector.<adapter>.weight`."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoraLinear(nn.Module):
     """A frozen dense base plus LoRA adapters, named as PEFT names them (`base_layer`,
     `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`)."""
@@ -127,6 +136,7 @@ class LoraLinear(nn.Module):
             self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active_adapter = adapter_name
@@ -149,6 +159,19 @@ class LoraLinear(nn.Module):
             else:  # "gaussian"
                 nn.init.normal_(self.lora_A[name].weight, std=1 / config.r)
             nn.init.zeros_(self.lora_B[name].weight)
+        if config.use_dora:  # m starts as ||W + s·BA|| per output row, so DoRA starts where LoRA does
+            norm = dora_ops.dora_weight_norm(
+                self.dense_weight(factory["dtype"]), self.lora_A[name].weight, self.lora_B[name].weight, config.scaling
+            )
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as [out, in] in `dtype` (dequantized for NF4 bases)."""
+        nf4 = nf4_base_weight(self.base_layer)
+        if nf4 is not None:
+            return nf4.dequantize(dtype)
+        weight = self.base_layer.weight
+        return (weight.t() if self.fan_in_fan_out else weight).to(dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A, laid out like the base weight."""
@@ -162,18 +185,43 @@ class LoraLinear(nn.Module):
                 "Dequantize the base first if you need a merged dense model."
             )
 
+    def _dora_factor(self, name: str) -> torch.Tensor | None:
+        """m / ||W + s·BA|| per output row (a column of the base weight's layout), or None."""
+        if name not in self.lora_magnitude_vector:
+            return None
+        weight = self.base_layer.weight
+        norm = dora_ops.dora_weight_norm(
+            self.dense_weight(weight.dtype), self.lora_A[name].weight.to(weight.dtype),
+            self.lora_B[name].weight.to(weight.dtype), self.scaling[name],
+        )  # fmt: skip
+        factor = self.lora_magnitude_vector[name].weight.to(weight.dtype) / norm
+        return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
+
     @torch.no_grad()
     def merge(self) -> None:
+        """W <- W + s·BA (LoRA), or W <- m/||W + s·BA|| ⊙ (W + s·BA) (DoRA), as PEFT merges."""
         self._refuse_quantized_merge()
-        if not self.merged:
-            self.base_layer.weight += self.delta_weight(self.active_adapter).to(self.base_layer.weight.dtype)
-            self.merged = True
+        if self.merged:
+            return
+        name, weight = self.active_adapter, self.base_layer.weight
+        factor = self._dora_factor(name)
+        weight += self.delta_weight(name).to(weight.dtype)
+        if factor is not None:
+            weight *= factor
+            self._merged_dora_factor = factor
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.delta_weight(self.active_adapter).to(self.base_layer.weight.dtype)
-            self.merged = False
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        factor = getattr(self, "_merged_dora_factor", None)
+        if factor is not None:
+            weight /= factor
+            self._merged_dora_factor = None
+        weight -= self.delta_weight(self.active_adapter).to(weight.dtype)
+        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
@@ -184,6 +232,8 @@ class LoraLinear(nn.Module):
             # e.g. float32 adapters on a bfloat16 model: compute in x's dtype (under autocast the
             # op casts everything to the autocast dtype itself)
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        if name in self.lora_magnitude_vector:
+            return self._dora_forward(x, name, lora_a, lora_b)
         if self.quantized:
             bias = self.base_layer.bias
             if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -196,6 +246,38 @@ class LoraLinear(nn.Module):
             x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, self.scaling[name],
             dropout=self.dropout[name], training=self.training, fan_in_fan_out=self.fan_in_fan_out,
         )  # fmt: skip
+
+    def _dora_forward(self, x, name, lora_a, lora_b):
+        """y = m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b with n = ||W + s·BA|| per output row, detached (DoRA
+        paper §4.3, PEFT). With dropout in training, PEFT's form: the base term on x, the DoRA
+        correction on dropout(x): x·Wᵀ + b + (m/n - 1) ⊙ xd·Wᵀ + m/n ⊙ s·xd·Aᵀ·Bᵀ."""
+        base, scaling, p = self.base_layer, self.scaling[name], self.dropout[name]
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        nf4 = nf4_base_weight(base)
+        bias = base.bias.to(x.dtype) if base.bias is not None else None
+        norm = dora_ops.dora_weight_norm(self.dense_weight(x.dtype), lora_a, lora_b, scaling)
+        scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm
+
+        def lora_part(inputs):  # inputs·Wᵀ + s·inputs·Aᵀ·Bᵀ, no bias
+            if nf4 is not None:
+                return lora_ops.nf4_lora_linear(inputs, nf4, None, lora_a, lora_b, scaling)
+            return lora_ops.lora_linear(inputs, base.weight.to(x.dtype), None, lora_a, lora_b, scaling,
+                                        fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
+
+        def base_part(inputs, with_bias):
+            b = bias if with_bias else None
+            if nf4 is not None:
+                return lora_ops.nf4_linear(inputs, nf4, b)
+            weight = base.weight.to(x.dtype)
+            return nn.functional.linear(inputs, weight.t() if self.fan_in_fan_out else weight, b)
+
+        if not (self.training and p > 0.0):
+            out = scale * lora_part(x)
+            return out + bias if bias is not None else out
+        dropped = nn.functional.dropout(x, p, training=True)
+        return base_part(x, True) + scale * lora_part(dropped) - base_part(dropped, False)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, merged={self.merged}"

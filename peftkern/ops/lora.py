@@ -30,37 +30,41 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_mask
 # Fakes and autograd for the compiled op.
 # --------------------------------------------------------------------------------------------
 
-if _ext.available():
 
-    @torch.library.register_fake("peftkern::lora_linear_fwd")
-    def _(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale):
-        return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
+@_ext.register_fake("lora_linear_fwd")
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
-    @torch.library.register_fake("peftkern::lora_linear_bwd")
-    def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_mask, keep_scale):
-        return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale = inputs
-        ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], dropout_mask)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
-        ctx.has_bias = bias is not None
+@_ext.register_fake("lora_linear_bwd")
+def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_mask, keep_scale):
+    return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
-    def _backward(ctx, grad_out, grad_xa):
-        x, weight, lora_a, lora_b, xa, dropout_mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
-            grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
-        )
-        if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
-            dropped = x if dropout_mask is None else x * dropout_mask * ctx.keep_scale
-            grad_a = grad_a + grad_xa.t() @ dropped
-            contribution = grad_xa @ lora_a
-            grad_x = grad_x + (contribution if dropout_mask is None else contribution * dropout_mask * ctx.keep_scale)
-        grad_weight = grad_out.t() @ x if needs[1] else None
-        grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
-        return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
 
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], dropout_mask)
+    ctx.scaling, ctx.keep_scale = scaling, keep_scale
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out, grad_xa):
+    x, weight, lora_a, lora_b, xa, dropout_mask = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
+        grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
+    )
+    if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
+        dropped = x if dropout_mask is None else x * dropout_mask * ctx.keep_scale
+        grad_a = grad_a + grad_xa.t() @ dropped
+        contribution = grad_xa @ lora_a
+        grad_x = grad_x + (contribution if dropout_mask is None else contribution * dropout_mask * ctx.keep_scale)
+    grad_weight = grad_out.t() @ x if needs[1] else None
+    grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+
+
+if _ext.op_exists("lora_linear_fwd"):
     torch.library.register_autograd("peftkern::lora_linear_fwd", _backward, setup_context=_setup_context)
 
 
@@ -160,3 +164,11 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
     x2, mask, keep_scale = _prepare(x, dropout, training, "nf4_lora_linear")
     out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x·Wᵀ + b for an NF4 `weight`, with W dequantized in forward and again in backward (never
+    stored between them): the QLoRA function with rank-0 adapters."""
+    empty_a = x.new_zeros((0, x.shape[-1]))
+    empty_b = x.new_zeros((weight.shape[0], 0))
+    return nf4_lora_linear(x, weight, bias, empty_a, empty_b, 0.0)

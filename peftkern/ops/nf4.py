@@ -139,31 +139,34 @@ def dequantize_blockwise_8bit_reference(codes, absmax, code, blocksize) -> torch
 # Fakes: output metadata for torch.compile / meta tensors.
 # --------------------------------------------------------------------------------------------
 
-if _ext.available():
 
-    @torch.library.register_fake("peftkern::nf4_quantize")
-    def _(weight, blocksize):
-        n = weight.numel()
-        return (
-            weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
-            weight.new_empty((-(-n // blocksize),), dtype=torch.float32),
-        )
+@_ext.register_fake("nf4_quantize")
+def _(weight, blocksize):
+    n = weight.numel()
+    return (
+        weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        weight.new_empty((-(-n // blocksize),), dtype=torch.float32),
+    )
 
-    @torch.library.register_fake("peftkern::nf4_dequantize")
-    def _(packed, absmax, blocksize, shape, dtype):
-        return packed.new_empty(tuple(shape), dtype=dtype)
 
-    @torch.library.register_fake("peftkern::nf4_dequantize_nested")
-    def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
-        return packed.new_empty(tuple(shape), dtype=dtype)
+@_ext.register_fake("nf4_dequantize")
+def _(packed, absmax, blocksize, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
 
-    @torch.library.register_fake("peftkern::quantize_blockwise_8bit")
-    def _(x, code, blocksize):
-        return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)
 
-    @torch.library.register_fake("peftkern::dequantize_blockwise_8bit")
-    def _(codes, absmax, code, blocksize):
-        return codes.new_empty(codes.shape, dtype=torch.float32)
+@_ext.register_fake("nf4_dequantize_nested")
+def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+@_ext.register_fake("quantize_blockwise_8bit")
+def _(x, code, blocksize):
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)
+
+
+@_ext.register_fake("dequantize_blockwise_8bit")
+def _(codes, absmax, code, blocksize):
+    return codes.new_empty(codes.shape, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------

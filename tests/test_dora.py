@@ -1,0 +1,111 @@
+"""DoRA: the fused weight-norm kernel against its reference, and DoRA layers against Hugging Face
+PEFT (dense bases on Llama and GPT-2's Conv1D, with and without dropout; NF4 bases against PEFT +
+bitsandbytes)."""
+
+import copy
+
+import pytest
+import torch
+
+import peftkern
+from peftkern.ops import dora as dora_ops
+
+from .conftest import requires_cuda
+from .test_lora_patch import TARGETS, batch, pair, tiny_model
+
+ops = torch.ops.peftkern
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_weight_norm_matches_reference(dtype, generator):
+    for n, k, r in [(1, 1, 1), (17, 33, 4), (64, 130, 16), (5, 7, 9), (0, 8, 2)]:
+        w = torch.randn(n, k, generator=generator).to(dtype)
+        a = torch.randn(r, k, generator=generator).to(dtype)
+        b = torch.randn(n, r, generator=generator).to(dtype)
+        got = ops.dora_weight_norm(w, a, b, 0.7)
+        want = dora_ops.dora_weight_norm_reference(w, a, b, 0.7)
+        assert got.dtype == dtype and got.shape == (n,)
+        torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=0)
+    # a transposed (fan-in-fan-out) weight view gives the same as its contiguous copy
+    wt = torch.randn(40, 24, generator=generator).t()
+    a, b = torch.randn(3, 40, generator=generator), torch.randn(24, 3, generator=generator)
+    torch.testing.assert_close(ops.dora_weight_norm(wt, a, b, 2.0), ops.dora_weight_norm(wt.contiguous(), a, b, 2.0))
+
+
+def test_weight_norm_opcheck_and_errors(generator):
+    w, a, b = torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2)
+    torch.library.opcheck(ops.dora_weight_norm.default, (w, a, b, 1.5))
+    with pytest.raises(RuntimeError, match="lora_a is"):
+        ops.dora_weight_norm(w, torch.randn(2, 4), b, 1.0)
+    with pytest.raises(RuntimeError, match="must be Float like weight"):
+        ops.dora_weight_norm(w, a.double(), b, 1.0)
+
+
+def compare_with_peft(theirs, ours, inputs, rtol=1e-4):
+    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=rtol, atol=1e-5)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    our = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert their.keys() == our.keys() and any("lora_magnitude_vector" in n for n in our)
+    for name, grad in our.items():
+        torch.testing.assert_close(grad, their[name], rtol=rtol, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dora_matches_peft(arch, generator):
+    theirs, ours = pair(arch, target_modules=TARGETS[arch], use_dora=True)
+    compare_with_peft(theirs, ours, batch(generator))
+
+
+def test_dora_with_dropout_matches_peft_in_training(generator):
+    """Both draw their dropout masks with torch's dropout, once per layer: same seed, same masks."""
+    theirs, ours = pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
+    theirs.train()
+    ours.train()
+    inputs = batch(generator)
+    torch.manual_seed(7)
+    out_theirs = theirs(**inputs)
+    torch.manual_seed(7)
+    out_ours = ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_merge_and_unmerge(generator):
+    _, model = pair("gpt2", target_modules=TARGETS["gpt2"], use_dora=True)
+    model.eval()
+    inputs = batch(generator)
+    with torch.no_grad():
+        want = model(**inputs).logits
+        peftkern.merge(model)
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+        peftkern.unmerge(model)
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_dora_on_nf4_bases_matches_peft_with_bitsandbytes(generator):
+    from .test_qlora import TARGETS as QLORA_TARGETS
+    from .test_qlora import with_bnb_linear4bit
+
+    peft = pytest.importorskip("peft")
+    base = with_bnb_linear4bit(tiny_model("llama"), QLORA_TARGETS)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": QLORA_TARGETS, "init_lora_weights": False, "use_dora": True}
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = peftkern.patch(copy.deepcopy(base), config)
+    their_state = {k.removeprefix("base_model.model."): v for k, v in theirs.state_dict().items() if "lora_" in k}
+    with torch.no_grad():
+        for key, value in ours.state_dict().items():
+            if "lora_" in key:
+                value.copy_(their_state[key])
+    compare_with_peft(theirs, ours, batch(generator))
+
+
+@requires_cuda
+def test_weight_norm_cuda_matches_cpu(generator):
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, k, r in [(1, 1, 1), (300, 1000, 16), (7, 4097, 64)]:
+            w, a, b = (torch.randn(s, generator=generator).to(dtype) for s in ((n, k), (r, k), (n, r)))
+            torch.testing.assert_close(ops.dora_weight_norm(w.cuda(), a.cuda(), b.cuda(), 0.5).cpu(),
+                                       dora_ops.dora_weight_norm_reference(w, a, b, 0.5), rtol=TOL[dtype], atol=0)  # fmt: skip
