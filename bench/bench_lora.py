@@ -74,3 +74,37 @@ def test_lora_linear(benchmark, record, mode, tokens, impl, device, dtype):
     weight_bytes = IN * OUT * x.element_size()
     flops = 2 * tokens * IN * OUT * (1 if mode == "forward" else 2)  # base GEMM(s); LoRA adds ~1%
     record(f"lora {mode} {tokens}tok {str(dtype)[6:]} {device}", impl, weight_bytes, device, flops=flops)
+
+
+def make_dora_layer(impl, device, dtype):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(IN, OUT, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    config = {"r": RANK, "lora_alpha": ALPHA, "use_dora": True, "init_lora_weights": False}
+    if impl == "peftkern":
+        from peftkern.methods.lora import LoraConfig, LoraLinear
+
+        return LoraLinear(base, "default", LoraConfig(**config))
+    if PeftLoraLinear is None:
+        pytest.skip("peft not installed")
+    return PeftLoraLinear(base, "default", PeftLoraConfig(**config), r=RANK, lora_alpha=ALPHA, use_dora=True,
+                          init_lora_weights=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("device, dtype", CASES, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("impl", ["peftkern", "peft"])
+@pytest.mark.parametrize("tokens", [8, 512])
+def test_dora_forward_backward(benchmark, record, tokens, impl, device, dtype):
+    """DoRA layer forward + backward. Both compute ||W + s·BA|| every step; PEFT forms the
+    [out, in] matrix W + s·BA to do it, peftkern's dora_weight_norm never does."""
+    layer = make_dora_layer(impl, device, dtype)
+    layer.train()
+    x = torch.randn(tokens, IN, device=device, dtype=dtype, requires_grad=True)
+
+    def step():
+        layer(x).sum().backward()
+        sync(device)
+
+    benchmark.group = f"dora forward+backward {tokens} tok {device}"
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)
+    flops = 2 * tokens * IN * OUT * 2
+    record(f"dora fwd+bwd {tokens}tok {str(dtype)[6:]} {device}", impl, IN * OUT * x.element_size(), device, flops=flops)
