@@ -5,6 +5,7 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 """
 
 from ._ext import build_info, has_cuda_kernels
+from .io import load_adapter, save_adapter
 from .methods.lora import LoraConfig
 from .nf4 import NestedAbsmax, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
@@ -17,12 +18,14 @@ __all__ = [
     "NestedAbsmax",
     "build_info",
     "has_cuda_kernels",
+    "load_adapter",
     "nf4_dequantize",
     "merge",
     "merge_and_unload",
     "nf4_quantize",
     "patch",
     "print_trainable_parameters",
+    "save_adapter",
     "unmerge",
     "unpatch",
 ]

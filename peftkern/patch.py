@@ -112,7 +112,12 @@ def patch(model: nn.Module, config, adapter_name: str = "default", quantize: str
             raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
 
     # Only now change the model; record enough to undo every change exactly.
-    record = {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": []}
+    record = {
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "swaps": [],
+        "config": config,
+        "adapter_name": adapter_name,
+    }
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     progress = matched

@@ -41,6 +41,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    task_type: str | None = None  # recorded in checkpoints, as PEFT does
 
     @classmethod
     def from_any(cls, config) -> "LoraConfig":

@@ -1,0 +1,109 @@
+"""Adapter checkpoints in Hugging Face PEFT's format: `adapter_config.json` +
+`adapter_model.safetensors`, keys as PEFT names them (`base_model.model.<module>.lora_A.weight`,
+`...lora_B.weight`, `...lora_magnitude_vector` for DoRA; no adapter name). A directory written by
+`save_adapter` loads with `peft.PeftModel.from_pretrained`, and one written by PEFT's
+`save_pretrained` loads with `load_adapter`. safetensors only: a pickle checkpoint is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .methods.lora import LoraConfig, LoraLinear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's checkpoint keys."""
+    tensors = {}
+    for name, layer in _lora_layers(model).items():
+        if adapter_name not in layer.lora_A:
+            continue
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
+    return tensors
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
+    """Write the adapter of a patched model as PEFT would (config + safetensors weights)."""
+    from safetensors.torch import save_file
+
+    record = getattr(model, "_peftkern_patch_record", None)
+    if not record or record.get("adapter_name") != adapter_name:
+        raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}")
+    tensors = adapter_state_dict(model, adapter_name)
+    if any(layer.merged for layer in _lora_layers(model).values()):
+        raise RuntimeError("unmerge the adapter before saving it (merged weights live in the base)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dataclasses.asdict(record["config"])
+    config.update(
+        peft_type="LORA",
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        inference_mode=True,
+    )
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt"})  # fmt: skip
+
+
+def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a PEFT-format LoRA checkpoint, validated before use."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+    if not (directory / WEIGHTS_NAME).exists():
+        pickles = [p.name for p in directory.glob("adapter_model.*")]
+        raise FileNotFoundError(
+            f"{directory} has no {WEIGHTS_NAME}" + (f" (found {pickles}: peftkern loads safetensors only)" if pickles else "")
+        )
+    raw = json.loads((directory / CONFIG_NAME).read_text())
+    peft_type = raw.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ValueError(f"{directory}: peft_type {peft_type!r} is not supported by load_adapter yet (LORA only)")
+    return LoraConfig.from_any(raw), load_file(str(directory / WEIGHTS_NAME))
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", quantize: str | None = None):
+    """Load a PEFT-format LoRA/DoRA checkpoint: patches an unpatched model with the saved config
+    first, then copies the tensors. Every key and shape is checked before any tensor is written;
+    on a mismatch the model is left as it was (a patch made here is undone)."""
+    from .patch import patch, unpatch
+
+    config, tensors = read_adapter(directory)
+    patched_here = not getattr(model, "_peftkern_patch_record", None)
+    if patched_here:
+        patch(model, config, adapter_name=adapter_name, quantize=quantize)
+    try:
+        expected = adapter_state_dict(model, adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, target in expected.items():
+            if tensors[key].shape != target.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)}, model {tuple(target.shape)}")
+    except Exception:
+        if patched_here:
+            unpatch(model)
+        raise
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+    return model
