@@ -190,8 +190,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all): NF4 weights count as the elements they stand for, as PEFT counts 4-bit."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    quantized = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, NF4Linear))
+    return trainable, sum(p.numel() for p in model.parameters()) + quantized
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

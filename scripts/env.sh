@@ -1,5 +1,6 @@
-# Sourced by scripts/check.sh and scripts/test.sh: a Python environment with everything in
-# requirements-dev.txt, and peftkern built in place (rebuilt only when csrc/ or setup.py changed).
+# Sourced by scripts/demo.sh, check.sh and test.sh: a Python environment with everything in
+# requirements-dev.txt (and requirements-demo.txt, installed without dependencies), and peftkern
+# built in place (rebuilt only when csrc/ or setup.py changed).
 #
 # Environment: PEFTKERN_VENV (default: the active venv, else ~/.cache/peftkern/venv-<hash of
 # requirements-dev.txt>, shared by every clone on the machine), CUDA_HOME, PEFTKERN_CUDA_ARCHS,
@@ -7,6 +8,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REQUIREMENTS="$ROOT/requirements-dev.txt"
+REQUIREMENTS_NO_DEPS="$ROOT/requirements-demo.txt"
 REQ_HASH=$(sha256sum "$REQUIREMENTS" | cut -c1-12)
 
 if [[ -n "${PEFTKERN_VENV:-}" ]]; then
@@ -27,6 +29,11 @@ if [[ ! -f "$VENV/.peftkern-requirements-$REQ_HASH" ]]; then
   python -m pip install -q --disable-pip-version-check --upgrade pip
   python -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS"
   touch "$VENV/.peftkern-requirements-$REQ_HASH"
+fi
+DEMO_HASH=$(sha256sum "$REQUIREMENTS_NO_DEPS" | cut -c1-12)
+if [[ ! -f "$VENV/.peftkern-demo-$DEMO_HASH" ]]; then
+  python -m pip install -q --disable-pip-version-check --no-deps -r "$REQUIREMENTS_NO_DEPS"
+  touch "$VENV/.peftkern-demo-$DEMO_HASH"
 fi
 
 # A real toolkit, not the /usr/local/bin/nvcc wrapper that makes torch guess CUDA_HOME=/usr/local.

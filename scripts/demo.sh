@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The main job: QLoRA fine-tuning of SmolLM2-135M with peftkern, then the same with PEFT +
+# bitsandbytes for comparison (python -m peftkern.demo --help for options).
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+python -m peftkern.demo "$@"
