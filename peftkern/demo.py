@@ -160,7 +160,7 @@ def _child(impl, args, queue):
 def run_in_child(impl: str, args) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(impl, args, queue))
+    process = context.Process(target=_child, args=(impl, args, queue), daemon=True)  # dies with the demo
     process.start()
     result = queue.get()
     process.join()
@@ -169,7 +169,7 @@ def run_in_child(impl: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="QLoRA fine-tuning demo (peftkern vs PEFT + bitsandbytes)")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
