@@ -74,13 +74,14 @@ def generate(model, tokenizer, prompt: str = PROMPT, tokens: int = 24) -> str:
     return tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def to_bnb_4bit(model):
+def to_bnb_4bit(model, targets=TARGETS):
     """The model with every targeted nn.Linear replaced by bitsandbytes' NF4 Linear4bit (double
-    quantization, blocksize 64: QLoRA's setting), the baseline a user would pick."""
+    quantization, blocksize 64: QLoRA's setting, float32 compute), quantized on the CPU: the
+    baseline a user would pick."""
     import bitsandbytes as bnb
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
             layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",

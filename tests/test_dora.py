@@ -73,18 +73,6 @@ def test_dora_with_dropout_matches_peft_in_training(generator):
     torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-5)
 
 
-def test_dora_merge_and_unmerge(generator):
-    _, model = pair("gpt2", target_modules=TARGETS["gpt2"], use_dora=True)
-    model.eval()
-    inputs = batch(generator)
-    with torch.no_grad():
-        want = model(**inputs).logits
-        peftkern.merge(model)
-        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
-        peftkern.unmerge(model)
-        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-4, atol=1e-5)
-
-
 def test_dora_on_nf4_bases_matches_peft_with_bitsandbytes(generator):
     from .test_qlora import TARGETS as QLORA_TARGETS
     from .test_qlora import with_bnb_linear4bit

@@ -138,8 +138,9 @@ def test_unpatch_restores_the_model_exactly(generator):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
-def test_merge_unmerge_and_merge_and_unload(generator):
-    _, model = pair("llama", target_modules=["q_proj", "down_proj"])
+@pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {"use_dora": True}), ("llama", {"use_dora": True})])
+def test_merge_unmerge_and_merge_and_unload(arch, extra, generator):
+    _, model = pair(arch, target_modules=TARGETS[arch][:2], **extra)
     inputs = batch(generator)
     model.eval()
     with torch.no_grad():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import peftkern
+from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 from peftkern.methods.lora import LoraLinear
 from peftkern.nf4 import NF4Linear
 from peftkern.ops import lora as lora_ops
@@ -17,20 +18,6 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
-
-
-def with_bnb_linear4bit(model, targets):
-    """The model with every targeted nn.Linear replaced by a bitsandbytes NF4 Linear4bit
-    (double quantization, float32 compute), quantized on CPU."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")  # fmt: skip
-            layer.weight = bnb.nn.Params4bit(module.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)  # fmt: skip
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, layer.to("cpu"))
-    return model
 
 
 def test_nf4_lora_linear_matches_dense_and_stores_no_dense_weight(generator):
