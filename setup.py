@@ -146,6 +146,7 @@ setup(
     version="0.1.0",
     description="Fused CPU/CUDA kernels for parameter-efficient fine-tuning of Hugging Face models",
     packages=find_packages(include=["peftkern", "peftkern.*"]),
+    package_data={"peftkern": ["data/*.txt"]},  # the demo's corpus
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "safetensors"],
     extras_require={
