@@ -41,7 +41,8 @@ if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 if command -v ccache >/dev/null 2>&1; then  # torch's build uses ccache when it is on PATH
-  export CCACHE_NOHASHDIR=1 CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/peftkern/ccache}"
+  # BASEDIR + NOHASHDIR: clones at different paths (CI clones afresh) share cache hits.
+  export CCACHE_NOHASHDIR=1 CCACHE_BASEDIR="$ROOT" CCACHE_DIR="${CCACHE_DIR:-$HOME/.cache/peftkern/ccache}"
 fi
 
 cd "$ROOT"
