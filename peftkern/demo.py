@@ -99,12 +99,11 @@ def train(impl: str, args, report: bool) -> dict:
     model, tokenizer = load_base_model()
     if impl == "peftkern":
         peftkern.patch(model, LORA, quantize="nf4")
-        trainable = [p for p in model.parameters() if p.requires_grad]
     else:
         import peft
 
         model = peft.get_peft_model(to_bnb_4bit(model), peft.LoraConfig(**LORA))
-        trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     before = generate(model, tokenizer) if report else None
     batches = training_batches(tokenizer, args.batch_size, args.seq_len, args.steps, args.seed)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr)

@@ -258,19 +258,20 @@ class LoraLinear(nn.Module):
             x, lora_a, lora_b = x.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         nf4 = nf4_base_weight(base)
         bias = base.bias.to(x.dtype) if base.bias is not None else None
-        norm = dora_ops.dora_weight_norm(self.dense_weight(x.dtype), lora_a, lora_b, scaling)
+        dense = self.dense_weight(x.dtype)  # dequantized once per step for an NF4 base, shared below
+        norm = dora_ops.dora_weight_norm(dense, lora_a, lora_b, scaling)
         scale = self.lora_magnitude_vector[name].weight.to(x.dtype) / norm
 
         def lora_part(inputs):  # inputs·Wᵀ + s·inputs·Aᵀ·Bᵀ, no bias
             if nf4 is not None:
-                return lora_ops.nf4_lora_linear(inputs, nf4, None, lora_a, lora_b, scaling)
+                return lora_ops.nf4_lora_linear(inputs, nf4, None, lora_a, lora_b, scaling, dense=dense)
             return lora_ops.lora_linear(inputs, base.weight.to(x.dtype), None, lora_a, lora_b, scaling,
                                         fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
 
         def base_part(inputs, with_bias):
             b = bias if with_bias else None
             if nf4 is not None:
-                return lora_ops.nf4_linear(inputs, nf4, b)
+                return lora_ops.nf4_linear(inputs, nf4, b, dense=dense)
             weight = base.weight.to(x.dtype)
             return nn.functional.linear(inputs, weight.t() if self.fan_in_fan_out else weight, b)
 

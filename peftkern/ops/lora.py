@@ -21,8 +21,13 @@ from .. import _ext
 # --------------------------------------------------------------------------------------------
 
 
+def _dropped(x, dropout_mask, keep_scale):
+    """dropout(x) from its bool mask (x itself when there is no mask)."""
+    return x if dropout_mask is None else x * dropout_mask * keep_scale
+
+
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_mask=None, keep_scale=1.0):
-    dropped = x if dropout_mask is None else x * dropout_mask * keep_scale
+    dropped = _dropped(x, dropout_mask, keep_scale)
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropped, lora_a), lora_b)
 
 
@@ -55,10 +60,8 @@ def _backward(ctx, grad_out, grad_xa):
         grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
     )
     if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
-        dropped = x if dropout_mask is None else x * dropout_mask * ctx.keep_scale
-        grad_a = grad_a + grad_xa.t() @ dropped
-        contribution = grad_xa @ lora_a
-        grad_x = grad_x + (contribution if dropout_mask is None else contribution * dropout_mask * ctx.keep_scale)
+        grad_a = grad_a + grad_xa.t() @ _dropped(x, dropout_mask, ctx.keep_scale)
+        grad_x = grad_x + _dropped(grad_xa @ lora_a, dropout_mask, ctx.keep_scale)
     grad_weight = grad_out.t() @ x if needs[1] else None
     grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
     return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
@@ -130,8 +133,9 @@ class _NF4LoraLinear(torch.autograd.Function):
     backward (recomputed there), never between them; saved: x, the mask, A, B and xa."""
 
     @staticmethod
-    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale):
-        dense = weight.dequantize(x.dtype)
+    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale, dense):
+        if dense is None:  # a caller that already dequantized (DoRA) passes it in
+            dense = weight.dequantize(x.dtype)
         if _ext.has_kernel("lora_linear_fwd", x.device.type):
             out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale)
         else:  # no compiled library: the reference, with backward by autograd through it (below)
@@ -155,20 +159,23 @@ class _NF4LoraLinear(torch.autograd.Function):
                                             ctx.keep_scale)  # fmt: skip
                 grad_x, grad_a, grad_b = torch.autograd.grad(out, leaves, grad_out)
         grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
-def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, training=False) -> torch.Tensor:
-    """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype."""
+def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, training=False, dense=None) -> torch.Tensor:
+    """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype.
+    `dense`: the weight already dequantized into x's dtype, used by the forward only (backward
+    always dequantizes again, so it is never kept)."""
     x, bias, lora_a, lora_b = _autocast(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
     x2, mask, keep_scale = _prepare(x, dropout, training, "nf4_lora_linear")
-    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale)
+    dense = dense.detach() if dense is not None else None
+    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale, dense)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, dense=None) -> torch.Tensor:
     """x·Wᵀ + b for an NF4 `weight`, with W dequantized in forward and again in backward (never
     stored between them): the QLoRA function with rank-0 adapters."""
     empty_a = x.new_zeros((0, x.shape[-1]))
     empty_b = x.new_zeros((weight.shape[0], 0))
-    return nf4_lora_linear(x, weight, bias, empty_a, empty_b, 0.0)
+    return nf4_lora_linear(x, weight, bias, empty_a, empty_b, 0.0, dense=dense)
