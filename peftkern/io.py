@@ -14,45 +14,39 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .methods.lora import LoraConfig, LoraLinear
+from .methods import AdapterLayer, method_module, resolve_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def _lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+def _record(model: nn.Module, adapter_name: str) -> dict:
+    record = getattr(model, "_peftkern_patch_record", None)
+    if not record or record.get("adapter_name") != adapter_name:
+        raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}")
+    return record
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's checkpoint keys."""
-    tensors = {}
-    for name, layer in _lora_layers(model).items():
-        if adapter_name not in layer.lora_A:
-            continue
-        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
-        if adapter_name in layer.lora_magnitude_vector:
-            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
-    return tensors
+    """The adapter's live tensors under PEFT's checkpoint keys."""
+    method = method_module(_record(model, adapter_name)["config"].peft_type)
+    return {f"{_PREFIX}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
     """Write the adapter of a patched model as PEFT would (config + safetensors weights)."""
     from safetensors.torch import save_file
 
-    record = getattr(model, "_peftkern_patch_record", None)
-    if not record or record.get("adapter_name") != adapter_name:
-        raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}")
+    record = _record(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
-    if any(layer.merged for layer in _lora_layers(model).values()):
+    if any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer)):
         raise RuntimeError("unmerge the adapter before saving it (merged weights live in the base)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = dataclasses.asdict(record["config"])
     config.update(
-        peft_type="LORA",
+        peft_type=record["config"].peft_type,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         inference_mode=True,
     )
@@ -61,8 +55,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
               metadata={"format": "pt"})  # fmt: skip
 
 
-def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a PEFT-format LoRA checkpoint, validated before use."""
+def read_adapter(directory: str | Path):
+    """(config, tensors) of a PEFT-format checkpoint, the config validated before use."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -74,14 +68,15 @@ def read_adapter(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Ten
             f"{directory} has no {WEIGHTS_NAME}" + (f" (found {pickles}: peftkern loads safetensors only)" if pickles else "")
         )
     raw = json.loads((directory / CONFIG_NAME).read_text())
-    peft_type = raw.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise ValueError(f"{directory}: peft_type {peft_type!r} is not supported by load_adapter yet (LORA only)")
-    return LoraConfig.from_any(raw), load_file(str(directory / WEIGHTS_NAME))
+    try:
+        _, config = resolve_config(raw)
+    except ValueError as error:
+        raise ValueError(f"{directory}/{CONFIG_NAME}: {error}") from None
+    return config, load_file(str(directory / WEIGHTS_NAME))
 
 
-def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", quantize: str | None = None):
-    """Load a PEFT-format LoRA/DoRA checkpoint: patches an unpatched model with the saved config
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", **options):
+    """Load a PEFT-format checkpoint: patches an unpatched model with the saved config
     first, then copies the tensors. Every key and shape is checked before any tensor is written;
     on a mismatch the model is left as it was (a patch made here is undone)."""
     from .patch import patch, unpatch
@@ -89,7 +84,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     config, tensors = read_adapter(directory)
     patched_here = not getattr(model, "_peftkern_patch_record", None)
     if patched_here:
-        patch(model, config, adapter_name=adapter_name, quantize=quantize)
+        patch(model, config, adapter_name=adapter_name, **options)
     try:
         expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))

@@ -1,2 +1,57 @@
 """One module per PEFT method: its config (Hugging Face PEFT's field names), the module that
-wraps a target layer, merge/unmerge and its state-dict naming."""
+wraps a target layer (or the hooks it installs), merge/unmerge and its checkpoint naming.
+
+A method module provides:
+- a config dataclass with `peft_type` (PEFT's name, e.g. "LORA"), `from_any(config)` and
+  `validate()`;
+- `plan_patch(model, config, adapter_name, **options) -> apply`: checks everything and raises
+  (naming the module) before anything changes; `apply(record)` then changes the model, appending
+  each module swap to `record["swaps"]` (see `peftkern.targeting.swap_module`) and every other
+  change's undo callable to `record["undo"]`, so `unpatch` restores the model exactly;
+- `adapter_tensors(model, adapter_name) -> {PEFT checkpoint key: live tensor}` for save/load.
+Layers it swaps in subclass `AdapterLayer` so merge/unmerge reach them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# peft_type -> module under peftkern.methods. Methods register here as they land.
+_METHODS = {"LORA": "lora"}
+
+
+class AdapterLayer(nn.Module):
+    """Base of every layer a method swaps in: `merge()` folds the active adapter into the base
+    weight, `unmerge()` takes it back out (no-ops where a method cannot merge)."""
+
+    merged = False
+
+    def merge(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def unmerge(self) -> None:
+        pass
+
+
+def method_module(peft_type: str):
+    key = str(getattr(peft_type, "value", peft_type)).upper()
+    if key not in _METHODS:
+        raise ValueError(f"peft_type {peft_type!r} is not supported by peftkern (supported: {sorted(_METHODS)})")
+    return importlib.import_module(f"{__name__}.{_METHODS[key]}")
+
+
+def config_peft_type(config) -> str:
+    """PEFT's peft_type of a peftkern config, a `peft` config object or a dict (default LORA,
+    as for a dict without the field)."""
+    peft_type = config.get("peft_type") if isinstance(config, dict) else getattr(config, "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type) or "LORA").upper()
+
+
+def resolve_config(config):
+    """(method module, a fresh validated peftkern config) from any accepted config form."""
+    method = method_module(config_peft_type(config))
+    resolved = method.CONFIG.from_any(config)
+    resolved.validate()
+    return method, resolved

@@ -17,9 +17,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import targeting
 from ..nf4 import NF4Linear, NF4Weight
 from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
+from . import AdapterLayer
+
+# PEFT's default LoRA targets per architecture (used when target_modules is None).
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
 
 
 @dataclass
@@ -42,6 +53,8 @@ class LoraConfig:
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     task_type: str | None = None  # recorded in checkpoints, as PEFT does
+
+    peft_type = "LORA"  # a class attribute, not a field
 
     @classmethod
     def from_any(cls, config) -> "LoraConfig":
@@ -120,7 +133,7 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """A frozen dense base plus LoRA adapters, named as PEFT names them (`base_layer`,
     `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`)."""
 
@@ -283,3 +296,53 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, merged={self.merged}"
+
+
+CONFIG = LoraConfig
+
+
+def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize: str | None = None):
+    """Check every target, then return the function that swaps LoraLinear layers in.
+    `quantize="nf4"` quantizes the targeted dense nn.Linear bases to NF4 first (QLoRA)."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    matched = targeting.find_targets(
+        model, config, DEFAULT_TARGETS, supports,
+        "peftkern's LoRA supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far",
+    )  # fmt: skip
+    for name, module in matched:
+        nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
+        if quantize and not isinstance(module, nn.Linear):
+            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+
+    def apply(record: dict) -> None:
+        progress = matched
+        if quantize:
+            try:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(matched, desc="peftkern: quantizing to NF4", unit="layer", disable=None)
+            except ImportError:
+                pass
+        for name, module in progress:
+            if quantize and nf4_base_weight(module) is None:
+                module = NF4Linear.from_linear(module)  # the dense weight is released with the old module
+            targeting.swap_module(model, name, LoraLinear(module, adapter_name, config), record)
+            if quantize:  # unpatch gives back the NF4 layer, not the dense one
+                record["swaps"][-1] = (*record["swaps"][-1][:2], module)
+
+    return apply
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """PEFT's checkpoint keys (without the `base_model.model.` prefix or adapter name) -> the
+    live parameters."""
+    tensors = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
+            continue
+        tensors[f"{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
+    return tensors

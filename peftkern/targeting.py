@@ -1,0 +1,100 @@
+"""Finding and swapping target modules, shared by every method that wraps layers (LoRA, IA³, ...).
+
+PEFT's matching rules: `exclude_modules` first; a str `target_modules` is a regex full-match on
+the module's dotted name, a list matches the exact name or a ".suffix"; `layers_to_transform`
+(with `layers_pattern`) filters list matches by decoder-layer index; "all-linear" is every
+supported linear layer but the output embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+
+def layer_index(key: str, layers_pattern) -> int | None:
+    """The first numbered path segment (the decoder layer), as PEFT reads it."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def matches(names, key: str) -> bool:
+    """A PEFT module-name spec: a str is a regex full-match, a list an exact name or ".suffix"."""
+    if names is None:
+        return False
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def is_target(config, key: str, all_linear: set[str] | None = None) -> bool:
+    """Whether module `key` is a target of `config` (any config with PEFT's target_modules,
+    exclude_modules, layers_to_transform and layers_pattern fields)."""
+    if matches(getattr(config, "exclude_modules", None), key):
+        return False
+    if all_linear is not None:
+        return key in all_linear
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    found = any(key.endswith(f".{t}") for t in targets)
+    layers = getattr(config, "layers_to_transform", None)
+    if found and layers is not None and (not isinstance(layers, list) or layers):
+        index = layer_index(key, getattr(config, "layers_pattern", None))
+        if index is None:
+            return False
+        return index == layers if isinstance(layers, int) else index in layers
+    return found
+
+
+def resolve_target_modules(model: nn.Module, config, defaults: dict, supports: Callable[[nn.Module], bool]):
+    """Fill in PEFT's per-architecture default targets when target_modules is None; return the
+    set of "all-linear" names when asked for, else None."""
+    if config.target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(
+                f"target_modules is not set and there is no default for model type {model_type!r}; "
+                "name the modules to adapt (e.g. target_modules=['q_proj', 'v_proj'])"
+            )
+        config.target_modules = list(defaults[model_type])
+    if config.target_modules == "all-linear":
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return {n for n, m in model.named_modules() if n and supports(m) and m is not output}
+    return None
+
+
+def find_targets(model: nn.Module, config, defaults: dict, supports: Callable[[nn.Module], bool], what: str):
+    """[(name, module)] of the targets, each checked with `supports`; raises, naming the module,
+    before anything is changed."""
+    all_linear = resolve_target_modules(model, config, defaults, supports)
+    matched = [(n, m) for n, m in model.named_modules() if n and is_target(config, n, all_linear)]
+    if not matched:
+        raise ValueError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
+    for name, module in matched:
+        if not supports(module):
+            raise TypeError(
+                f"module {name!r} matches target_modules but is a {type(module).__name__}; {what}"
+            )
+    return matched
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module, record: dict) -> nn.Module:
+    """Put `new` at `name`, remembering the old module in `record` so unpatch restores it."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    record["swaps"].append((parent_name, attr, old))
+    return old
