@@ -89,6 +89,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     record = _take_record(model)
     for layer in _patched_layers(model):
         layer.unmerge()
+        layer.restore_base()
     return _restore(model, record)
 
 
@@ -109,7 +110,15 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the (now merged) base modules back: a plain model with the adapters baked in."""
     record = _take_record(model)
     merge(model)
-    return _restore(model, record)
+    unloaded = []
+    for parent_name, attr, _ in record["swaps"]:
+        current = getattr(model.get_submodule(parent_name) if parent_name else model, attr)
+        if isinstance(current, AdapterLayer):
+            unloaded.append((parent_name, attr, current.unloaded()))
+    _restore(model, record)
+    for parent_name, attr, module in unloaded:
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

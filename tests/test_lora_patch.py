@@ -171,8 +171,11 @@ def test_dropout_is_active_in_train_mode_only(generator):
         ({"r": 4, "target_modules": ["no_such_module"]}, ValueError, "matches target_modules"),
         ({"r": 0, "target_modules": ["q_proj"]}, ValueError, "r must be a positive integer"),
         ({"r": 4, "target_modules": ["q_proj", "embed_tokens"]}, TypeError, "'model.embed_tokens'.*Embedding"),
-        ({"r": 4, "target_modules": ["q_proj"], "bias": "all"}, NotImplementedError, "bias"),
-        ({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, NotImplementedError, "modules_to_save"),
+        ({"r": 4, "target_modules": ["q_proj"], "bias": "some"}, ValueError, "bias must be"),
+        ({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["no_head"]}, ValueError, "modules_to_save.*no_head"),
+        ({"r": 4, "target_modules": ["q_proj"], "modules_to_save": ["q_proj"]}, ValueError, "overlaps"),
+        ({"r": 4, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": 0}}, ValueError, "rank_pattern"),
+        ({"r": 4, "target_modules": ["q_proj"], "init_lora_weights": "olora"}, NotImplementedError, "olora"),
         ({"r": 4, "target_modules": ["q_proj"], "lora_dropout": 1.0}, ValueError, "lora_dropout"),
     ],
 )
@@ -240,3 +243,71 @@ def test_torch_compile_patched_model(generator):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name, grad in want_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def classifier_model():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**TINY, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    return transformers.LlamaForSequenceClassification(config)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"bias": "all"},
+        {"bias": "lora_only"},
+        {"modules_to_save": ["lm_head"]},
+        {"rank_pattern": {"v_proj": 2, "layers.1.self_attn.q_proj": 3}, "alpha_pattern": {"q_proj": 16}},
+        {"init_lora_weights": "pissa"},
+        {"task_type": "SEQ_CLS"},
+    ],
+    ids=["bias-all", "bias-lora_only", "modules_to_save", "rank_alpha_pattern", "pissa", "seq_cls"],
+)
+def test_more_lora_options_match_peft(options, generator, tmp_path):
+    """Same trainable parameters, logits, loss, gradients and checkpoint keys as PEFT; the
+    checkpoint loads into PEFT with the same logits; unpatch restores the base exactly."""
+    base = classifier_model() if options.get("task_type") == "SEQ_CLS" else tiny_model("qwen2")  # qwen2: biases
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **options}
+    original = copy.deepcopy(base.state_dict())
+    pristine = copy.deepcopy(base)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
+    ours = peftkern.patch(base, config)
+    prefix = "base_model.model."
+    their_state = {k.removeprefix(prefix): v for k, v in theirs.state_dict().items()}
+    assert their_state.keys() == ours.state_dict().keys()
+    pissa = options.get("init_lora_weights") == "pissa"
+    with torch.no_grad():
+        for key, value in ours.state_dict().items():
+            if pissa or "lora_" not in key:  # bases (pissa: the residual) and pissa's A, B agree as built
+                torch.testing.assert_close(value, their_state[key], rtol=1e-4, atol=1e-5, msg=key)
+            elif "lora_B" in key:  # random, non-zero B so the adapters matter
+                their_state[key].normal_(generator=generator)
+            value.copy_(their_state[key])
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n.removeprefix(prefix) for n, p in theirs.named_parameters() if p.requires_grad}
+    assert any("lora_" not in n for n in trainable) or "rank_pattern" in options or "init_lora_weights" in options
+
+    ids = torch.randint(1, 96, (3, 11), generator=generator)
+    labels = torch.randint(0, 3, (3,), generator=generator) if "task_type" in options else ids
+    out_theirs, out_ours = theirs(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their_grads = {n.removeprefix(prefix): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, parameter in ours.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    from peft.utils import get_peft_model_state_dict
+
+    assert set(peftkern.io.adapter_state_dict(ours)) == set(get_peft_model_state_dict(theirs))
+    peftkern.save_adapter(ours, tmp_path)
+    # (pissa: the config says so, and loading recomputes the residual from the original base)
+    reloaded = peft.PeftModel.from_pretrained(pristine, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+    peftkern.unpatch(ours)
+    if options.get("bias") is None:  # trained biases are the base's own, as in PEFT: not undone
+        for key, value in ours.state_dict().items():
+            assert torch.equal(value, original[key]), key

@@ -86,14 +86,38 @@ def test_quantize_nf4_option(generator):
     inputs = batch(generator)
     torch.testing.assert_close(quantized(**inputs).logits, dense(**inputs).logits, rtol=1e-5, atol=1e-5)
 
-    with pytest.raises(NotImplementedError, match="re-quantize"):
-        peftkern.merge(quantized)
     quantized.to(torch.bfloat16)  # the NF4 state must not be cast
     nf4 = layers[0].base_layer
     assert nf4.packed.dtype == torch.uint8 and nf4.absmax.dtype == torch.uint8 and nf4.nested_absmax.dtype == torch.float32
     peftkern.unpatch(quantized)
     assert not any(isinstance(m, LoraLinear) for m in quantized.modules())
     assert any(isinstance(m, NF4Linear) for m in quantized.modules())  # the dense weights were released
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_into_an_nf4_base_gives_a_dense_weight(generator, use_dora):
+    """merge() swaps in a dense weight (the NF4 weight's original dtype) holding W + s·BA; unmerge
+    gives back the very NF4 module; merge_and_unload leaves dense nn.Linear bases."""
+    config = {"r": 4, "target_modules": TARGETS, "init_lora_weights": False, "use_dora": use_dora}
+    model = peftkern.patch(tiny_model("llama"), config, quantize="nf4")
+    inputs = batch(generator)
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, LoraLinear)):
+            layer.lora_B["default"].weight.normal_(generator=generator)
+        before = model(**inputs).logits
+        nf4_bases = [m.base_layer for m in model.modules() if isinstance(m, LoraLinear)]
+        peftkern.merge(model)
+        layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        assert all(type(m.base_layer) is torch.nn.Linear and m.base_layer.weight.dtype == torch.float32 for m in layers)
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=1e-4, atol=1e-4)
+        peftkern.unmerge(model)
+        assert [m.base_layer for m in layers] == nf4_bases and all(m.quantized for m in layers)
+        torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=0)
+        plain = peftkern.merge_and_unload(model)
+    assert not any(isinstance(m, (LoraLinear, NF4Linear)) for m in plain.modules())
+    assert not hasattr(plain, "_peftkern_patch_record")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, before, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_quantize_argument_leaves_model_untouched():

@@ -24,7 +24,7 @@ _METHODS = {"LORA": "lora"}
 
 class AdapterLayer(nn.Module):
     """Base of every layer a method swaps in: `merge()` folds the active adapter into the base
-    weight, `unmerge()` takes it back out (no-ops where a method cannot merge)."""
+    weight, `unmerge()` takes it back out, `unloaded()` is the module merge_and_unload leaves."""
 
     merged = False
 
@@ -33,6 +33,13 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         pass
+
+    def unloaded(self) -> nn.Module:
+        """What merge_and_unload leaves in this layer's place (after merge)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be unloaded")
+
+    def restore_base(self) -> None:
+        """Undo what patching did to the base module itself (unpatch calls it; merge_and_unload not)."""
 
 
 def method_module(peft_type: str):

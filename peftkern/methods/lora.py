@@ -1,17 +1,20 @@
-"""LoRA (and rsLoRA) with Hugging Face PEFT's config fields and semantics, on dense bases
-(`nn.Linear`, transformers' `Conv1D`), computed by the fused op `peftkern.ops.lora.lora_linear`.
+"""LoRA (and rsLoRA, DoRA, QLoRA) with Hugging Face PEFT's config fields and semantics, on dense
+bases (`nn.Linear`, transformers' `Conv1D`) and NF4 bases, computed by the fused ops in
+`peftkern.ops.lora` / `peftkern.ops.dora`.
 
-Supported now: r, lora_alpha, lora_dropout, target_modules (suffix list, regex full-match,
+Supported: r, lora_alpha, lora_dropout, target_modules (suffix list, regex full-match,
 "all-linear", or PEFT's per-architecture default), exclude_modules, layers_to_transform,
-layers_pattern, fan_in_fan_out, use_rslora, use_dora, init_lora_weights in {True, False,
-"gaussian"}; dense and NF4 bases. Not yet (a clear NotImplementedError, never silently ignored):
-bias other than "none", modules_to_save, rank_pattern / alpha_pattern, other init schemes.
+layers_pattern, bias ("none", "all", "lora_only"), fan_in_fan_out, use_rslora, use_dora,
+init_lora_weights in {True, False, "gaussian", "pissa", "pissa_niter_<n>"}, modules_to_save
+(plus PEFT's classifier heads for SEQ_CLS / TOKEN_CLS), rank_pattern / alpha_pattern. Other
+init schemes and fields raise NotImplementedError, never silently ignored.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +24,7 @@ from .. import targeting
 from ..nf4 import NF4Linear, NF4Weight
 from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
-from . import AdapterLayer
+from . import AdapterLayer, modules_to_save
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
 DEFAULT_TARGETS = {
@@ -82,22 +85,64 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        unsupported = {
-            "bias": self.bias != "none",
-            "modules_to_save": bool(self.modules_to_save),
-            "rank_pattern": bool(self.rank_pattern),
-            "alpha_pattern": bool(self.alpha_pattern),
-            "init_lora_weights": self.init_lora_weights not in (True, False, "gaussian"),
-        }
-        for name, used in unsupported.items():
-            if used:
-                raise NotImplementedError(
-                    f"LoraConfig.{name}={getattr(self, name)!r} is not supported by peftkern yet"
-                )
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if not (init in (True, False, "gaussian", "pissa") or _pissa_niter(init) is not None):
+            raise NotImplementedError(f"LoraConfig.init_lora_weights={init!r} is not supported by peftkern yet")
+        for name in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, name) or {}
+            if not isinstance(pattern, dict):
+                raise TypeError(f"LoraConfig.{name} must be a dict of module-name pattern -> value")
+            for key, value in pattern.items():
+                if name == "rank_pattern" and (not isinstance(value, int) or value <= 0):
+                    raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    def for_module(self, key: str) -> "LoraConfig":
+        """This config with r and lora_alpha as rank_pattern / alpha_pattern give them for module
+        `key` (PEFT's rule: the first pattern p with re.match(rf"(.*[.])?({p})$", key))."""
+        r, alpha = self.r, self.lora_alpha
+        for pattern, value in (self.rank_pattern or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                r = value
+                break
+        for pattern, value in (self.alpha_pattern or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", key):
+                alpha = value
+                break
+        return dataclasses.replace(self, r=r, lora_alpha=alpha)
+
+    def classifier_heads(self) -> tuple[str, ...]:
+        """PEFT also trains and saves a classification model's head (where the model has one)."""
+        task = str(getattr(self.task_type, "value", self.task_type)).upper()
+        return ("classifier", "score") if task in ("SEQ_CLS", "TOKEN_CLS") else ()
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _pissa_niter(init) -> int | None:
+    """n for init_lora_weights="pissa_niter_<n>" (PiSSA by a randomized low-rank SVD), else None."""
+    if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit():
+        return int(init[len("pissa_niter_"):])
+    return None
+
+
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float, init) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA (Meng et al. 2024), as PEFT computes it: W = U·S·Vh ([out, in], float32); with the r
+    principal triplets, A = sqrt(S_r / s)·Vh_r and B = U_r·sqrt(S_r / s), so that s·B·A is W's best
+    rank-r part and the base keeps the residual W - s·B·A."""
+    weight = weight.to(torch.float32)
+    niter = _pissa_niter(init)
+    if niter is None:
+        u, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+        u, singular, vh = u[:, :r], singular[:r], vh[:r]
+    else:
+        u, singular, v = torch.svd_lowrank(weight, q=r, niter=niter)
+        vh = v.t()
+    root = torch.sqrt(singular / scaling)
+    return root[:, None] * vh, u * root[None, :]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -155,6 +200,8 @@ class LoraLinear(AdapterLayer):
         self.dropout: dict[str, float] = {}
         self.active_adapter = adapter_name
         self.merged = False
+        self._original_base_weight = None  # PiSSA changes the base; unpatch puts this back
+        self._nf4_base_while_merged = None
         self.add_adapter(adapter_name, config)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
@@ -167,7 +214,9 @@ class LoraLinear(AdapterLayer):
         self.scaling[name] = config.scaling
         self.dropout[name] = config.lora_dropout
         init = config.init_lora_weights
-        if init is not False:  # False keeps nn.Linear's default init for both, as PEFT does
+        if init == "pissa" or _pissa_niter(init) is not None:
+            self._pissa_init(name, config)
+        elif init is not False:  # False keeps nn.Linear's default init for both, as PEFT does
             if init is True:
                 nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
             else:  # "gaussian"
@@ -178,6 +227,31 @@ class LoraLinear(AdapterLayer):
                 self.dense_weight(factory["dtype"]), self.lora_A[name].weight, self.lora_B[name].weight, config.scaling
             )
             self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    @torch.no_grad()
+    def _pissa_init(self, name: str, config: LoraConfig) -> None:
+        """A, B from W's principal singular triplets; the base keeps the residual. The original
+        weight is kept on the CPU (not in the state dict) so that unpatch restores it exactly."""
+        if self.quantized:
+            raise NotImplementedError(
+                "init_lora_weights='pissa' on an NF4 base is not supported: the residual would have to be "
+                "re-quantized (QPiSSA). Initialise PiSSA on the dense model, then quantize."
+            )
+        weight = self.base_layer.weight
+        lora_a, lora_b = pissa_factors(self.dense_weight(torch.float32), config.r, config.scaling, config.init_lora_weights)
+        self.lora_A[name].weight.copy_(lora_a)
+        self.lora_B[name].weight.copy_(lora_b)
+        if self._original_base_weight is None:
+            self._original_base_weight = weight.detach().to("cpu", copy=True)
+        residual = self.dense_weight(torch.float32) - config.scaling * (lora_b @ lora_a)
+        weight.copy_(residual.t() if self.fan_in_fan_out else residual)
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Give the base back its weight from before patching (PiSSA changed it)."""
+        if self._original_base_weight is not None:
+            self.base_layer.weight.copy_(self._original_base_weight)
+            self._original_base_weight = None
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The base weight as [out, in] in `dtype` (dequantized for NF4 bases)."""
@@ -191,13 +265,6 @@ class LoraLinear(AdapterLayer):
         """scaling * B @ A, laid out like the base weight."""
         delta = self.scaling[name] * (self.lora_B[name].weight @ self.lora_A[name].weight)
         return delta.t() if self.fan_in_fan_out else delta
-
-    def _refuse_quantized_merge(self) -> None:
-        if self.quantized:
-            raise NotImplementedError(
-                "merging LoRA into an NF4 base would re-quantize it (lossy); not supported yet. "
-                "Dequantize the base first if you need a merged dense model."
-            )
 
     def _dora_factor(self, name: str) -> torch.Tensor | None:
         """m / ||W + s·BA|| per output row (a column of the base weight's layout), or None."""
@@ -213,10 +280,23 @@ class LoraLinear(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + s·BA (LoRA), or W <- m/||W + s·BA|| ⊙ (W + s·BA) (DoRA), as PEFT merges."""
-        self._refuse_quantized_merge()
+        """W <- W + s·BA (LoRA), or W <- m/||W + s·BA|| ⊙ (W + s·BA) (DoRA), as PEFT merges.
+
+        An NF4 base is not re-quantized (that would be lossy): it is set aside and replaced by a
+        dense nn.Linear in the weight's original dtype (bf16/fp16/fp32) holding the merged weight;
+        unmerge gives the NF4 base back, bit for bit, and merge_and_unload leaves the dense one."""
         if self.merged:
             return
+        if self.quantized:
+            nf4 = nf4_base_weight(self.base_layer)
+            dense = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                              device=nf4.device, dtype=nf4.dtype)  # fmt: skip
+            dense.weight.copy_(nf4.dequantize(nf4.dtype))
+            if self.base_layer.bias is not None:
+                dense.bias.copy_(self.base_layer.bias)
+            dense.requires_grad_(False)
+            self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
+            self.quantized = False
         name, weight = self.active_adapter, self.base_layer.weight
         factor = self._dora_factor(name)
         weight += self.delta_weight(name).to(weight.dtype)
@@ -229,6 +309,11 @@ class LoraLinear(AdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             return
+        if self._nf4_base_while_merged is not None:  # the dense merged copy is simply dropped
+            self.base_layer, self._nf4_base_while_merged = self._nf4_base_while_merged, None
+            self.quantized, self.merged = True, False
+            self._merged_dora_factor = None
+            return
         weight = self.base_layer.weight
         factor = getattr(self, "_merged_dora_factor", None)
         if factor is not None:
@@ -240,6 +325,10 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if self.merged or name is None:
+            weight = getattr(self.base_layer, "weight", None)
+            if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
+                bias = self.base_layer.bias
+                return nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
             return self.base_layer(x)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         if lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -294,6 +383,9 @@ class LoraLinear(AdapterLayer):
         dropped = nn.functional.dropout(x, p, training=True)
         return base_part(x, True) + scale * lora_part(dropped) - base_part(dropped, False)
 
+    def unloaded(self) -> nn.Module:
+        return self.base_layer
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={list(self.lora_A)}, merged={self.merged}"
 
@@ -310,10 +402,17 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
         model, config, DEFAULT_TARGETS, supports,
         "peftkern's LoRA supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far",
     )  # fmt: skip
+    pissa = config.init_lora_weights == "pissa" or _pissa_niter(config.init_lora_weights) is not None
     for name, module in matched:
-        nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
+        nf4 = nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
         if quantize and not isinstance(module, nn.Linear):
             raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+        if pissa and (nf4 is not None or quantize):
+            raise NotImplementedError(
+                f"{name!r}: init_lora_weights={config.init_lora_weights!r} on an NF4 base is not supported (the "
+                "residual would have to be re-quantized); initialise PiSSA on the dense model"
+            )
+    saved = modules_to_save.find(model, config.modules_to_save or [], {n for n, _ in matched}, config.classifier_heads())
 
     def apply(record: dict) -> None:
         progress = matched
@@ -327,16 +426,34 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
         for name, module in progress:
             if quantize and nf4_base_weight(module) is None:
                 module = NF4Linear.from_linear(module)  # the dense weight is released with the old module
-            targeting.swap_module(model, name, LoraLinear(module, adapter_name, config), record)
+            layer = LoraLinear(module, adapter_name, config.for_module(name))
+            targeting.swap_module(model, name, layer, record)
             if quantize:  # unpatch gives back the NF4 layer, not the dense one
                 record["swaps"][-1] = (*record["swaps"][-1][:2], module)
+        modules_to_save.apply(model, saved, adapter_name, record)
+        for parameter in _trained_biases(model, config).values():  # PEFT's bias="all" / "lora_only"
+            parameter.requires_grad_(True)
 
     return apply
 
 
+def _trained_biases(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+    """The base biases that bias="all" / "lora_only" train (and save), as PEFT picks them: every
+    parameter with "bias" in its name, or the biases of the LoRA layers' bases."""
+    if config.bias == "all":
+        return {n: p for n, p in model.named_parameters() if "bias" in n and "lora_" not in n}
+    if config.bias == "lora_only":
+        return {
+            f"{name}.base_layer.bias": layer.base_layer.bias
+            for name, layer in model.named_modules()
+            if isinstance(layer, LoraLinear) and getattr(layer.base_layer, "bias", None) is not None
+        }
+    return {}
+
+
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """PEFT's checkpoint keys (without the `base_model.model.` prefix or adapter name) -> the
-    live parameters."""
+    live parameters: lora_A/lora_B (and DoRA's magnitude), trained biases, modules_to_save."""
     tensors = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLinear) or adapter_name not in layer.lora_A:
@@ -345,4 +462,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         tensors[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
+    record = getattr(model, "_peftkern_patch_record", None)
+    if record is not None and record.get("config") is not None:
+        tensors.update(_trained_biases(model, record["config"]))
+    tensors.update(modules_to_save.tensors(model, adapter_name))
     return tensors

@@ -1,0 +1,73 @@
+"""PEFT's `modules_to_save`: whole modules (a classifier head, an lm_head) trained and saved next
+to the adapter. The module is wrapped; the original stays frozen and a trainable copy per adapter
+runs in its place, as PEFT's ModulesToSaveWrapper does, so unpatch gives the untouched original
+back. Checkpoint keys are the module's own (`<module>.weight`), as PEFT writes them."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .. import targeting
+from . import AdapterLayer
+
+
+class ModulesToSave(AdapterLayer):
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        trainable = copy.deepcopy(module)
+        trainable.requires_grad_(True)
+        self.modules_to_save = nn.ModuleDict({adapter_name: trainable})
+        self.active_adapter = adapter_name
+
+    def forward(self, *args, **kwargs):
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # model code reads e.g. `lm_head.weight`: the copy in use answers
+            return getattr(self.modules_to_save[self.active_adapter], name)
+
+    def merge(self) -> None:  # nothing to fold: the copy is the module
+        pass
+
+    def unloaded(self) -> nn.Module:
+        return self.modules_to_save[self.active_adapter]
+
+
+def find(model: nn.Module, names: list[str], exclude: set[str] = frozenset(), optional=()) -> list[tuple[str, nn.Module]]:
+    """The outermost modules whose dotted name ends with one of `names` or `optional` (PEFT's
+    rule). Raises when a name of `names` matches nothing, or a match overlaps a module another
+    part of the config already adapts."""
+    found: list[tuple[str, nn.Module]] = []
+    for name in [*names, *(n for n in optional if n not in names)]:
+        hits = [(k, m) for k, m in model.named_modules() if k and k.endswith(name)]
+        hits = [(k, m) for k, m in hits if not any(k.startswith(f"{other}.") for other, _ in hits)]
+        if not hits and name in optional:
+            continue
+        if not hits:
+            raise ValueError(f"modules_to_save: no module of {type(model).__name__} matches {name!r}")
+        found += [hit for hit in hits if hit[0] not in {k for k, _ in found}]
+    for key, _ in found:
+        clash = [t for t in exclude if t == key or t.startswith(f"{key}.") or key.startswith(f"{t}.")]
+        if clash:
+            raise ValueError(f"modules_to_save module {key!r} overlaps the adapter's target {clash[0]!r}")
+    return found
+
+
+def apply(model: nn.Module, found: list[tuple[str, nn.Module]], adapter_name: str, record: dict) -> None:
+    for key, module in found:
+        targeting.swap_module(model, key, ModulesToSave(module, adapter_name), record)
+
+
+def tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            for name, parameter in module.modules_to_save[adapter_name].named_parameters():
+                out[f"{key}.{name}"] = parameter
+    return out
