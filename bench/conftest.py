@@ -33,16 +33,19 @@ def memcpy_gbps(device: str) -> float:
 
 @pytest.fixture
 def record(benchmark, request):
-    """record(group, impl, bytes_moved, device, flops=None): call after benchmark.pedantic(...)."""
+    """record(group, impl, bytes_moved, device, flops=None, memory_mb=None): call after
+    benchmark.pedantic(...). memory_mb: the memory figure the benchmark measured (say which in its
+    docstring: peak device memory on a GPU, bytes saved for backward on a CPU)."""
 
-    def _record(group: str, impl: str, bytes_moved: int, device: str = "cpu", flops: int | None = None):
+    def _record(group: str, impl: str, bytes_moved: int, device: str = "cpu", flops: int | None = None,
+                memory_mb: float | None = None):  # fmt: skip
         median = benchmark.stats.stats.median
         gbps = bytes_moved / median / 1e9
         floor = memcpy_gbps(device)
         gflops = flops / median / 1e9 if flops else None
         benchmark.extra_info.update(group=group, impl=impl, bytes=bytes_moved, gbps=gbps, memcpy_gbps=floor,
-                                    gflops=gflops)  # fmt: skip
-        _ROWS.append((group, impl, median, gbps, gbps / floor, gflops))
+                                    gflops=gflops, memory_mb=memory_mb)  # fmt: skip
+        _ROWS.append((group, impl, median, gbps, gbps / floor, gflops, memory_mb))
 
     return _record
 
@@ -54,12 +57,16 @@ def pytest_terminal_summary(terminalreporter):
     write("")
     write("peftkern bench summary (median times; GB/s counts the bytes the op must read + write)")
     write(f"memcpy bandwidth in this run: {', '.join(f'{d} {g:.1f} GB/s' for d, g in _MEMCPY_GBPS.items())}")
-    header = f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'GFLOP/s':>9}{'vs peftkern':>13}"
+    header = (f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'GFLOP/s':>9}"
+              f"{'vs peftkern':>13}{'MB':>9}")  # fmt: skip
     write(header)
     write("-" * len(header))
     ours = {row[0]: row[2] for row in _ROWS if row[1] == "peftkern"}
-    for group, impl, median, gbps, fraction, gflops in _ROWS:
+    for group, impl, median, gbps, fraction, gflops, memory_mb in _ROWS:
         speedup = f"{median / ours[group]:.2f}x" if group in ours else "-"
         flops_text = f"{gflops:.1f}" if gflops else "-"
-        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{flops_text:>9}{speedup:>13}")
-    write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster)")
+        memory_text = f"{memory_mb:.1f}" if memory_mb is not None else "-"
+        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{flops_text:>9}{speedup:>13}"
+              f"{memory_text:>9}")  # fmt: skip
+    write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster;")
+    write(" MB = peak device memory of the step on a GPU, bytes saved for backward on a CPU)")

@@ -1,0 +1,117 @@
+"""One training step (forward, backward, AdamW step) of a small Llama built from a config, LoRA on
+every linear layer (r = 16), side by side in one run: peftkern vs Hugging Face PEFT on the dense
+model, and peftkern QLoRA (quantize="nf4") vs PEFT + bitsandbytes Linear4bit.
+
+    python -m pytest bench/bench_e2e.py
+
+Memory column: on a GPU the peak allocated memory of a step (torch.cuda.max_memory_allocated,
+minus what was allocated before it); on a CPU, where no allocator statistic exists, the bytes the
+step saves for backward (every tensor autograd keeps, each storage counted once): the activation
+memory that LoRA/QLoRA implementations differ in. FLOP: 6 × tokens × base parameters (forward,
+dx and the frozen base's share) is the floor the GEMMs must do.
+"""
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+import peftkern
+
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
+BATCH, SEQ = 2, 128
+CASES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+def small_llama(device, dtype):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+                                      max_position_embeddings=512, attn_implementation="sdpa")  # fmt: skip
+    return transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def build(impl, device, dtype):
+    model = small_llama(device, dtype)
+    if impl == "peftkern":
+        return peftkern.patch(model, LORA)
+    if impl == "peftkern-nf4":
+        return peftkern.patch(model, LORA, quantize="nf4")
+    import peft
+
+    if impl == "peft+bnb":
+        if device != "cuda" and dtype != torch.float32:
+            pytest.skip("bitsandbytes CPU baseline runs in float32 here")
+        from peftkern.demo import to_bnb_4bit
+
+        targets = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+        model = to_bnb_4bit(model, targets) if device == "cpu" else _bnb_cuda(model, targets, dtype)
+    return peft.get_peft_model(model, peft.LoraConfig(**copy.deepcopy(LORA)))
+
+
+def _bnb_cuda(model, targets, dtype):
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4")  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)  # fmt: skip
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, layer.to("cuda"))
+    return model
+
+
+def saved_for_backward_mb(model, inputs) -> float:
+    """MB of the distinct storages autograd saves during one forward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20
+
+
+@pytest.mark.parametrize("device, dtype", CASES, ids=lambda v: str(v).removeprefix("torch."))
+@pytest.mark.parametrize("impl", ["peftkern", "peft", "peftkern-nf4", "peft+bnb"])
+def test_training_step(benchmark, record, impl, device, dtype):
+    model = build(impl, device, dtype)
+    model.train()
+    ids = torch.randint(0, 4096, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
+    inputs = {"input_ids": ids, "labels": ids}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if device == "cuda":
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        memory_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        memory_mb = saved_for_backward_mb(model, inputs)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
+    base_params = sum(m.in_features * m.out_features for m in small_llama("meta", dtype).modules()
+                      if isinstance(m, torch.nn.Linear))  # fmt: skip
+    flops = 6 * BATCH * SEQ * base_params
+    group = f"train step {'qlora' if 'nf4' in impl or 'bnb' in impl else 'lora'} {str(dtype)[6:]} {device}"
+    record(group, impl if impl in ("peftkern", "peft") else impl.replace("-nf4", ""), 0, device, flops=flops,
+           memory_mb=memory_mb)  # fmt: skip
