@@ -42,6 +42,16 @@ TORCH_LIBRARY(peftkern, m) {
       "Tensor xa, float scaling, Tensor? dropout_mask, float keep_scale) -> "
       "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
 
+  // --- QLoRA at decode sizes, csrc/qlora/ ----------------------------------------------------------
+  // out[t, o] = sum_i x[t, i]·deq(W)[o, i] + bias[o] + scaling·(xa[t]·lora_b[o]) for an NF4 weight
+  // W [out_features, K] (absmax float32, or uint8 codes with the nested_* tensors under double
+  // quantization) and xa = x·Aᵀ [T, r] from the caller; x [T, K] with contiguous rows. Reads the
+  // 4-bit weight once and never writes it dequantized: the path for few tokens (decode).
+  m.def(
+      "nf4_lora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
+      "int out_features, Tensor? bias, Tensor? xa, Tensor? lora_b, float scaling) -> Tensor");
+
   // --- DoRA, csrc/dora/ ---------------------------------------------------------------------------
   // norms[i] = || W[i, :] + scaling * (B[i, :] @ A) ||_2 over the input dim, for weight [N, K],
   // lora_a [r, K], lora_b [N, r]: DoRA's (detached) weight norm in one pass, never forming

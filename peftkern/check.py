@@ -167,6 +167,33 @@ def check_dora(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
+    """nf4_lora_gemv (the QLoRA decode path) against its float32 reference: max error relative
+    to the output's scale. Shapes: rows straddling blocks and bytes (odd in), aligned rows (the
+    CUDA vector path), 1 to 11 tokens."""
+    from .nf4 import NF4Weight
+
+    results = []
+    for dtype in DTYPES:
+        for n, k, tokens, blocksize, nested in [(37, 45, 1, 64, True), (64, 96, 3, 128, False), (130, 256, 8, 64, True),
+                                                 (96, 2048, 11, 64, True), (0, 64, 2, 64, True)]:  # fmt: skip
+            w = torch.randn(n, k, generator=generator).to(device) * 0.05
+            weight = NF4Weight.quantize(w, blocksize, double_quant=nested)
+            x, bias, xa, lora_b = (torch.randn(s, generator=generator).to(device, dtype)
+                                   for s in ((tokens, k), (n,), (tokens, 4), (n, 4)))  # fmt: skip
+            got = torch.ops.peftkern.nf4_lora_gemv(
+                x, weight.packed, weight.absmax, *(
+                    (weight.nested.absmax, weight.nested.code, weight.nested.offset.reshape(1)) if nested
+                    else (None, None, None)), blocksize, 256 if nested else 0, n, bias, xa, lora_b, 0.5)  # fmt: skip
+            want = lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5)
+            scale = want.double().abs().max().item() if want.numel() else 1.0
+            error = _max_error(got, want) / max(scale, 1e-30)
+            allowed = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            results.append(Result("nf4_lora_gemv", device, str(dtype).removeprefix("torch."), (n, k, tokens),
+                                  blocksize, error, error <= allowed))  # fmt: skip
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        results = [r for device in devices() for check in (check_nf4, check_lora, check_dora) for r in check(device, generator)]
+        results = [r for device in devices() for check in (check_nf4, check_lora, check_dora, check_qlora_gemv) for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
 

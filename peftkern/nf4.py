@@ -261,7 +261,14 @@ class NF4Linear(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .ops import lora as lora_ops
+
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        x2 = x.reshape(-1, x.shape[-1])
+        if not torch.is_autocast_enabled(x.device.type) and lora_ops._use_gemv(x2, (bias,), None, None):
+            # decode on a GPU: the GEMV that reads the 4-bit weight once
+            out = lora_ops.nf4_lora_gemv(x2.contiguous(), self.nf4_weight(), bias)
+            return out.view(*x.shape[:-1], out.shape[-1])
         return torch.nn.functional.linear(x, self.nf4_weight().dequantize(x.dtype), bias)
 
     def extra_repr(self) -> str:

@@ -115,5 +115,28 @@ PK_HOST_DEVICE float nested_absmax_value(float code_value, float nested_absmax, 
   return add_rn(mul_rn(code_value, nested_absmax), offset);
 }
 
+// The NF4 code of flat element e: element 2i in the high nibble of byte i, 2i + 1 in the low one.
+PK_HOST_DEVICE int nf4_code_at(const uint8_t* packed, int64_t e) {
+  const int byte = packed[e >> 1];
+  return (e & 1) ? (byte & 15) : (byte >> 4);
+}
+
+// The absmax of NF4 block b, from either storage: float32 values (`absmax` set), or uint8 codes
+// under double quantization (`absmax` null), decoded in registers as nested_absmax_value does.
+struct BlockScales {
+  const float* absmax;         // [blocks] float32, or nullptr when double-quantized
+  const uint8_t* codes;        // [blocks] uint8 codes (double quantization)
+  const float* nested_absmax;  // [ceil(blocks / nested_blocksize)]
+  const float* nested_code;    // [256]
+  const float* nested_offset;  // [1]
+  int64_t nested_blocksize;
+
+  PK_HOST_DEVICE float operator()(int64_t b) const {
+    if (absmax != nullptr) return absmax[b];
+    return nested_absmax_value(nested_code[codes[b]], nested_absmax[b / nested_blocksize],
+                               *nested_offset);
+  }
+};
+
 }  // namespace quant
 }  // namespace peftkern

@@ -162,12 +162,71 @@ class _NF4LoraLinear(torch.autograd.Function):
         return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------------------------
+# QLoRA at decode sizes: the GEMV that reads the 4-bit weight once (peftkern::nf4_lora_gemv).
+# --------------------------------------------------------------------------------------------
+
+# Up to this many tokens, an inference-mode nf4_lora_linear on a device with the kernel runs the
+# GEMV (bandwidth-bound: the weight is read once at 4 bits) instead of dequantize + GEMM.
+GEMV_MAX_TOKENS = 8
+# Devices where the GEMV is the faster decode path (measured: bench/bench_qlora.py).
+_GEMV_DEVICES = ("cuda",)
+
+
+def nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, scaling):
+    """The spec: x·deq(W)ᵀ + b + scaling·xa·lora_bᵀ, accumulated in float32, returned in x's dtype."""
+    out = x.float() @ weight.dequantize(torch.float32).t()
+    if bias is not None:
+        out = out + bias.float()
+    if xa is not None:
+        out = out + scaling * (xa.float() @ lora_b.float().t())
+    return out.to(x.dtype)
+
+
+@_ext.register_fake("nf4_lora_gemv")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, out_features,
+      bias, xa, lora_b, scaling):  # fmt: skip
+    return x.new_empty((x.shape[0], out_features))
+
+
+def nf4_lora_gemv(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0):
+    """`nf4_lora_gemv_reference` by the compiled kernel where x's device has one. x: [T, in]
+    with contiguous rows; weight an NF4Weight [out, in]; xa = x·Aᵀ [T, r], lora_b [out, r]; bias,
+    xa and lora_b in x's dtype. Inference only (no autograd)."""
+    if not _ext.has_kernel("nf4_lora_gemv", x.device.type):
+        return nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, scaling)
+    nested = weight.nested
+    return torch.ops.peftkern.nf4_lora_gemv(
+        x, weight.packed, weight.absmax,
+        nested.absmax if nested else None, nested.code if nested else None,
+        nested.offset.reshape(1) if nested else None, weight.blocksize, nested.blocksize if nested else 0,
+        weight.shape[0], bias, xa, lora_b, float(scaling),
+    )  # fmt: skip
+
+
+def _use_gemv(x2, tensors, mask, dense) -> bool:
+    return (
+        x2.shape[0] <= GEMV_MAX_TOKENS
+        and x2.device.type in _GEMV_DEVICES
+        and mask is None
+        and dense is None
+        and _ext.has_kernel("nf4_lora_gemv", x2.device.type)
+        and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)))
+    )
+
+
 def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, training=False, dense=None) -> torch.Tensor:
     """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype.
     `dense`: the weight already dequantized into x's dtype, used by the forward only (backward
-    always dequantizes again, so it is never kept)."""
+    always dequantizes again, so it is never kept). In inference with few tokens (decode) on a
+    GPU, the GEMV that reads the 4-bit weight once runs instead (LoRA-B and bias in its epilogue)."""
     x, bias, lora_a, lora_b = _autocast(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
     x2, mask, keep_scale = _prepare(x, dropout, training, "nf4_lora_linear")
+    if _use_gemv(x2, (bias, lora_a, lora_b), mask, dense):
+        x2 = x2.contiguous()
+        xa = (x2 @ lora_a.t()).contiguous() if lora_a.shape[0] > 0 else None
+        out = nf4_lora_gemv(x2, weight, bias, xa, lora_b.contiguous() if xa is not None else None, scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
     dense = dense.detach() if dense is not None else None
     out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale, dense)
     return out.view(*x.shape[:-1], out.shape[-1])

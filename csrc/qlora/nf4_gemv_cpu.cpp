@@ -1,0 +1,93 @@
+// CPU implementation of nf4_lora_gemv (see qlora_host.h): the 4-bit weight is read once, decoded
+// in registers a block-segment at a time, and dotted with every token; bias and the LoRA-B
+// product are added in the same pass over the output. Parallel over output rows.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/dispatch.h"
+#include "qlora_host.h"
+
+namespace peftkern {
+namespace qlora {
+namespace {
+
+template <typename T>
+void gemv_rows(const T* x, const uint8_t* packed, const GemvArgs& a, const T* bias, const T* xa,
+               const T* lora_b, float scaling, T* out, int64_t row_begin, int64_t row_end) {
+  const int64_t K = a.in_features, N = a.out_features, tokens = a.tokens;
+  float table[quant::kNf4Codes];
+  for (int c = 0; c < quant::kNf4Codes; ++c) table[c] = quant::nf4_value(c);
+  std::vector<float> acc(tokens), part(tokens), w(std::min<int64_t>(K, a.blocksize));
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    // A row is cut into segments that each lie in one quantization block: decode the segment's
+    // codes once, dot it with every token, scale the partial sums by the block's absmax.
+    for (int64_t i = 0; i < K;) {
+      const int64_t e = o * K + i;
+      const int64_t block = e / a.blocksize;
+      const int64_t end = std::min(K, (block + 1) * a.blocksize - o * K);
+      const int64_t len = end - i;
+      for (int64_t j = 0; j < len; ++j) w[j] = table[quant::nf4_code_at(packed, e + j)];
+      const float scale = a.scales(block);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const T* xt = x + t * K + i;
+        float sum = 0.0f;
+        for (int64_t j = 0; j < len; ++j) sum += static_cast<float>(xt[j]) * w[j];
+        acc[t] += sum * scale;
+      }
+      i = end;
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      float y = acc[t];
+      if (bias != nullptr) y += static_cast<float>(bias[o]);
+      if (a.rank > 0) {
+        float lora = 0.0f;
+        for (int64_t r = 0; r < a.rank; ++r) {
+          lora += static_cast<float>(xa[t * a.rank + r]) * static_cast<float>(lora_b[o * a.rank + r]);
+        }
+        y += scaling * lora;
+      }
+      out[t * N + o] = static_cast<T>(y);
+    }
+  }
+}
+
+at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
+                             const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code,
+                             const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                             int64_t nested_blocksize, int64_t out_features,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& xa,
+                             const std::optional<at::Tensor>& lora_b, double scaling) {
+  GemvArgs args = check_nf4_lora_gemv(x_in, packed, absmax, nested_absmax, nested_code,
+                                      nested_offset, blocksize, nested_blocksize, out_features,
+                                      bias, xa, lora_b);
+  bind_scales(args, absmax, nested_absmax, nested_code, nested_offset);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = new_output({args.tokens, out_features}, x.options());
+  if (out.numel() == 0) return out;
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
+    const scalar_t* bias_ptr = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xa_ptr = xa ? xa->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b_ptr = lora_b ? lora_b->const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+      gemv_rows<scalar_t>(x.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(), args,
+                          bias_ptr, xa_ptr, b_ptr, static_cast<float>(scaling),
+                          out.mutable_data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace qlora
+}  // namespace peftkern
+
+TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
+  m.impl("nf4_lora_gemv", &peftkern::qlora::nf4_lora_gemv_cpu);
+}

@@ -1,0 +1,115 @@
+// Host-side checks and output allocation for the QLoRA decode op `nf4_lora_gemv`, shared by the
+// CPU and CUDA implementations so both accept and reject exactly the same inputs.
+//
+//   out[t, o] = sum_i x[t, i] * deq(W)[o, i] + bias[o] + scaling * sum_r xa[t, r] * lora_b[o, r]
+//
+// W is [N, K] in NF4 (bitsandbytes' layout over the flat row-major weight, blocks of
+// `blocksize` elements that may straddle rows when K is not a multiple of it); its absmax is
+// float32 [blocks], or uint8 codes [blocks] with nested_absmax / nested_code / nested_offset under
+// double quantization. xa = x·Aᵀ [T, r] is computed by the caller (T·K·r FLOP, negligible).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "../common/checks.h"
+#include "../common/outputs.h"
+
+namespace peftkern {
+namespace qlora {
+
+struct GemvArgs {
+  int64_t tokens, in_features, out_features, rank, blocksize;
+  quant::BlockScales scales;  // pointers filled by the device implementation's data_ptr calls
+};
+
+inline GemvArgs check_nf4_lora_gemv(const at::Tensor& x, const at::Tensor& packed,
+                                    const at::Tensor& absmax,
+                                    const std::optional<at::Tensor>& nested_absmax,
+                                    const std::optional<at::Tensor>& nested_code,
+                                    const std::optional<at::Tensor>& nested_offset,
+                                    int64_t blocksize, int64_t nested_blocksize,
+                                    int64_t out_features, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& xa,
+                                    const std::optional<at::Tensor>& lora_b) {
+  constexpr const char* op = "nf4_lora_gemv";
+  check_dtype(x, op, "x", {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got shape ", x.sizes());
+  TORCH_CHECK(x.stride(1) == 1 || x.size(1) <= 1, op, ": x rows must be contiguous (stride 1)");
+  TORCH_CHECK(out_features >= 0, op, ": out_features must be >= 0, got ", out_features);
+  check_blocksize(blocksize, op);
+  const int64_t n = out_features * x.size(1);
+  const int64_t blocks = ceil_div(n, blocksize);
+  check_dtype(packed, op, "packed", {at::kByte});
+  check_numel(packed, op, "packed", ceil_div(n, 2));
+  TORCH_CHECK(packed.is_contiguous(), op, ": packed must be contiguous");
+  check_device(packed, op, "packed", x, "x");
+  check_device(absmax, op, "absmax", x, "x");
+  TORCH_CHECK(absmax.is_contiguous(), op, ": absmax must be contiguous");
+  check_numel(absmax, op, "absmax", blocks);
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested == nested_code.has_value() && nested == nested_offset.has_value(), op,
+              ": nested_absmax, nested_code and nested_offset go together");
+  if (nested) {
+    check_dtype(absmax, op, "absmax (codes, under double quantization)", {at::kByte});
+    check_blocksize(nested_blocksize, op, "nested_blocksize");
+    check_dtype(*nested_absmax, op, "nested_absmax", {at::kFloat});
+    check_numel(*nested_absmax, op, "nested_absmax", ceil_div(blocks, nested_blocksize));
+    check_dtype(*nested_code, op, "nested_code", {at::kFloat});
+    check_numel(*nested_code, op, "nested_code", quant::kCode8Size);
+    check_dtype(*nested_offset, op, "nested_offset", {at::kFloat});
+    check_numel(*nested_offset, op, "nested_offset", 1);
+    for (const auto* t : {&*nested_absmax, &*nested_code, &*nested_offset}) {
+      check_device(*t, op, "every quant-state tensor", x, "x");
+      TORCH_CHECK(t->is_contiguous(), op, ": quant-state tensors must be contiguous");
+    }
+  } else {
+    check_dtype(absmax, op, "absmax", {at::kFloat});
+  }
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias must have x's dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type());
+    check_numel(*bias, op, "bias", out_features);
+    check_device(*bias, op, "bias", x, "x");
+    TORCH_CHECK(bias->is_contiguous(), op, ": bias must be contiguous");
+  }
+  TORCH_CHECK(xa.has_value() == lora_b.has_value(), op, ": xa and lora_b go together");
+  int64_t rank = 0;
+  if (xa.has_value()) {
+    for (const auto* t : {&*xa, &*lora_b}) {
+      TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, ": xa and lora_b must have x's dtype ",
+                  x.scalar_type(), ", got ", t->scalar_type());
+      TORCH_CHECK(t->dim() == 2 && t->is_contiguous(), op,
+                  ": xa and lora_b must be contiguous 2-D tensors");
+      check_device(*t, op, "xa / lora_b", x, "x");
+    }
+    rank = xa->size(1);
+    TORCH_CHECK(xa->size(0) == x.size(0), op, ": xa must be [tokens, r] = [", x.size(0), ", r], got ",
+                xa->sizes());
+    TORCH_CHECK(lora_b->size(0) == out_features && lora_b->size(1) == rank, op,
+                ": lora_b must be [out_features, r] = [", out_features, ", ", rank, "], got ",
+                lora_b->sizes());
+  }
+  quant::BlockScales scales{};
+  scales.nested_blocksize = nested ? nested_blocksize : 0;
+  return {x.size(0), x.size(1), out_features, rank, blocksize, scales};
+}
+
+// Fills the scale pointers once the tensors are known to be valid.
+inline void bind_scales(GemvArgs& args, const at::Tensor& absmax,
+                        const std::optional<at::Tensor>& nested_absmax,
+                        const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& nested_offset) {
+  if (nested_absmax.has_value()) {
+    args.scales.codes = absmax.const_data_ptr<uint8_t>();
+    args.scales.nested_absmax = nested_absmax->const_data_ptr<float>();
+    args.scales.nested_code = nested_code->const_data_ptr<float>();
+    args.scales.nested_offset = nested_offset->const_data_ptr<float>();
+  } else {
+    args.scales.absmax = absmax.const_data_ptr<float>();
+  }
+}
+
+}  // namespace qlora
+}  // namespace peftkern

@@ -1,0 +1,109 @@
+"""The decode path of QLoRA, `nf4_lora_gemv`: the compiled kernel (CPU here, CUDA where a GPU
+runs) against its plain-PyTorch reference, for every dtype, plain and double-quantized absmax,
+shapes whose rows straddle quantization blocks or bytes (odd in_features), 16-byte-aligned rows
+(the CUDA vector path), 1 to 11 tokens, strided rows, no bias / no adapter, empty shapes."""
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import _ext
+from peftkern.ops import lora as lora_ops
+
+from .conftest import requires_cuda
+
+pytestmark = pytest.mark.skipif(not _ext.has_kernel("nf4_lora_gemv", "cpu"), reason="op library not built")
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
+SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096)]
+
+
+def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, with_bias=True, blocksize=64,
+           strided=False):  # fmt: skip
+    w = torch.randn(out_f, in_f, generator=generator) * 0.05
+    weight = peftkern.nf4_quantize(w.to(device), blocksize, double_quant=nested)
+    x = torch.randn(tokens, in_f + (8 if strided else 0), generator=generator).to(device, dtype)
+    x = x[:, :in_f] if strided else x
+    bias = torch.randn(out_f, generator=generator).to(device, dtype) if with_bias else None
+    xa = torch.randn(tokens, rank, generator=generator).to(device, dtype) if rank else None
+    lora_b = torch.randn(out_f, rank, generator=generator).to(device, dtype) if rank else None
+    return x, weight, bias, xa, lora_b
+
+
+def check(generator, device, dtype, shape, tokens, **options):
+    x, weight, bias, xa, lora_b = inputs(generator, *shape[:2], tokens, dtype, device, blocksize=shape[2], **options)
+    got = lora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.75)
+    want = lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.75)
+    assert got.dtype == dtype and got.shape == (tokens, shape[0])
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+CASES = [
+    pytest.param(dtype, shape, tokens, id=f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}-{tokens}tok")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for shape in SHAPES
+    for tokens in (1, 3, 8, 11)
+]
+
+
+@pytest.mark.parametrize("dtype, shape, tokens", CASES)
+def test_cpu_kernel_matches_reference(generator, dtype, shape, tokens):
+    check(generator, "cpu", dtype, shape, tokens)
+
+
+@pytest.mark.parametrize("options", [dict(nested=False), dict(rank=0), dict(with_bias=False), dict(strided=True)],
+                         ids=["plain-absmax", "no-adapter", "no-bias", "strided-rows"])  # fmt: skip
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_variants(generator, device, options):
+    for shape in [(37, 45, 64), (64, 96, 128)]:
+        check(generator, device, torch.float32, shape, 3, **options)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype, shape, tokens", CASES)
+def test_cuda_kernel_matches_reference(generator, dtype, shape, tokens):
+    check(generator, "cuda", dtype, shape, tokens)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_empty_shapes(generator, device):
+    for out_f, in_f, tokens in [(0, 64, 2), (16, 64, 0), (16, 0, 2)]:
+        x, weight, bias, xa, lora_b = inputs(generator, out_f, in_f, tokens, torch.float32, device)
+        got = lora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.5)
+        torch.testing.assert_close(got, lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5))
+
+
+def test_bad_input_is_refused_clearly(generator):
+    x, weight, bias, xa, lora_b = inputs(generator, 16, 64, 2, torch.float32, "cpu")
+    op = torch.ops.peftkern.nf4_lora_gemv
+    n = weight.nested
+    args = [x, weight.packed, weight.absmax, n.absmax, n.code, n.offset.reshape(1), 64, 256, 16, bias, xa, lora_b, 1.0]
+    for index, value, message in [
+        (0, x.double(), "x must be"),
+        (0, x.t(), "x rows must be contiguous"),
+        (8, 17, "packed must have"),
+        (9, bias.half(), "bias must have x's dtype"),
+        (11, lora_b[:, :3].contiguous(), "lora_b must be"),
+        (3, None, "go together"),
+        (6, 48, "blocksize must be a power of two"),
+    ]:
+        bad = list(args)
+        bad[index] = value
+        with pytest.raises(RuntimeError, match=message):
+            op(*bad)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_path_of_nf4_lora_linear_matches_the_training_path(generator, dtype):
+    """nf4_lora_linear under no_grad with <= 8 tokens takes the GEMV on a GPU: same result as the
+    dequantize + GEMM path (with grad enabled)."""
+    x, weight, bias, _, _ = inputs(generator, 96, 128, 4, dtype, "cuda")
+    a = torch.randn(8, 128, generator=generator).to("cuda", dtype)
+    b = torch.randn(96, 8, generator=generator).to("cuda", dtype)
+    with torch.no_grad():
+        fast = lora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5)
+    slow = lora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5)
+    torch.testing.assert_close(fast, slow.detach(), **TOL[dtype])
