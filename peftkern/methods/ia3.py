@@ -95,6 +95,15 @@ class IA3Config:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
+    def checkpoint_dict(self) -> dict:
+        """The fields written to adapter_config.json: layers_to_transform / layers_pattern only
+        when set (PEFT 0.21's IA3Config has no such fields and warns about unknown keys)."""
+        values = dataclasses.asdict(self)
+        for name in ("layers_to_transform", "layers_pattern"):
+            if values[name] is None:
+                del values[name]
+        return values
+
     def validate(self) -> None:
         if self.modules_to_save:
             raise NotImplementedError(
