@@ -108,6 +108,40 @@ def test_dl_reduction_is_deterministic(scale_input, generator):
 
 
 @SIDES
+def test_backward_saves_what_it_says_and_runs_no_extra_gemm(scale_input, generator):
+    """Saved: x (input scaling) or pre (output scaling), never x for output scaling with a frozen
+    base, never the dequantized NF4 weight; backward is the one fused op, no aten.mm around it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    m, k, n = 9, 24, 16  # k != n: x and pre are told apart by shape
+    x, w, b, l = random_ia3_inputs((m, k, n), torch.float32, "cpu", generator, scale_input)
+    x, l = x.requires_grad_(), l.requires_grad_()
+    for weight in (w, NF4Weight.quantize(w, blocksize=64)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            if isinstance(weight, NF4Weight):
+                out = ia3_ops.nf4_ia3_linear(x, weight, b, l, scale_input)
+            else:
+                out = ia3_ops.ia3_linear(x, weight, b, l, scale_input)
+        if isinstance(weight, NF4Weight):  # a dense base weight is saved by reference (no copy)
+            assert (n, k) not in saved  # the dequantized weight is not kept
+        assert ((m, k) in saved) == scale_input and ((m, n) in saved) == (not scale_input), saved
+        with Calls() as calls:
+            out.backward(torch.ones_like(out))
+        fused = "peftkern.ia3_input_linear_bwd" if scale_input else "peftkern.ia3_output_linear_bwd"
+        assert calls.names.count(fused) == 1 and "aten.mm" not in calls.names, calls.names
+
+
+@SIDES
 @pytest.mark.parametrize("bias", [True, False])
 def test_gradcheck_float64(scale_input, bias, generator):
     x, w, b, l = random_ia3_inputs((7, 5, 4), torch.float64, "cpu", generator, scale_input, bias=bias)

@@ -100,6 +100,9 @@ def ia3_linear_scaled_input(x, ia3_l):
 def _output_setup(ctx, inputs, output):
     x, weight, bias, ia3_l = inputs
     keep_x = _base_needs_grad(weight, bias)  # only then is x needed (grad of W)
+    # pre is an output only so that backward can read it; unused downstream, its gradient must
+    # arrive as None, not as a materialized zero tensor (which would cost an extra [M, N]·W GEMM).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1], weight, ia3_l, x if keep_x else None)
     ctx.has_bias = bias is not None
 
