@@ -59,6 +59,10 @@ struct CpuKernels {
         for (int64_t i = first; i < last; ++i) {
           scalar_t* arow = ap + i * w;
           scalar_t* orow = op + i * w;
+          if (bp == nullptr) {  // pre is the GEMM's output as it stands
+            for (int64_t j = 0; j < w; ++j) orow[j] = static_cast<scalar_t>(scaled<Acc>(arow[j], lp[j]));
+            continue;
+          }
           for (int64_t j = 0; j < w; ++j) {
             const scalar_t pre = pre_scale_output<scalar_t, Acc>(arow[j], bp, j);
             arow[j] = pre;
