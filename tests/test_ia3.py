@@ -88,6 +88,39 @@ def test_logits_loss_gradients_and_steps_match_peft(arch, explicit, generator):
     torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_model_matches_peft(arch, generator):
+    """bf16 activations with PEFT's float32 vectors: each product is computed in float32 and
+    rounded once to bf16, as PEFT's `(x.to(l.dtype) * l).to(x.dtype)`; Qwen2's k/v biases ride
+    in our epilogue instead of addmm (one bf16 rounding apart at most)."""
+    theirs, ours = pair(arch, base=tiny_model(arch).to(torch.bfloat16), **EXPLICIT[arch])
+    assert {p.dtype for n, p in ours.named_parameters() if p.requires_grad} == {torch.float32}
+    inputs = batch(generator)
+    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-2, atol=1e-2)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their_grads, our_grads = grads(theirs, True), grads(ours, False)
+    for name in our_grads:
+        scale = their_grads[name].abs().max()
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=0, atol=5e-2 * scale.item(), msg=name)
+
+
+def test_autocast_matches_peft(generator):
+    theirs, ours = pair("llama", **EXPLICIT["llama"])
+    inputs = batch(generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_theirs, out_ours = theirs(**inputs), ours(**inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=2e-2, atol=2e-2)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    their_grads, our_grads = grads(theirs, True), grads(ours, False)
+    for name in our_grads:
+        scale = their_grads[name].abs().max()
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=0, atol=5e-2 * scale.item(), msg=name)
+
+
 @pytest.mark.parametrize(
     "config",
     [
