@@ -343,3 +343,18 @@ def test_peftkern_nf4linear_bases_match_the_dequantized_dense_model(generator):
     for (name, p), (_, q) in zip(((n, p) for n, p in ours.named_parameters() if p.requires_grad),
                                  ((n, p) for n, p in want.named_parameters() if p.requires_grad)):  # fmt: skip
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quantize_nf4_option(generator):
+    dense = tiny_model("llama")
+    model = peftkern.patch(copy.deepcopy(dense), {"peft_type": "IA3"}, quantize="nf4")
+    layers = [m for m in model.modules() if isinstance(m, IA3Linear)]
+    assert len(layers) == 6 and all(m.quantized and isinstance(m.base_layer, NF4Linear) for m in layers)
+    inputs = batch(generator)
+    out = model(**inputs)
+    out.loss.backward()
+    assert all(m.ia3_l["default"].grad is not None and m.ia3_l["default"].grad.abs().sum() > 0 for m in layers)
+    peftkern.unpatch(model)
+    assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)
+    with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
+        peftkern.patch(tiny_model("llama"), {"peft_type": "IA3"}, quantize="int8")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import targeting
+from ..nf4 import NF4Linear
 from ..ops import ia3 as ia3_ops
 from . import AdapterLayer
 from .lora import _is_conv1d, nf4_base_weight, supports
@@ -226,9 +227,12 @@ class IA3Linear(AdapterLayer):
 CONFIG = IA3Config
 
 
-def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str):
+def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize: str | None = None):
     """Check every target (and fill in PEFT's per-architecture defaults), then return the
-    function that swaps IA3Linear layers in."""
+    function that swaps IA3Linear layers in. `quantize="nf4"` quantizes the targeted dense
+    nn.Linear bases to NF4 first (as for QLoRA); unpatch then gives back the NF4 layers."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     user_feedforward = config.feedforward_modules is not None
     matched = targeting.find_targets(
         model, config, DEFAULT_TARGETS, supports,
@@ -247,11 +251,17 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str):
         check_feedforward_subset(config.feedforward_modules, config.target_modules)
     for name, module in matched:
         nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
+        if quantize and not isinstance(module, nn.Linear):
+            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
 
     def apply(record: dict) -> None:
         for name, module in matched:
+            if quantize and nf4_base_weight(module) is None:
+                module = NF4Linear.from_linear(module)  # the dense weight goes with the old module
             layer = IA3Linear(module, adapter_name, config, is_feedforward(config, name))
             targeting.swap_module(model, name, layer, record)
+            if quantize:  # unpatch gives back the NF4 layer, not the dense one
+                record["swaps"][-1] = (*record["swaps"][-1][:2], module)
 
     return apply
 
