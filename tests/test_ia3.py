@@ -358,3 +358,18 @@ def test_quantize_nf4_option(generator):
     assert isinstance(model.model.layers[0].mlp.down_proj, NF4Linear)
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         peftkern.patch(tiny_model("llama"), {"peft_type": "IA3"}, quantize="int8")
+
+
+def test_torch_compile_patched_model(generator):
+    torch._dynamo.reset()
+    _, model = pair("qwen2", **EXPLICIT["qwen2"])  # output scaling with biases, input scaling
+    inputs = batch(generator)
+    want = model(**inputs).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    got = torch.compile(model, backend="aot_eager")(**inputs).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
