@@ -58,6 +58,26 @@ TORCH_LIBRARY(peftkern, m) {
   // W + scaling * B @ A. Output [N] in the weight's dtype, accumulated in float32.
   m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
 
+  // --- IA³ on dense bases, csrc/ia3/ ----------------------------------------------------------
+  // Input scaling (PEFT's feedforward modules): out = (x ⊙ l)·Wᵀ + b for x [M, K], weight [N, K],
+  // bias [N], ia3_l with K elements (any shape, PEFT's is [1, K]); read in float32 (double for
+  // double x) whatever its dtype.
+  m.def("ia3_input_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l) -> Tensor");
+  // Its gradients for x and ia3_l (W and b frozen): dx = (dy·W) ⊙ l, dl = Σ_rows x ⊙ (dy·W),
+  // the last two in one fused pass. grad_l has ia3_l's shape and dtype.
+  m.def(
+      "ia3_input_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor ia3_l) -> "
+      "(Tensor grad_x, Tensor grad_l)");
+  // Output scaling (attention k/v): out = (x·Wᵀ + b) ⊙ l with ia3_l of N elements ([N, 1] in
+  // PEFT). Also returns pre = x·Wᵀ + b [M, N], which the backward reads instead of x.
+  m.def(
+      "ia3_output_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l) -> "
+      "(Tensor out, Tensor pre)");
+  // Its gradients: dx = (dy ⊙ l)·W, dl = Σ_rows dy ⊙ pre (dy ⊙ l and dl in one fused pass).
+  m.def(
+      "ia3_output_linear_bwd(Tensor grad_out, Tensor pre, Tensor weight, Tensor ia3_l) -> "
+      "(Tensor grad_x, Tensor grad_l)");
+
   // --- Library ----------------------------------------------------------------------------------
   // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).
   m.def("build_info() -> str");

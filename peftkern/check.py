@@ -16,6 +16,7 @@ import torch
 
 from . import _ext
 from .ops import dora as dora_ops
+from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
 from .ops import nf4 as nf4_ops
 
@@ -194,6 +195,75 @@ def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# --- IA³ -----------------------------------------------------------------------------------------
+IA3_SHAPES = [(1, 7, 5), (13, 33, 17), (200, 96, 80), (3, 1, 4), (0, 6, 5), (129, 64, 1)]  # (tokens, in, out)
+
+
+def random_ia3_inputs(shape, dtype, device, generator, scale_input, bias=True, l_dtype=torch.float32):
+    """x [M, K], W [N, K], b [N], and l near 1 (PEFT's init plus a learned deviation), shaped as
+    PEFT's ([1, K] input side, [N, 1] output side); l in float32 unless dtype is float64."""
+    m, k, n = shape
+
+    def rand(*size):
+        t = torch.randn(size, generator=generator, dtype=torch.float64) / max(size[-1], 1) ** 0.5
+        return t.to(device=device, dtype=dtype)
+
+    l_shape = (1, k) if scale_input else (n, 1)
+    l = 1 + 0.5 * torch.randn(l_shape, generator=generator, dtype=torch.float64)
+    l_dtype = torch.float64 if dtype == torch.float64 else l_dtype
+    return rand(m, k), rand(n, k), rand(n) if bias else None, l.to(device=device, dtype=l_dtype)
+
+
+def ia3_linear_errors(x, w, b, l, scale_input, generator) -> dict[str, float]:
+    """Worst error / allowed error of the compiled IA³ op's output and of its gradients for x and
+    l (pass: <= 1), judged as lora_linear_errors: against the float64 reference, allowed
+    GEMM_TOLERANCE[dtype] times the same computation on absolute values (a bound on the rounding
+    of every sum), element by element. NaN gives inf."""
+    x, l = x.detach().requires_grad_(), l.detach().requires_grad_()
+    op = torch.ops.peftkern.ia3_input_linear_fwd if scale_input else torch.ops.peftkern.ia3_output_linear_fwd
+    out = op(x, w, b, l)
+    out = out if scale_input else out[0]
+
+    def reference64(transform):
+        leaves = [transform(t.detach().double().cpu()).requires_grad_() if t is not None else None for t in (x, w, b, l)]
+        return ia3_ops.ia3_linear_reference(*leaves, scale_input), leaves
+
+    exact, leaves = reference64(lambda t: t)
+    magnitude, abs_leaves = reference64(torch.abs)
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    got = torch.autograd.grad(out, (x, l), g.to(out.device))
+    want = torch.autograd.grad(exact, [leaves[0], leaves[3]], g.double())
+    bounds = torch.autograd.grad(magnitude, [abs_leaves[0], abs_leaves[3]], g.double().abs())
+    tolerance = GEMM_TOLERANCE[out.dtype]
+    # Plus the smallest normal number: a product that lands among float16's subnormals is
+    # rounded to an absolute spacing (6e-8), not a relative one.
+    floor = torch.finfo(out.dtype).tiny
+    errors = {}
+    for name, ours, exact_value, bound in zip(("out", "grad_x", "grad_l"), (out, *got), (exact, *want),
+                                              (magnitude.detach(), *bounds)):  # fmt: skip
+        ours = ours.detach().cpu().double()
+        if ours.shape != exact_value.shape or torch.isnan(ours).any():
+            errors[name] = float("inf")
+        elif ours.numel() == 0:
+            errors[name] = 0.0
+        else:
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound + floor)).max().item()
+    return errors
+
+
+def check_ia3(device: str, generator: torch.Generator) -> list[Result]:
+    """Both IA³ ops (input and output scaling), forward and backward, against the reference."""
+    results = []
+    for dtype in DTYPES:
+        for shape in IA3_SHAPES:
+            for scale_input in (True, False):
+                x, w, b, l = random_ia3_inputs(shape, dtype, device, generator, scale_input)
+                worst = max(ia3_linear_errors(x, w, b, l, scale_input, generator).values())
+                name = "ia3_input_linear_fwd+bwd" if scale_input else "ia3_output_linear_fwd+bwd"
+                results.append(Result(name, device, str(dtype).removeprefix("torch."), shape, 0, worst, worst <= 1.0))
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -220,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        results = [r for device in devices() for check in (check_nf4, check_lora, check_dora, check_qlora_gemv) for r in check(device, generator)]
+        checks = (check_nf4, check_lora, check_dora, check_qlora_gemv, check_ia3)
+        results = [r for device in devices() for check in checks for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
 
     print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
-          "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3)")
+          "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora")
     header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

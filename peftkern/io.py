@@ -44,7 +44,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         raise RuntimeError("unmerge the adapter before saving it (merged weights live in the base)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = dataclasses.asdict(record["config"])
+    config = record["config"]
+    # A method may leave out fields PEFT's config class lacks (see IA3Config.checkpoint_dict).
+    config = config.checkpoint_dict() if hasattr(config, "checkpoint_dict") else dataclasses.asdict(config)
     config.update(
         peft_type=record["config"].peft_type,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,

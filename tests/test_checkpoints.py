@@ -77,7 +77,9 @@ def test_bad_checkpoints_give_clear_errors_and_leave_the_model_alone(tmp_path, g
     cases = [
         (broken("missing", edit_tensors=lambda t: t.pop(first_key(t))), KeyError, "missing"),
         (broken("shape", edit_tensors=lambda t: t.update({first_key(t): torch.zeros(3, 3)})), ValueError, "shape"),
-        (broken("type", edit_config=lambda c: c.update(peft_type="IA3")), ValueError, "IA3"),
+        (broken("type", edit_config=lambda c: c.update(peft_type="POLY")), ValueError, "POLY"),
+        # a supported method whose tensors do not match: refused before anything is written
+        (broken("other method", edit_config=lambda c: c.update(peft_type="IA3")), KeyError, "does not fit"),
         (broken("pickle", pickle=True), FileNotFoundError, "safetensors only"),
     ]
     for directory, error, message in cases:

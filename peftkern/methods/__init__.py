@@ -20,6 +20,7 @@ from torch import nn
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora"}
+_METHODS["IA3"] = "ia3"
 
 
 class AdapterLayer(nn.Module):
@@ -35,8 +36,11 @@ class AdapterLayer(nn.Module):
         pass
 
     def unloaded(self) -> nn.Module:
-        """What merge_and_unload leaves in this layer's place (after merge)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be unloaded")
+        """What merge_and_unload leaves in this layer's place (after merge): the base layer."""
+        base = getattr(self, "base_layer", None)
+        if base is None:
+            raise NotImplementedError(f"{type(self).__name__} cannot be unloaded")
+        return base
 
     def restore_base(self) -> None:
         """Undo what patching did to the base module itself (unpatch calls it; merge_and_unload not)."""
