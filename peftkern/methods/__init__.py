@@ -20,6 +20,7 @@ from torch import nn
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora"}
+_METHODS.update(PREFIX_TUNING="prefix", PROMPT_TUNING="prompt")  # prefix/prompt tuning
 
 
 class AdapterLayer(nn.Module):
