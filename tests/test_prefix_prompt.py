@@ -392,3 +392,59 @@ def test_positional_input_ids_and_inputs_embeds(generator):
             embeds = ours.get_input_embeddings()(inputs["input_ids"])
             got = quiet(ours, inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_inner_model_sees_the_same_positions_masks_and_caches_as_under_peft(method, generator):
+    """What reaches the decoder (position ids, attention mask, cache length, input shape) in a
+    training forward and at every generate() step, recorded under PEFT and under peftkern. This
+    pins down PEFT's conventions that peftkern copies: with left padding, generate() numbers a
+    prefix-tuned row's tokens from its mask (+ num_virtual_tokens), a training forward from the
+    cache length; prompt tuning drops position ids (the decoder counts from 0)."""
+    theirs, ours = pair("llama", method)
+    inputs = padded_batch(generator, length=6)
+    seen = {}
+    for label, model in (("theirs", theirs), ("ours", ours)):
+        decoder = model.get_base_model().model if label == "theirs" else model.model
+        calls = seen[label] = []
+
+        def spy(module, args, kwargs, calls=calls):
+            cache = kwargs.get("past_key_values")
+            embeds = kwargs.get("inputs_embeds")
+            calls.append((kwargs.get("position_ids"), kwargs["attention_mask"].long(),
+                          cache.get_seq_length() if cache is not None else None,
+                          tuple((embeds if embeds is not None else kwargs["input_ids"]).shape[:2])))  # fmt: skip
+
+        handle = decoder.register_forward_pre_hook(spy, with_kwargs=True)
+        with torch.no_grad():
+            quiet(model, **inputs)
+            quiet(model.generate, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  max_new_tokens=3, do_sample=False, pad_token_id=PAD, eos_token_id=None)  # fmt: skip
+        handle.remove()
+    assert len(seen["ours"]) == len(seen["theirs"]) == 4
+    for step, (mine, want) in enumerate(zip(seen["ours"], seen["theirs"])):
+        for got, expected in zip(mine, want):
+            if isinstance(expected, torch.Tensor):
+                assert isinstance(got, torch.Tensor) and torch.equal(got, expected), (step, got, expected)
+            else:
+                assert got == expected, (step, got, expected)
+    if method == "prefix":
+        positions = seen["ours"][1][0]  # generate()'s prefill
+        assert positions[0].tolist() == list(range(5, 11)) and positions[2].tolist() == [5] * 5 + [6]  # 4 pads (position 0), then 0, 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cuda_bf16_matches_peft(kind, generator):
+    method, extra = KINDS[kind]
+    theirs, ours = pair("llama", method, dtype=torch.bfloat16, **extra)
+    theirs, ours = theirs.cuda(), ours.cuda()
+    inputs = {k: v.cuda() for k, v in padded_batch(generator).items()}
+    out_theirs, out_ours = quiet(theirs, **inputs), quiet(ours, **inputs)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-2, atol=1e-2)
+    out_ours.loss.backward()
+    assert ours.prompt_encoder["default"].embedding.weight.grad.isfinite().all()
+    inputs.pop("labels")
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(quiet(ours.generate, **inputs, **settings), quiet(theirs.generate, **inputs, **settings))
