@@ -6,8 +6,10 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 
 from ._ext import build_info, has_cuda_kernels
 from .io import load_adapter, save_adapter
-from .methods.lora import LoraConfig
 from .methods.ia3 import IA3Config
+from .methods.lora import LoraConfig
+from .methods.prefix import PrefixTuningConfig
+from .methods.prompt import PromptTuningConfig
 from .nf4 import NestedAbsmax, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
 
@@ -18,6 +20,8 @@ __all__ = [
     "LoraConfig",
     "NF4Weight",
     "NestedAbsmax",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "build_info",
     "has_cuda_kernels",
     "load_adapter",

@@ -31,7 +31,8 @@ def _record(model: nn.Module, adapter_name: str) -> dict:
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's live tensors under PEFT's checkpoint keys."""
     method = method_module(_record(model, adapter_name)["config"].peft_type)
-    return {f"{_PREFIX}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
+    prefix = getattr(method, "CHECKPOINT_PREFIX", _PREFIX)  # prompt learning: plain "prompt_embeddings"
+    return {f"{prefix}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
@@ -96,6 +97,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         for key, target in expected.items():
             if tensors[key].shape != target.shape:
                 raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)}, model {tuple(target.shape)}")
+        check_loadable = getattr(method_module(_record(model, adapter_name)["config"].peft_type), "check_loadable", None)
+        if check_loadable is not None:  # a method whose saved tensors are computed (folded) may refuse
+            check_loadable(model, adapter_name)
     except Exception:
         if patched_here:
             unpatch(model)

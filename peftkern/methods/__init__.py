@@ -19,8 +19,7 @@ import importlib
 from torch import nn
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
-_METHODS = {"LORA": "lora"}
-_METHODS["IA3"] = "ia3"
+_METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 
 
 class AdapterLayer(nn.Module):
