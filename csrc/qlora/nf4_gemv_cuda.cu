@@ -24,7 +24,6 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "../common/dispatch.h"
 #include "qlora_host.h"
@@ -47,10 +46,12 @@ __device__ __forceinline__ void load8(const T* p, float (&f)[8]) {
   } else {
     static_assert(sizeof(T) == 2, "x is float32, float16 or bfloat16");
     const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    T v[8];
-    memcpy(v, &raw, sizeof(raw));
+    const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) f[j] = static_cast<float>(v[j]);
+    for (int j = 0; j < 8; ++j) {  // element j = the (j % 2)-th half of word j / 2 (little-endian)
+      const uint16_t bits = static_cast<uint16_t>(words[j / 2] >> (16 * (j % 2)));
+      f[j] = static_cast<float>(T(bits, T::from_bits()));
+    }
   }
 }
 
@@ -139,7 +140,10 @@ __global__ void __launch_bounds__(kWarpsPerCta* kWarp)
   }
   if (lane == 0) {
     const float b = bias != nullptr ? static_cast<float>(bias[o]) : 0.0f;
-    for (int t = 0; t < nt; ++t) out[(t0 + t) * N + o] = static_cast<T>(acc[t] + b);
+#pragma unroll
+    for (int t = 0; t < kTokens; ++t) {  // constant bounds keep acc[] in registers
+      if (t < nt) out[(t0 + t) * N + o] = static_cast<T>(acc[t] + b);
+    }
   }
 }
 

@@ -51,10 +51,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], dropout_mask)
     ctx.scaling, ctx.keep_scale = scaling, keep_scale
     ctx.has_bias = bias is not None
+    ctx.set_materialize_grads(False)  # xa is rarely used downstream: no zero gradient, no wasted GEMMs
 
 
 def _backward(ctx, grad_out, grad_xa):
     x, weight, lora_a, lora_b, xa, dropout_mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros((x.shape[0], weight.shape[0]))
     needs = ctx.needs_input_grad
     grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
         grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
