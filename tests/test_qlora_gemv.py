@@ -95,14 +95,15 @@ def test_bad_input_is_refused_clearly(generator):
             op(*bad)
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_path_of_nf4_lora_linear_matches_the_training_path(generator, dtype):
+def test_decode_path_of_nf4_lora_linear_matches_the_training_path(generator, dtype, device):
     """nf4_lora_linear under no_grad with <= 8 tokens takes the GEMV on a GPU: same result as the
     dequantize + GEMM path (with grad enabled)."""
-    x, weight, bias, _, _ = inputs(generator, 96, 128, 4, dtype, "cuda")
-    a = torch.randn(8, 128, generator=generator).to("cuda", dtype)
-    b = torch.randn(96, 8, generator=generator).to("cuda", dtype)
+    x, weight, bias, _, _ = inputs(generator, 96, 128, 4, dtype, device)
+    a = torch.randn(8, 128, generator=generator).to(device, dtype)
+    b = torch.randn(96, 8, generator=generator).to(device, dtype)
+    assert lora_ops._use_gemv(x, (bias, a, b), None, None)
     with torch.no_grad():
         fast = lora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5)
     slow = lora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5)

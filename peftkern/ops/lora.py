@@ -172,8 +172,9 @@ class _NF4LoraLinear(torch.autograd.Function):
 # Up to this many tokens, an inference-mode nf4_lora_linear on a device with the kernel runs the
 # GEMV (bandwidth-bound: the weight is read once at 4 bits) instead of dequantize + GEMM.
 GEMV_MAX_TOKENS = 8
-# Devices where the GEMV is the faster decode path (measured: bench/bench_qlora.py).
-_GEMV_DEVICES = ("cuda",)
+# Devices where the GEMV is the faster decode path (measured on CPU: 0.55-0.61x the time of
+# dequantize + GEMM at 1 and 8 tokens, 2048x5632, bench/bench_qlora.py).
+_GEMV_DEVICES = ("cpu", "cuda")
 
 
 def nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, scaling):
