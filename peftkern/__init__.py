@@ -7,12 +7,17 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 from ._ext import build_info, has_cuda_kernels
 from .io import load_adapter, save_adapter
 from .methods.lora import LoraConfig
+from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .nf4 import NestedAbsmax, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
+    "SeqBnConfig",
     "LoraConfig",
     "NF4Weight",
     "NestedAbsmax",

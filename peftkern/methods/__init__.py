@@ -20,6 +20,7 @@ from torch import nn
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora"}
+_METHODS["BOTTLENECK"] = "bottleneck"  # AdapterHub-style bottleneck adapters (ours; PEFT lacks them)
 
 
 class AdapterLayer(nn.Module):
