@@ -4,6 +4,7 @@ strided inputs, leading batch dims, the learned scalar; gradcheck in float64; cl
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from peftkern import _ext
 from peftkern.ops import adapter as adapter_ops
@@ -38,14 +39,17 @@ def make(shape, dtype, device, generator, learned=False):
 
 
 def errors(x, residual, params, scale, scaling, activation, generator):
-    """Worst |ours - exact| / (tol * magnitude) over the output and every gradient (pass <= 1)."""
+    """Worst |ours - exact| / (tol * magnitude) over the output and every gradient (pass <= 1).
+    For relu, a pre-activation within rounding of 0 may land on either side of the kink in a low
+    precision (PyTorch's own bf16 result does too); the exact reference follows the side of the
+    pre-activation the kernel stored, which is what the backward is specified to use."""
     leaves = [t.detach().requires_grad_() for t in (x, residual, *params)]
     scale_leaf = scale.detach().requires_grad_() if scale is not None else None
     code = adapter_ops.activation_code(activation)
     out, pre = ops.adapter_bottleneck_fwd(*leaves, scaling, scale_leaf, code)
     g = torch.randn(out.shape, generator=generator).to(out.dtype)
     inputs = leaves + ([scale_leaf] if scale is not None else [])
-    got = torch.autograd.grad(out, inputs, g.to(out.device)) if out.numel() else [torch.zeros_like(t) for t in inputs]
+    got = torch.autograd.grad(out, inputs, g.to(out.device))  # also for an empty batch: zero gradients
 
     def ref64(transform):
         ls = [transform(t.detach().cpu().double()).requires_grad_() for t in (x, residual, *params)]
@@ -54,17 +58,17 @@ def errors(x, residual, params, scale, scaling, activation, generator):
             z = torch.nn.functional.linear(ls[0], ls[2], ls[3])
             y = abs(scaling) * (sl.reshape(()) if sl is not None else 1) * torch.nn.functional.linear(z, ls[4], ls[5])
             return ls[1] + y, ls, sl
+        if code == 0:  # relu's kink: take the side the kernel took (its stored pre), see below
+            z = F.linear(ls[0], ls[2], ls[3]) * (pre.detach().cpu() > 0)
+            return ls[1] + F.linear(z, ls[4], ls[5]) * (scaling * (sl.reshape(()) if sl is not None else 1)), ls, sl
         return adapter_ops.adapter_bottleneck_reference(*ls, scaling, sl, code), ls, sl
 
     exact, ls, sl = ref64(lambda t: t)
     magnitude, abs_ls, abs_sl = ref64(torch.abs)
     want_inputs = ls + ([sl] if sl is not None else [])
     bound_inputs = abs_ls + ([abs_sl] if abs_sl is not None else [])
-    if exact.numel():
-        want = torch.autograd.grad(exact, want_inputs, g.double())
-        bounds = torch.autograd.grad(magnitude, bound_inputs, g.double().abs() + 1.0)
-    else:
-        want = bounds = [torch.zeros_like(t) for t in want_inputs]
+    want = torch.autograd.grad(exact, want_inputs, g.double())
+    bounds = torch.autograd.grad(magnitude, bound_inputs, g.double().abs() + 1.0)
     # the pre-activation output too
     pre_exact = torch.nn.functional.linear(ls[0], ls[2], ls[3])
     pre_bound = torch.nn.functional.linear(abs_ls[0], abs_ls[2], abs_ls[3])
@@ -72,7 +76,7 @@ def errors(x, residual, params, scale, scaling, activation, generator):
     worst = {}
     pairs = [("out", out, exact, magnitude + 1.0), ("pre", pre, pre_exact, pre_bound + 1.0)]
     names = ["x", "residual", "w_down", "b_down", "w_up", "b_up", "scale"]
-    pairs += [(f"grad_{n}", a, b, c) for n, a, b, c in zip(names, got, want, bounds)]
+    pairs += [(f"grad_{n}", a, b, c + 1.0) for n, a, b, c in zip(names, got, want, bounds)]
     for name, ours, ref, bound in pairs:
         ours = ours.detach().cpu().double()
         assert ours.shape == ref.shape, name
