@@ -203,3 +203,28 @@ def test_bad_input_raises_clearly(generator):
         adapter_ops.adapter_bottleneck(x, residual, wd, bd, wu, bu, activation="tanhh")
     with pytest.raises(ValueError, match="expected \\[..., 8\\]"):
         adapter_ops.adapter_bottleneck(x[:, :5], residual[:, :5], wd, bd, wu, bu)
+
+
+def test_wrapper_falls_back_to_the_reference_without_a_kernel(monkeypatch, generator):
+    x, residual, params, scale = make((9, 20, 4), torch.float32, "cpu", generator, learned=True)
+    leaves = [t.requires_grad_() for t in (x, *params, scale)]
+
+    def run():
+        out = adapter_ops.adapter_bottleneck(x, residual, *params, 0.5, scale, "silu")
+        return out, torch.autograd.grad(out.square().sum(), leaves)
+
+    fused, fused_grads = run()
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, device: False)
+    ref, ref_grads = run()
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_bfloat16(generator):
+    x, residual, params, _ = make((6, 16, 4), torch.float32, "cpu", generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter_ops.adapter_bottleneck(x, residual, *params, 1.0, activation="gelu")
+    assert out.dtype == torch.bfloat16
+    want = adapter_ops.adapter_bottleneck_reference(x, residual, *params, 1.0, activation=1)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
