@@ -308,3 +308,16 @@ def test_bad_input_raises_and_leaves_the_model_untouched(arch, config, error, ma
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "_peftkern_patch_record")
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_adapterhub_style_dict_selects_bottleneck(generator):
+    """AdapterHub's config dicts (SeqBnConfig().to_dict()) carry "architecture": "bottleneck" and no
+    peft_type: they must select the bottleneck method, not fall back to LoRA."""
+    adapterhub_dict = {"architecture": "bottleneck", "mh_adapter": False, "output_adapter": True,
+                       "reduction_factor": 4, "non_linearity": "relu", "original_ln_before": True,
+                       "original_ln_after": True, "residual_before_ln": True, "init_weights": "mam_adapter",
+                       "is_parallel": False, "scaling": 1.0, "phm_dim": 4, "hypercomplex_nonlinearity": "glorot-uniform"}  # fmt: skip
+    model = peftkern.patch(tiny_model("llama"), adapterhub_dict)
+    assert sum(isinstance(m, BottleneckLayer) for m in model.modules()) == 2
+    assert model._peftkern_patch_record["config"] == peftkern.BnConfig(**{
+        k: v for k, v in adapterhub_dict.items() if k not in ("phm_dim", "hypercomplex_nonlinearity")})
