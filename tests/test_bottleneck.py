@@ -321,3 +321,22 @@ def test_adapterhub_style_dict_selects_bottleneck(generator):
     assert sum(isinstance(m, BottleneckLayer) for m in model.modules()) == 2
     assert model._peftkern_patch_record["config"] == peftkern.BnConfig(**{
         k: v for k, v in adapterhub_dict.items() if k not in ("phm_dim", "hypercomplex_nonlinearity")})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(generator):
+    """The residual-input pre-hook fires again when a checkpointed layer is recomputed."""
+    base = tiny_model("llama")
+    plain = peftkern.patch(copy.deepcopy(base), peftkern.ParBnConfig(mh_adapter=True, scaling="learned"))
+    randomize(plain, generator)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain.train()
+    checkpointed.train()
+    inputs = batch(generator)
+    plain(**inputs).loss.backward()
+    checkpointed(**inputs).loss.backward()
+    grads = {n: p.grad for n, p in checkpointed.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    for name, p in plain.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
