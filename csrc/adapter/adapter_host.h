@@ -98,10 +98,13 @@ std::tuple<at::Tensor, at::Tensor> bottleneck_fwd(const at::Tensor& x, const at:
 // ([0]) when there is no scale tensor. The residual's gradient is grad_out itself (Python).
 template <typename Epilogues>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& w_down,
+    const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& w_down,
     const at::Tensor& w_up, const at::Tensor& b_up, double scaling, const std::optional<at::Tensor>& scale,
     int64_t activation) {
   const auto [tokens, hidden, bottleneck] = check_common(kBwd, x, w_down, w_up, b_up, scale, activation);
+  // grad_out feeds two GEMMs and a column sum; an expanded one (stride 0, e.g. from .sum()) would
+  // be copied by each GEMM: copy it once (a no-op for the usual contiguous gradient)
+  const at::Tensor grad_out = grad_out_in.contiguous();
   check_shape(grad_out, kBwd, "grad_out", {tokens, hidden});
   check_like(grad_out, kBwd, "grad_out", x);
   check_shape(pre, kBwd, "pre", {tokens, bottleneck});
