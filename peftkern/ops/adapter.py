@@ -88,16 +88,19 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_pre):
+    # grads are not materialized: either may be None (an output unused downstream)
     x, pre, w_down, w_up, b_up, scale = ctx.saved_tensors
-    grads = torch.ops.peftkern.adapter_bottleneck_bwd(
-        grad_out, x, pre, w_down, w_up, b_up, ctx.scaling, scale, ctx.activation
-    )
-    grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scale = grads
-    if grad_pre is not None:  # pre used downstream too (unusual): chain its gradient
-        grad_x = grad_x + grad_pre @ w_down
-        grad_w_down = grad_w_down + grad_pre.t() @ x
-        grad_b_down = grad_b_down + grad_pre.sum(0)
     needs = ctx.needs_input_grad
+    if grad_out is None:  # only `pre` was used: the linear part of its gradient
+        grad_x = grad_w_down = grad_b_down = grad_w_up = grad_b_up = grad_scale = None
+    else:
+        grad_x, grad_w_down, grad_b_down, grad_w_up, grad_b_up, grad_scale = torch.ops.peftkern.adapter_bottleneck_bwd(
+            grad_out, x, pre, w_down, w_up, b_up, ctx.scaling, scale, ctx.activation
+        )
+    if grad_pre is not None:  # pre used downstream (unusual): chain its gradient
+        grad_x = grad_pre @ w_down + (grad_x if grad_x is not None else 0)
+        grad_w_down = grad_pre.t() @ x + (grad_w_down if grad_w_down is not None else 0)
+        grad_b_down = grad_pre.sum(0) + (grad_b_down if grad_b_down is not None else 0)
     return (grad_x if needs[0] else None, grad_out if needs[1] else None, grad_w_down, grad_b_down,
             grad_w_up, grad_b_up, None, grad_scale if scale is not None else None, None)  # fmt: skip
 
