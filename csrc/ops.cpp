@@ -78,6 +78,21 @@ TORCH_LIBRARY(peftkern, m) {
       "ia3_output_linear_bwd(Tensor grad_out, Tensor pre, Tensor weight, Tensor ia3_l) -> "
       "(Tensor grad_x, Tensor grad_l)");
 
+  // --- Bottleneck adapters (AdapterHub semantics), csrc/adapter/ ------------------------------
+  // out = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up), s = scaling·scale[0] (scale: an
+  // optional 1-element learned scalar). x, residual [M, d]; w_down [m, d]; b_down [m]; w_up
+  // [d, m]; b_up [d]; activation 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu. Also returns the
+  // pre-activation pre = x·W_downᵀ + b_down [M, m], which backward recomputes act from.
+  m.def(
+      "adapter_bottleneck_fwd(Tensor x, Tensor residual, Tensor w_down, Tensor b_down, Tensor w_up, "
+      "Tensor b_up, float scaling, Tensor? scale, int activation) -> (Tensor out, Tensor pre)");
+  // Gradients of adapter_bottleneck_fwd (the residual's is grad_out itself); grad_scale is [0]
+  // without a scale tensor.
+  m.def(
+      "adapter_bottleneck_bwd(Tensor grad_out, Tensor x, Tensor pre, Tensor w_down, Tensor w_up, "
+      "Tensor b_up, float scaling, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_w_down, "
+      "Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up, Tensor grad_scale)");
+
   // --- Library ----------------------------------------------------------------------------------
   // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).
   m.def("build_info() -> str");

@@ -6,6 +6,7 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 
 from ._ext import build_info, has_cuda_kernels
 from .io import load_adapter, save_adapter
+from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
@@ -17,6 +18,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3Config",
+    "BnConfig",
+    "DoubleSeqBnConfig",
+    "ParBnConfig",
+    "SeqBnConfig",
     "LoraConfig",
     "NF4Weight",
     "NestedAbsmax",

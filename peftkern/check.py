@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext
+from .ops import adapter as adapter_ops
 from .ops import dora as dora_ops
 from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
@@ -264,6 +265,74 @@ def check_ia3(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# --- Bottleneck adapter (adapter_bottleneck_fwd + bwd) --------------------------------------------
+ADAPTER_SHAPES = [(1, 32, 2), (13, 33, 5), (64, 96, 6), (5, 6, 11), (0, 24, 4)]  # (tokens, hidden, bottleneck)
+
+
+def adapter_errors(x, residual, params, scale, scaling, code, generator) -> dict[str, float]:
+    """Worst error / allowed error of adapter_bottleneck_fwd's output and of every gradient
+    (pass: <= 1), against the float64 reference. Allowed: tolerance(dtype) * (the same
+    computation on |values| + 1), the magnitude of the terms a GEMM sums, element by element.
+    For relu the reference takes the side of the kink the stored pre-activation took (a value
+    within rounding of 0 may fall on either side in low precision)."""
+    leaves = [t.detach().requires_grad_() for t in (x, residual, *params)] + (
+        [scale.detach().requires_grad_()] if scale is not None else [])  # fmt: skip
+    out, pre = torch.ops.peftkern.adapter_bottleneck_fwd(*leaves[:6], scaling, leaves[6] if scale is not None else None,
+                                                         code)  # fmt: skip
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    got = torch.autograd.grad(out, leaves, g.to(out.device))  # an empty batch too: zero gradients
+
+    def reference64(transform, activation):
+        ls = [transform(t.detach().double().cpu()).requires_grad_() for t in leaves]
+        sc = ls[6] if scale is not None else None
+        if activation is None:  # magnitudes: |act(z)| <= |z| for all four activations
+            z = torch.nn.functional.linear(ls[0], ls[2], ls[3])
+            y = torch.nn.functional.linear(z, ls[4], ls[5]) * abs(scaling) * (sc.reshape(()) if sc is not None else 1)
+            return ls[1] + y, ls
+        if activation == 0:  # relu: the side of the kink the kernel's stored pre-activation took
+            z = torch.nn.functional.linear(ls[0], ls[2], ls[3]) * (pre.detach().cpu() > 0)
+            y = torch.nn.functional.linear(z, ls[4], ls[5]) * (scaling * (sc.reshape(()) if sc is not None else 1))
+            return ls[1] + y, ls
+        return adapter_ops.adapter_bottleneck_reference(*ls[:6], scaling, sc, activation), ls
+
+    exact, ls = reference64(lambda t: t, code)
+    magnitude, abs_ls = reference64(torch.abs, None)
+    want = torch.autograd.grad(exact, ls, g.double())
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs() + 1.0)
+    tolerance = GEMM_TOLERANCE[out.dtype] * 2  # two chained GEMMs
+    names = ("grad_x", "grad_residual", "grad_w_down", "grad_b_down", "grad_w_up", "grad_b_up", "grad_scale")
+    errors = {}
+    for name, ours, exact_value, bound in zip(("out", *names), (out, *got), (exact, *want), (magnitude, *bounds)):
+        ours = ours.detach().cpu().double()
+        if torch.isnan(ours).any():
+            errors[name] = float("inf")
+        elif ours.numel():
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * (bound.detach() + 1.0))).max().item()
+    return errors
+
+
+def check_adapter(device: str, generator: torch.Generator) -> list[Result]:
+    results = []
+    for dtype in DTYPES:
+        for m, d, r in ADAPTER_SHAPES:
+            for activation in ("relu", "gelu", "gelu_new", "silu"):
+                for learned in (False, True):
+
+                    def rand(*size, gain=1.0):
+                        t = torch.randn(size, generator=generator, dtype=torch.float64) * gain / max(size[-1], 1) ** 0.5
+                        return t.to(device=device, dtype=dtype)
+
+                    x, residual = rand(m, d, gain=d**0.5), rand(m, d, gain=d**0.5)
+                    params = [rand(r, d), rand(r, gain=r**0.5), rand(d, r), rand(d, gain=d**0.5)]
+                    scale = torch.tensor([0.8], dtype=dtype, device=device) if learned else None
+                    errors = adapter_errors(x, residual, params, scale, 1.5, adapter_ops.activation_code(activation),
+                                            generator)  # fmt: skip
+                    worst = max(errors.values(), default=0.0)
+                    results.append(Result(f"adapter_bottleneck {activation}", device, str(dtype).removeprefix("torch."),
+                                          (m, d, r), 0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -290,13 +359,15 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        checks = (check_nf4, check_lora, check_dora, check_qlora_gemv, check_ia3)
+        checks = (check_nf4, check_lora, check_dora, check_qlora_gemv, check_ia3, check_adapter)
         results = [r for device in devices() for check in checks for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
 
     print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
-          "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora")
+          "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora; "
+          "nf4_lora_gemv the max error relative to the output's scale; "
+          "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1)")
     header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

@@ -19,7 +19,8 @@ import importlib
 from torch import nn
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
-_METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+_METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
+            "BOTTLENECK": "bottleneck"}  # BOTTLENECK: AdapterHub-style adapters (ours; PEFT lacks them)
 
 
 class AdapterLayer(nn.Module):
@@ -56,6 +57,9 @@ def config_peft_type(config) -> str:
     """PEFT's peft_type of a peftkern config, a `peft` config object or a dict (default LORA,
     as for a dict without the field)."""
     peft_type = config.get("peft_type") if isinstance(config, dict) else getattr(config, "peft_type", None)
+    architecture = config.get("architecture") if isinstance(config, dict) else getattr(config, "architecture", None)
+    if peft_type is None and architecture == "bottleneck":  # an AdapterHub bottleneck config (no peft_type)
+        return "BOTTLENECK"
     return str(getattr(peft_type, "value", peft_type) or "LORA").upper()
 
 
