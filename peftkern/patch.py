@@ -137,6 +137,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the (now merged) base modules back: a plain model with the adapters baked in."""
     record = _take_record(model)
+    if record.get("from_peft"):
+        raise TypeError("this is a patched peft.PeftModel: peftkern.unpatch(model), then model.merge_and_unload()")
     merge(model)
     unloaded = []
     for parent_name, attr, _ in record["swaps"]:

@@ -94,6 +94,7 @@ def test_same_outputs_gradients_and_parameter_objects(arch, kind, generator):
     peftkern.unpatch(model)
     assert module_ids(model) == before  # PEFT's own layer objects are back
     assert patch_record(model) is None
+    assert not {"set_adapter", "merge_and_unload"} & (vars(model).keys() | vars(model.base_model).keys())
     torch.testing.assert_close(forward_backward(model, inputs)[0], logits, rtol=0, atol=0)
 
 
@@ -228,3 +229,10 @@ def test_a_peft_model_takes_no_config_and_a_plain_model_needs_one():
     peftkern.patch(model)
     with pytest.raises(RuntimeError, match="already patched"):
         peftkern.patch(model)
+    # peftkern's own save / merge_and_unload are for models peftkern patched from a config
+    with pytest.raises(TypeError, match="save_pretrained"):
+        peftkern.save_adapter(model, "/nonexistent")
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        peftkern.merge_and_unload(model)
+    with pytest.raises(RuntimeError, match="unpatch"):
+        model.set_adapter("default")

@@ -235,5 +235,22 @@ def plan_patch(model: nn.Module, **options):
             layer = ours.sharing(module, adapter)
             layer.train(module.training)
             targeting.swap_module(model, name, layer, record)
+        # PEFT's adapter-management methods would silently skip the stand-in layers: refuse them
+        for owner in (model, model.base_model):
+            for method in _GUARDED:
+                if hasattr(type(owner), method):
+                    setattr(owner, method, _refusal(method))
+                    record["undo"].append(lambda owner=owner, method=method: owner.__dict__.pop(method, None))
 
     return apply
+
+
+_GUARDED = ("set_adapter", "add_adapter", "load_adapter", "delete_adapter", "merge_adapter", "unmerge_adapter",
+            "merge_and_unload", "unload", "add_weighted_adapter")  # fmt: skip
+
+
+def _refusal(method: str):
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"this PeftModel is patched by peftkern: peftkern.unpatch(model) before {method}()")
+
+    return refuse
