@@ -12,6 +12,7 @@ import peftkern
 from peftkern.methods.from_peft import PeftIA3Linear, PeftLoraLinear
 from peftkern.patch import patch_record
 
+from .conftest import requires_cuda
 from .test_lora_patch import TARGETS, batch, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -236,3 +237,18 @@ def test_a_peft_model_takes_no_config_and_a_plain_model_needs_one():
         peftkern.merge_and_unload(model)
     with pytest.raises(RuntimeError, match="unpatch"):
         model.set_adapter("default")
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "qlora"])
+def test_on_cuda_same_outputs_and_gradients(kind, generator):
+    """The CUDA kernels behind a patched PeftModel (fp32; QLoRA: bitsandbytes' NF4 moved to the GPU)."""
+    model = make("llama", kind).to("cuda")
+    inputs = {k: v.to("cuda") for k, v in batch(generator).items()}
+    logits, loss, grads = forward_backward(model, inputs)
+    peftkern.patch(model)
+    our_logits, our_loss, our_grads = forward_backward(model, inputs)
+    torch.testing.assert_close(our_logits, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(our_loss, loss, rtol=1e-4, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(our_grads[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
