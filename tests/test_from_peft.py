@@ -28,7 +28,7 @@ KINDS = ["lora", "rslora", "dora", "ia3"]
 
 
 def peft_config(arch: str, kind: str, **extra):
-    if kind == "ia3":
+    if kind in ("ia3", "qia3"):
         targets, feedforward = IA3_TARGETS[arch]
         return peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=False, **extra)
     # random A and B (init_lora_weights=False), so the adapters change the output
@@ -44,7 +44,7 @@ def bnb_base(arch: str):
 
 
 def make(arch: str, kind: str, **extra):
-    base = bnb_base(arch) if kind in ("qlora", "qdora") else tiny_model(arch)
+    base = bnb_base(arch) if kind in ("qlora", "qdora", "qia3") else tiny_model(arch)
     return peft.get_peft_model(base, peft_config(arch, kind, **extra))
 
 
@@ -61,7 +61,7 @@ def module_ids(model):
 
 
 CASES = [(arch, kind) for arch in ("llama", "qwen2", "mistral", "gpt2") for kind in KINDS]
-CASES += [("llama", "qlora"), ("llama", "qdora"), ("qwen2", "qlora")]
+CASES += [("llama", "qlora"), ("llama", "qdora"), ("qwen2", "qlora"), ("llama", "qia3")]
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
@@ -75,11 +75,13 @@ def test_same_outputs_gradients_and_parameter_objects(arch, kind, generator):
     n_peft_layers = sum(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in model.modules())
 
     assert peftkern.patch(model) is model
-    ours = PeftIA3Linear if kind == "ia3" else PeftLoraLinear
+    ours = PeftIA3Linear if kind in ("ia3", "qia3") else PeftLoraLinear
     swapped = [m for m in model.modules() if isinstance(m, ours)]
     assert len(swapped) == n_peft_layers > 0
     if kind in ("qlora", "qdora"):
         assert all(m.quantized for m in swapped)
+    if kind == "qia3":  # down_proj / v_proj are bitsandbytes Linear4bit, k_proj stays dense
+        assert {m.quantized for m in swapped} == {True, False}
     # the very same parameter objects, the same state-dict keys in the same order
     assert list(model.state_dict().keys()) == keys
     after = dict(model.named_parameters())

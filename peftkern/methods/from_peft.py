@@ -151,6 +151,7 @@ def _check_base(name: str, layer: nn.Module, fan_in_fan_out: bool) -> None:
 
 
 def _check_lora(name: str, layer: nn.Module, adapter: str) -> None:
+    _check_base(name, layer, layer.fan_in_fan_out)
     if adapter not in layer.lora_A:
         return  # this layer has no such adapter: forward runs its base alone, as PEFT's does
     variant = getattr(layer, "lora_variant", {}).get(adapter)
@@ -171,16 +172,15 @@ def _check_lora(name: str, layer: nn.Module, adapter: str) -> None:
             raise NotImplementedError(f"{name!r}: unexpected DoRA magnitude {type(magnitude).__name__}")
     elif variant is not None:
         raise ValueError(f"{name!r}: DoRA variant without a magnitude vector")
-    _check_base(name, layer, layer.fan_in_fan_out)
 
 
 def _check_ia3(name: str, layer: nn.Module, adapter: str) -> None:
+    _check_base(name, layer, getattr(layer, "fan_in_fan_out", False))
     if adapter not in layer.ia3_l:
         return
     expected = (1, layer.in_features) if layer.is_feedforward else (layer.out_features, 1)
     if tuple(layer.ia3_l[adapter].shape) != expected:
         raise ValueError(f"{name!r}: ia3_l has shape {tuple(layer.ia3_l[adapter].shape)}, expected {expected}")
-    _check_base(name, layer, getattr(layer, "fan_in_fan_out", False))
 
 
 def plan_patch(model: nn.Module, **options):
