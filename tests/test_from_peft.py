@@ -254,3 +254,23 @@ def test_on_cuda_same_outputs_and_gradients(kind, generator):
     torch.testing.assert_close(our_loss, loss, rtol=1e-4, atol=1e-5)
     for name in grads:
         torch.testing.assert_close(our_grads[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_a_deepcopy_of_a_patched_peft_model_is_patched_on_its_own(generator):
+    model = make("llama", "dora")
+    inputs = batch(generator)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    peftkern.patch(model)
+    twin = copy.deepcopy(model)
+    peftkern.unpatch(twin)
+    assert not any(isinstance(m, PeftLoraLinear) for m in twin.modules())
+    assert sum(isinstance(m, PeftLoraLinear) for m in model.modules()) > 0
+    twin.set_adapter("default")  # PEFT's own again
+    with pytest.raises(RuntimeError, match="unpatch"):
+        model.set_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(**inputs).logits, logits, rtol=1e-5, atol=1e-5)
+    params = {n: p for n, p in model.named_parameters()}
+    assert all(p is not params[n] for n, p in twin.named_parameters())
