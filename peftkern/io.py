@@ -25,6 +25,8 @@ def _record(model: nn.Module, adapter_name: str) -> dict:
     record = getattr(model, "_peftkern_patch_record", None)
     if not record or record.get("adapter_name") != adapter_name:
         raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}")
+    if record.get("from_peft"):
+        raise TypeError("this is a patched peft.PeftModel: save and load with its own save_pretrained / load_adapter")
     return record
 
 

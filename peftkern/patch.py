@@ -17,7 +17,7 @@ from .nf4 import NF4Linear
 _PATCH_RECORD = "_peftkern_patch_record"
 
 
-def patch(model: nn.Module, config, adapter_name: str = "default", **options) -> nn.Module:
+def patch(model: nn.Module, config=None, adapter_name: str = "default", **options) -> nn.Module:
     """Apply a PEFT method to `model` in place (it is returned too). `config`: a peftkern config
     (`peftkern.LoraConfig`, ...), the matching `peft` config object, or a dict of PEFT's field
     names (its `peft_type` picks the method; LORA when absent). Freezes every parameter but the
@@ -26,9 +26,21 @@ def patch(model: nn.Module, config, adapter_name: str = "default", **options) ->
     LoRA options: bases may be dense (`nn.Linear`, `Conv1D`) or NF4 (bitsandbytes `Linear4bit`,
     read without copying): QLoRA. `quantize="nf4"` quantizes the targeted dense `nn.Linear` bases
     to NF4 (blocksize 64, double quantization, as QLoRA) and frees their dense weights; `unpatch`
-    then gives back the NF4 layers, not the dense ones."""
+    then gives back the NF4 layers, not the dense ones.
+
+    A Hugging Face `peft.PeftModel` is patched without a config: its LoRA / DoRA / IA³ layers are
+    swapped for peftkern's, sharing PEFT's own parameters (see `peftkern.methods.from_peft`)."""
     if getattr(model, _PATCH_RECORD, None):
         raise RuntimeError("this model is already patched; unpatch it first (several adapters come later)")
+    from .methods import from_peft
+
+    if from_peft.is_peft_model(model):
+        if config is not None:
+            raise TypeError("model is a peft.PeftModel: call peftkern.patch(model) without a config; its own "
+                            "adapters are taken over")  # fmt: skip
+        return _patch_peft_model(model, from_peft.plan_patch(model, **options))
+    if config is None:
+        raise TypeError("peftkern.patch(model, config): a config is required unless model is a peft.PeftModel")
     method, config = resolve_config(config)
     apply = method.plan_patch(model, config, adapter_name, **options)
 
@@ -42,6 +54,22 @@ def patch(model: nn.Module, config, adapter_name: str = "default", **options) ->
     }
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    try:
+        apply(record)
+    except BaseException:
+        _undo(model, record)
+        raise
+    setattr(model, _PATCH_RECORD, record)
+    return model
+
+
+def _patch_peft_model(model: nn.Module, apply) -> nn.Module:
+    """As patch, but requires_grad flags are PEFT's and stay as they are."""
+    record = {
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "swaps": [],
+        "undo": [],
+    }
     try:
         apply(record)
     except BaseException:
@@ -109,6 +137,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the (now merged) base modules back: a plain model with the adapters baked in."""
     record = _take_record(model)
+    if record.get("from_peft"):
+        raise TypeError("this is a patched peft.PeftModel: peftkern.unpatch(model), then model.merge_and_unload()")
     merge(model)
     unloaded = []
     for parent_name, attr, _ in record["swaps"]:

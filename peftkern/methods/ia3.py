@@ -142,6 +142,12 @@ class IA3Linear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: IA3Config, feedforward: bool):
         super().__init__()
+        self._init_base(base_layer, adapter_name, feedforward)
+        self.add_adapter(adapter_name, config)
+
+    def _init_base(self, base_layer: nn.Module, adapter_name: str | None, feedforward: bool) -> None:
+        """Everything but the adapters (shared with `peftkern.methods.from_peft`, which puts a PEFT
+        layer's own `ia3_l` in)."""
         self.base_layer = base_layer
         self.quantized = nf4_base_weight(base_layer) is not None
         self.is_feedforward = feedforward
@@ -155,7 +161,6 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.active_adapter = adapter_name
         self.merged = False
-        self.add_adapter(adapter_name, config)
 
     def add_adapter(self, name: str, config: IA3Config) -> None:
         if self.quantized:

@@ -184,10 +184,16 @@ class LoraLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig):
         super().__init__()
+        self._init_base(base_layer, adapter_name, config.fan_in_fan_out)
+        self.add_adapter(adapter_name, config)
+
+    def _init_base(self, base_layer: nn.Module, adapter_name: str | None, fan_in_fan_out: bool) -> None:
+        """Everything but the adapters (shared with `peftkern.methods.from_peft`, which puts a PEFT
+        layer's own adapter containers in)."""
         self.base_layer = base_layer
         self.quantized = nf4_base_weight(base_layer) is not None
         # GPT-2's Conv1D stores its weight as [in, out]: always fan-in-fan-out, as PEFT forces.
-        self.fan_in_fan_out = (config.fan_in_fan_out or _is_conv1d(base_layer)) and not self.quantized
+        self.fan_in_fan_out = (fan_in_fan_out or _is_conv1d(base_layer)) and not self.quantized
         if self.quantized:
             self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         else:
@@ -202,7 +208,6 @@ class LoraLinear(AdapterLayer):
         self.merged = False
         self._original_base_weight = None  # PiSSA changes the base; unpatch puts this back
         self._nf4_base_while_merged = None
-        self.add_adapter(adapter_name, config)
 
     def add_adapter(self, name: str, config: LoraConfig) -> None:
         if self.quantized:  # float32 adapters on a 4-bit base, as PEFT makes them
