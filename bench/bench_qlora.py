@@ -50,10 +50,12 @@ def make(impl, device, dtype):
         return lambda x: lora_ops.nf4_lora_linear(x, nf4, None, a, b, scaling)
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
     base = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
     base = base.to(device)
-    layer = peft.tuners.lora.bnb.Linear4bit(base, "default", r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
+    layer = PeftLinear4bit(base, "default", config, r=RANK, lora_alpha=ALPHA, init_lora_weights=False)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(a)
         layer.lora_B["default"].weight.copy_(b)
