@@ -38,38 +38,25 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
         if config is not None:
             raise TypeError("model is a peft.PeftModel: call peftkern.patch(model) without a config; its own "
                             "adapters are taken over")  # fmt: skip
-        return _patch_peft_model(model, from_peft.plan_patch(model, **options))
+        # requires_grad flags are PEFT's and stay as they are
+        return _apply_recorded(model, from_peft.plan_patch(model, **options), freeze=False)
     if config is None:
         raise TypeError("peftkern.patch(model, config): a config is required unless model is a peft.PeftModel")
     method, config = resolve_config(config)
     apply = method.plan_patch(model, config, adapter_name, **options)
 
-    # Only now change the model; record enough to undo every change exactly.
-    record = {
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "swaps": [],
-        "undo": [],
-        "config": config,
-        "adapter_name": adapter_name,
-    }
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    try:
-        apply(record)
-    except BaseException:
-        _undo(model, record)
-        raise
-    setattr(model, _PATCH_RECORD, record)
-    return model
+    return _apply_recorded(model, apply, freeze=True, config=config, adapter_name=adapter_name)
 
 
-def _patch_peft_model(model: nn.Module, apply) -> nn.Module:
-    """As patch, but requires_grad flags are PEFT's and stay as they are."""
-    record = {
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "swaps": [],
-        "undo": [],
-    }
+def _apply_recorded(model: nn.Module, apply, freeze: bool, **facts) -> nn.Module:
+    """Only now change the model: record enough to undo every change exactly (requires_grad flags,
+    swaps, undo callables), freeze every parameter first when asked (the method then unfreezes its
+    own), and undo everything if applying fails midway."""
+    record = {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": [], "undo": [],
+              **facts}  # fmt: skip
+    if freeze:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
     try:
         apply(record)
     except BaseException:
