@@ -14,6 +14,7 @@ Layers it swaps in subclass `AdapterLayer` so merge/unmerge reach them.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 from torch import nn
@@ -61,6 +62,24 @@ def config_peft_type(config) -> str:
     if peft_type is None and architecture == "bottleneck":  # an AdapterHub bottleneck config (no peft_type)
         return "BOTTLENECK"
     return str(getattr(peft_type, "value", peft_type) or "LORA").upper()
+
+
+def config_fields(config, config_class, expected: str) -> dict:
+    """The fields of a config given as a plain dict or as an object with `to_dict()` (a `peft`
+    or AdapterHub config), keeping only `config_class`'s dataclass fields, once its peft_type (if
+    it has one) is checked to be `config_class.peft_type`. `expected` names the accepted forms in
+    the error for anything else. Each config's `from_any` normalises the values it needs to."""
+    if isinstance(config, dict):
+        values = dict(config)
+    elif hasattr(config, "to_dict"):
+        values = config.to_dict()
+    else:
+        raise TypeError(f"expected {expected}, got {type(config).__name__}")
+    peft_type = values.get("peft_type")
+    if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != config_class.peft_type:
+        raise ValueError(f"not a {config_class.peft_type} config: peft_type={peft_type}")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in values.items() if k in known}
 
 
 def resolve_config(config):

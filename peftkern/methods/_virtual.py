@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import config_fields
+
 # Marks the kwargs of a forward call that our prepare_inputs_for_generation already prepared.
 PREPARED = "_peftkern_prepared"
 ENCODER_ATTR = "prompt_encoder"
@@ -58,17 +60,8 @@ class PromptLearningConfig:
         PEFT's field names (fields peftkern does not know are ignored, as PEFT ignores extras)."""
         if isinstance(config, cls):
             return dataclasses.replace(config)  # a copy: patching fills in fields
-        if isinstance(config, dict):
-            values = dict(config)
-        elif hasattr(config, "to_dict"):
-            values = config.to_dict()
-        else:
-            raise TypeError(f"expected a {cls.__name__}, a peft.{cls.__name__} or a dict, got {type(config).__name__}")
-        peft_type = _enum_value(values.get("peft_type"))
-        if peft_type is not None and str(peft_type).upper() != cls.peft_type:
-            raise ValueError(f"not a {cls.peft_type} config: peft_type={peft_type}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: _enum_value(v) for k, v in values.items() if k in known})
+        values = config_fields(config, cls, f"a {cls.__name__}, a peft.{cls.__name__} or a dict")
+        return cls(**{k: _enum_value(v) for k, v in values.items()})
 
     def validate(self) -> None:
         name = type(self).__name__

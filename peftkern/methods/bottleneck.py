@@ -41,7 +41,7 @@ from torch import nn
 
 from .. import targeting
 from ..ops import adapter as adapter_ops
-from . import AdapterLayer
+from . import AdapterLayer, config_fields
 
 
 @dataclass
@@ -79,17 +79,7 @@ class BnConfig:
         Keys peftkern does not know are ignored."""
         if isinstance(config, BnConfig):
             return dataclasses.replace(config)
-        if isinstance(config, dict):
-            values = dict(config)
-        elif hasattr(config, "to_dict"):
-            values = config.to_dict()
-        else:
-            raise TypeError(f"expected a BnConfig, an AdapterHub bottleneck config or a dict, got {type(config).__name__}")
-        peft_type = values.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "BOTTLENECK":
-            raise ValueError(f"not a bottleneck-adapter config: peft_type={peft_type}")
-        known = {f.name for f in dataclasses.fields(BnConfig)}
-        values = {k: v for k, v in values.items() if k in known}
+        values = config_fields(config, BnConfig, "a BnConfig, an AdapterHub bottleneck config or a dict")
         if isinstance(values.get("leave_out"), (set, tuple)):
             values["leave_out"] = sorted(values["leave_out"])
         return BnConfig(**values)

@@ -32,7 +32,7 @@ from torch import nn
 from .. import targeting
 from ..nf4 import NF4Linear
 from ..ops import ia3 as ia3_ops
-from . import AdapterLayer
+from . import AdapterLayer, config_fields
 from .lora import _is_conv1d, nf4_base_weight, supports
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
@@ -79,22 +79,13 @@ class IA3Config:
         """From a peftkern IA3Config, a `peft.IA3Config`, or a plain dict of PEFT's fields."""
         if isinstance(config, cls):
             return dataclasses.replace(config)  # a copy: patching fills in defaults
-        if isinstance(config, dict):
-            values = dict(config)
-        elif hasattr(config, "to_dict"):
-            values = config.to_dict()
-        else:
-            raise TypeError(f"expected an IA3Config, a peft.IA3Config or a dict, got {type(config).__name__}")
-        peft_type = values.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "IA3":
-            raise ValueError(f"not an IA³ config: peft_type={peft_type}")
+        values = config_fields(config, cls, "an IA3Config, a peft.IA3Config or a dict")
         task_type = values.get("task_type")
         if task_type is not None:
             values["task_type"] = str(getattr(task_type, "value", task_type))
         for name in ("target_modules", "exclude_modules", "feedforward_modules"):
             values[name] = _as_list(values.get(name))
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**values)
 
     def checkpoint_dict(self) -> dict:
         """The fields written to adapter_config.json: layers_to_transform / layers_pattern only

@@ -24,7 +24,7 @@ from .. import targeting
 from ..nf4 import NF4Linear, NF4Weight
 from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
-from . import AdapterLayer, modules_to_save
+from . import AdapterLayer, config_fields, modules_to_save
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
 DEFAULT_TARGETS = {
@@ -65,20 +65,11 @@ class LoraConfig:
         not know are ignored only when they hold PEFT's default (checked in validate())."""
         if isinstance(config, cls):
             return dataclasses.replace(config)  # a copy: patching fills in defaults
-        if isinstance(config, dict):
-            values = dict(config)
-        elif hasattr(config, "to_dict"):
-            values = config.to_dict()
-        else:
-            raise TypeError(f"expected a LoraConfig, a peft.LoraConfig or a dict, got {type(config).__name__}")
-        peft_type = values.get("peft_type")
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
-            raise ValueError(f"not a LoRA config: peft_type={peft_type}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        values = config_fields(config, cls, "a LoraConfig, a peft.LoraConfig or a dict")
         target = values.get("target_modules")
         if isinstance(target, (set, tuple)):
             values["target_modules"] = sorted(target)
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return cls(**values)
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
