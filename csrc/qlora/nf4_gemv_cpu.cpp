@@ -76,17 +76,16 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& xa,
                              const std::optional<at::Tensor>& lora_b, double scaling) {
-  GemvArgs args = check_nf4_lora_gemv(x_in, packed, absmax, nested_absmax, nested_code,
+  const GemvArgs args = check_nf4_lora_gemv(x_in, packed, absmax, nested_absmax, nested_code,
                                       nested_offset, blocksize, nested_blocksize, out_features,
                                       bias, xa, lora_b);
-  bind_scales(args, absmax, nested_absmax, nested_code, nested_offset);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output({args.tokens, out_features}, x.options());
   if (out.numel() == 0) return out;
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
-    const scalar_t* bias_ptr = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* xa_ptr = xa ? xa->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b_ptr = lora_b ? lora_b->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_ptr = optional_data<scalar_t>(bias);
+    const scalar_t* xa_ptr = optional_data<scalar_t>(xa);
+    const scalar_t* b_ptr = optional_data<scalar_t>(lora_b);
     at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
       gemv_rows<scalar_t>(x.const_data_ptr<scalar_t>(), packed.const_data_ptr<uint8_t>(), args,
                           bias_ptr, xa_ptr, b_ptr, static_cast<float>(scaling),

@@ -169,10 +169,9 @@ at::Tensor nf4_lora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& xa,
                               const std::optional<at::Tensor>& lora_b, double scaling) {
   const c10::cuda::CUDAGuard guard(x.device());
-  GemvArgs args = check_nf4_lora_gemv(x, packed, absmax, nested_absmax, nested_code,
+  const GemvArgs args = check_nf4_lora_gemv(x, packed, absmax, nested_absmax, nested_code,
                                       nested_offset, blocksize, nested_blocksize, out_features,
                                       bias, xa, lora_b);
-  bind_scales(args, absmax, nested_absmax, nested_code, nested_offset);
   at::Tensor out = new_output({args.tokens, out_features}, x.options());
   if (out.numel() == 0) return out;
   TORCH_CHECK(ceil_div(args.tokens, kMaxTokens) <= 65535, "nf4_lora_gemv: at most ",
@@ -182,9 +181,9 @@ at::Tensor nf4_lora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed,
                            aligned16(x.const_data_ptr()) && x.stride(0) % 8 == 0;
   const int64_t per_chunk = std::min<int64_t>(args.tokens, kMaxTokens);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cuda", [&] {
-    const scalar_t* bias_ptr = bias ? bias->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* xa_ptr = xa ? xa->const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b_ptr = lora_b ? lora_b->const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bias_ptr = optional_data<scalar_t>(bias);
+    const scalar_t* xa_ptr = optional_data<scalar_t>(xa);
+    const scalar_t* b_ptr = optional_data<scalar_t>(lora_b);
     const float s = static_cast<float>(scaling);
     if (per_chunk == 1) {
       launch<scalar_t, 1>(x, packed, args, bias_ptr, xa_ptr, b_ptr, s, out, vector_path);

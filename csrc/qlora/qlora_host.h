@@ -21,7 +21,7 @@ namespace qlora {
 
 struct GemvArgs {
   int64_t tokens, in_features, out_features, rank, blocksize;
-  quant::BlockScales scales;  // pointers filled by the device implementation's data_ptr calls
+  quant::BlockScales scales;  // where the absmax of each block is read from
 };
 
 inline GemvArgs check_nf4_lora_gemv(const at::Tensor& x, const at::Tensor& packed,
@@ -92,23 +92,22 @@ inline GemvArgs check_nf4_lora_gemv(const at::Tensor& x, const at::Tensor& packe
                 lora_b->sizes());
   }
   quant::BlockScales scales{};
-  scales.nested_blocksize = nested ? nested_blocksize : 0;
+  if (nested) {
+    scales.codes = absmax.const_data_ptr<uint8_t>();
+    scales.nested_absmax = nested_absmax->const_data_ptr<float>();
+    scales.nested_code = nested_code->const_data_ptr<float>();
+    scales.nested_offset = nested_offset->const_data_ptr<float>();
+    scales.nested_blocksize = nested_blocksize;
+  } else {
+    scales.absmax = absmax.const_data_ptr<float>();
+  }
   return {x.size(0), x.size(1), out_features, rank, blocksize, scales};
 }
 
-// Fills the scale pointers once the tensors are known to be valid.
-inline void bind_scales(GemvArgs& args, const at::Tensor& absmax,
-                        const std::optional<at::Tensor>& nested_absmax,
-                        const std::optional<at::Tensor>& nested_code,
-                        const std::optional<at::Tensor>& nested_offset) {
-  if (nested_absmax.has_value()) {
-    args.scales.codes = absmax.const_data_ptr<uint8_t>();
-    args.scales.nested_absmax = nested_absmax->const_data_ptr<float>();
-    args.scales.nested_code = nested_code->const_data_ptr<float>();
-    args.scales.nested_offset = nested_offset->const_data_ptr<float>();
-  } else {
-    args.scales.absmax = absmax.const_data_ptr<float>();
-  }
+// The data of an optional tensor argument, or null when it is absent.
+template <typename T>
+const T* optional_data(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
 }  // namespace qlora
