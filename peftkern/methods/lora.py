@@ -234,12 +234,13 @@ class LoraLinear(AdapterLayer):
                 "re-quantized (QPiSSA). Initialise PiSSA on the dense model, then quantize."
             )
         weight = self.base_layer.weight
-        lora_a, lora_b = pissa_factors(self.dense_weight(torch.float32), config.r, config.scaling, config.init_lora_weights)
+        dense = self.dense_weight(torch.float32)
+        lora_a, lora_b = pissa_factors(dense, config.r, config.scaling, config.init_lora_weights)
         self.lora_A[name].weight.copy_(lora_a)
         self.lora_B[name].weight.copy_(lora_b)
         if self._original_base_weight is None:
             self._original_base_weight = weight.detach().to("cpu", copy=True)
-        residual = self.dense_weight(torch.float32) - config.scaling * (lora_b @ lora_a)
+        residual = dense - config.scaling * (lora_b @ lora_a)
         weight.copy_(residual.t() if self.fan_in_fan_out else residual)
 
     @torch.no_grad()
