@@ -5,6 +5,7 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 """
 
 from ._ext import build_info, has_cuda_kernels
+from .adapters import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
@@ -18,6 +19,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IA3Config",
+    "active_adapter",
+    "add_adapter",
+    "delete_adapter",
+    "disable_adapter",
+    "list_adapters",
+    "set_adapter",
     "BnConfig",
     "DoubleSeqBnConfig",
     "ParBnConfig",

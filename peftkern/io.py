@@ -21,18 +21,21 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
-def _record(model: nn.Module, adapter_name: str) -> dict:
-    record = getattr(model, "_peftkern_patch_record", None)
-    if not record or record.get("adapter_name") != adapter_name:
-        raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}")
+def _config(model: nn.Module, adapter_name: str):
+    """The config of the model's adapter `adapter_name`."""
+    record = getattr(model, "_peftkern_patch_record", None) or {}
     if record.get("from_peft"):
         raise TypeError("this is a patched peft.PeftModel: save and load with its own save_pretrained / load_adapter")
-    return record
+    config = record.get("adapters", {}).get(adapter_name)
+    if config is None:
+        raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}"
+                         + (f" (it has {list(record['adapters'])})" if record.get("adapters") else ""))  # fmt: skip
+    return config
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's live tensors under PEFT's checkpoint keys."""
-    method = method_module(_record(model, adapter_name)["config"].peft_type)
+    method = method_module(_config(model, adapter_name).peft_type)
     prefix = getattr(method, "CHECKPOINT_PREFIX", _PREFIX)  # prompt learning: plain "prompt_embeddings"
     return {f"{prefix}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
 
@@ -41,17 +44,16 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     """Write the adapter of a patched model as PEFT would (config + safetensors weights)."""
     from safetensors.torch import save_file
 
-    record = _record(model, adapter_name)
+    saved_config = _config(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
     if any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer)):
         raise RuntimeError("unmerge the adapter before saving it (merged weights live in the base)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = record["config"]
     # A method may leave out fields PEFT's config class lacks (see IA3Config.checkpoint_dict).
-    config = config.checkpoint_dict() if hasattr(config, "checkpoint_dict") else dataclasses.asdict(config)
+    config = saved_config.checkpoint_dict() if hasattr(saved_config, "checkpoint_dict") else dataclasses.asdict(saved_config)
     config.update(
-        peft_type=record["config"].peft_type,
+        peft_type=saved_config.peft_type,
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         inference_mode=True,
     )
@@ -81,15 +83,26 @@ def read_adapter(directory: str | Path):
 
 
 def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", **options):
-    """Load a PEFT-format checkpoint: patches an unpatched model with the saved config
-    first, then copies the tensors. Every key and shape is checked before any tensor is written;
-    on a mismatch the model is left as it was (a patch made here is undone)."""
+    """Load a PEFT-format checkpoint: patches an unpatched model with the saved config first, or
+    adds it as another adapter to a patched model that has none named `adapter_name` (not made
+    active, as PEFT's load_adapter), then copies the tensors. Every key and shape is checked
+    before any tensor is written; on a mismatch the model is left as it was (a patch or an
+    adapter added here is undone)."""
+    from . import adapters
     from .patch import patch, unpatch
 
     config, tensors = read_adapter(directory)
-    patched_here = not getattr(model, "_peftkern_patch_record", None)
-    if patched_here:
+    record = getattr(model, "_peftkern_patch_record", None)
+    undo = None
+    if not record:
         patch(model, config, adapter_name=adapter_name, **options)
+        undo = lambda: unpatch(model)  # noqa: E731
+    elif adapter_name not in record.get("adapters", {}) and not record.get("from_peft"):
+        if options:
+            raise TypeError(f"load_adapter options {sorted(options)} apply only when it patches an unpatched model")
+        method, checked = adapters.checked_new_adapter(model, adapter_name, config)
+        local = adapters._add(model, record, method, checked, adapter_name)
+        undo = lambda: adapters._retract(model, adapter_name, local)  # noqa: E731
     try:
         expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))
@@ -99,12 +112,12 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         for key, target in expected.items():
             if tensors[key].shape != target.shape:
                 raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)}, model {tuple(target.shape)}")
-        check_loadable = getattr(method_module(_record(model, adapter_name)["config"].peft_type), "check_loadable", None)
+        check_loadable = getattr(method_module(_config(model, adapter_name).peft_type), "check_loadable", None)
         if check_loadable is not None:  # a method whose saved tensors are computed (folded) may refuse
             check_loadable(model, adapter_name)
     except Exception:
-        if patched_here:
-            unpatch(model)
+        if undo is not None:
+            undo()
         raise
     with torch.no_grad():
         for key, target in expected.items():

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import mixed
 from .methods import AdapterLayer, resolve_config
 from .nf4 import NF4Linear
 
 _PATCH_RECORD = "_peftkern_patch_record"
+MIXED_BATCH_METHODS = ("LORA", "IA3")  # the methods whose layers run a batch of mixed adapters
 
 
 def patch(model: nn.Module, config=None, adapter_name: str = "default", **options) -> nn.Module:
@@ -31,7 +33,8 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
     A Hugging Face `peft.PeftModel` is patched without a config: its LoRA / DoRA / IA³ layers are
     swapped for peftkern's, sharing PEFT's own parameters (see `peftkern.methods.from_peft`)."""
     if getattr(model, _PATCH_RECORD, None):
-        raise RuntimeError("this model is already patched; unpatch it first (several adapters come later)")
+        raise RuntimeError("this model is already patched: peftkern.add_adapter(model, name, config) adds another "
+                           "adapter, peftkern.unpatch(model) undoes the patch")  # fmt: skip
     from .methods import from_peft
 
     if from_peft.is_peft_model(model):
@@ -43,9 +46,17 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
     if config is None:
         raise TypeError("peftkern.patch(model, config): a config is required unless model is a peft.PeftModel")
     method, config = resolve_config(config)
-    apply = method.plan_patch(model, config, adapter_name, **options)
+    plan = method.plan_patch(model, config, adapter_name, **options)
 
-    return _apply_recorded(model, apply, freeze=True, config=config, adapter_name=adapter_name)
+    def apply(record: dict) -> None:
+        plan(record)
+        if config.peft_type in MIXED_BATCH_METHODS:  # model(..., adapter_names=[...]) and generate(...)
+            mixed.install(model, record)
+
+    # `adapters` (name -> config, in order) and `active` grow with peftkern.add_adapter; `config` and
+    # `adapter_name` stay the first adapter's.
+    return _apply_recorded(model, apply, freeze=True, config=config, adapter_name=adapter_name,
+                           adapters={adapter_name: config}, active=adapter_name, method=config.peft_type)  # fmt: skip
 
 
 def _apply_recorded(model: nn.Module, apply, freeze: bool, **facts) -> nn.Module:

@@ -58,9 +58,10 @@ def is_target(config, key: str, all_linear: set[str] | None = None) -> bool:
     return found
 
 
-def resolve_target_modules(model: nn.Module, config, defaults: dict, supports: Callable[[nn.Module], bool]):
+def resolve_target_modules(model: nn.Module, config, defaults: dict, supports: Callable[[nn.Module], bool],
+                           candidates=None):
     """Fill in PEFT's per-architecture default targets when target_modules is None; return the
-    set of "all-linear" names when asked for, else None."""
+    set of "all-linear" names (among `candidates`, default every module) when asked for, else None."""
     if config.target_modules is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in defaults:
@@ -71,15 +72,23 @@ def resolve_target_modules(model: nn.Module, config, defaults: dict, supports: C
         config.target_modules = list(defaults[model_type])
     if config.target_modules == "all-linear":
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return {n for n, m in model.named_modules() if n and supports(m) and m is not output}
+        candidates = model.named_modules() if candidates is None else candidates
+        return {n for n, m in candidates if n and supports(m) and m is not output}
     return None
 
 
 def find_targets(model: nn.Module, config, defaults: dict, supports: Callable[[nn.Module], bool], what: str):
     """[(name, module)] of the targets, each checked with `supports`; raises, naming the module,
-    before anything is changed."""
-    all_linear = resolve_target_modules(model, config, defaults, supports)
-    matched = [(n, m) for n, m in model.named_modules() if n and is_target(config, n, all_linear)]
+    before anything is changed. On a patched model (another adapter being added) the modules
+    inside peftkern's layers (their base_layer, lora_A, ...) are not candidates: a target is the
+    peftkern layer itself, which `supports` must then accept."""
+    from .methods import AdapterLayer
+
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    inside = tuple(f"{n}." for n in wrapped)
+    candidates = [(n, m) for n, m in model.named_modules() if n and not (inside and n.startswith(inside))]
+    all_linear = resolve_target_modules(model, config, defaults, supports, candidates)
+    matched = [(n, m) for n, m in candidates if is_target(config, n, all_linear)]
     if not matched:
         raise ValueError(f"no module of {type(model).__name__} matches target_modules={config.target_modules!r}")
     for name, module in matched:

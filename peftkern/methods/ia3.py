@@ -23,14 +23,16 @@ same way. Not supported (NotImplementedError): modules_to_save.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .. import targeting
+from .. import mixed, targeting
 from ..nf4 import NF4Linear
+from ..ops import grouped as grouped_ops
 from ..ops import ia3 as ia3_ops
 from . import AdapterLayer, config_fields
 from .lora import _is_conv1d, nf4_base_weight, supports
@@ -150,8 +152,9 @@ class IA3Linear(AdapterLayer):
             weight = base_layer.weight
             self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.ia3_l = nn.ParameterDict()
-        self.active_adapter = adapter_name
+        self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
         self.merged = False
+        self.disabled = False  # peftkern.disable_adapter(): the base alone
 
     def add_adapter(self, name: str, config: IA3Config) -> None:
         if self.quantized:
@@ -165,6 +168,17 @@ class IA3Linear(AdapterLayer):
         else:  # PEFT's (discouraged) alternative: standard normal
             value = torch.randn(shape, device=device, dtype=dtype)
         self.ia3_l[name] = nn.Parameter(value)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name` (unmerged first if it is the merged one); a no-op if absent."""
+        if name not in self.ia3_l:
+            return
+        if self.merged and self.active_adapter == name:
+            self.unmerge()
+        del self.ia3_l[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.ia3_l[name]] if name in self.ia3_l else []
 
     def _scale_in_weight_layout(self, name: str) -> torch.Tensor:
         l = self.ia3_l[name].detach()
@@ -181,9 +195,9 @@ class IA3Linear(AdapterLayer):
         """W <- W ⊙ l (rows for output scaling, columns for input scaling); for output scaling
         also b <- b ⊙ l. With input scaling the bias is left alone: (x ⊙ l)·Wᵀ + b has an
         unscaled bias, exactly as PEFT merges."""
-        self._refuse_quantized_merge()
-        if self.merged:
+        if self.merged or self.active_adapter not in self.ia3_l:
             return
+        self._refuse_quantized_merge()
         name, base = self.active_adapter, self.base_layer
         base.weight.copy_((base.weight * self._scale_in_weight_layout(name)).to(base.weight.dtype))
         if not self.is_feedforward and base.bias is not None:
@@ -203,8 +217,14 @@ class IA3Linear(AdapterLayer):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:  # as PEFT: a disabled adapter is unmerged, then the base runs alone
+            self.unmerge()
+            return self.base_layer(x)
+        batch = mixed.current()
+        if batch is not None:  # model(..., adapter_names=[...]): merged models are refused before
+            return self._mixed_forward(x, batch)
         name = self.active_adapter
-        if self.merged or name is None:
+        if self.merged or name not in self.ia3_l:
             return self.base_layer(x)
         l = self.ia3_l[name]
         base = self.base_layer
@@ -214,6 +234,27 @@ class IA3Linear(AdapterLayer):
                 bias = bias.to(x.dtype)
             return ia3_ops.nf4_ia3_linear(x, nf4_base_weight(base), bias, l, self.is_feedforward)
         return ia3_ops.ia3_linear(x, base.weight, base.bias, l, self.is_feedforward, self.fan_in_fan_out)
+
+    def _mixed_forward(self, x: torch.Tensor, batch: "mixed.MixedBatch") -> torch.Tensor:
+        """Each sequence with its own vector (none for "__base__"): one grouped scaling op,
+        on the input before the base (feedforward) or on the base's output (with its bias)."""
+        names = batch.adapters_in(self.ia3_l)
+        if not names:
+            return self.base_layer(x)
+        rows = batch.row_slots(names, x)
+        if self.is_feedforward:
+            return self.base_layer(grouped_ops.ia3_grouped_scale(x, self._stacked_scales(names, x.dtype, batch), rows))
+        out = self.base_layer(x)
+        return grouped_ops.ia3_grouped_scale(out, self._stacked_scales(names, out.dtype, batch), rows)
+
+    def _stacked_scales(self, names: tuple[str, ...], dtype: torch.dtype, batch: "mixed.MixedBatch") -> torch.Tensor:
+        """The vectors of `names` as [G, features], float32 (float64 for float64 inputs), built
+        once per mixed-batch call and kept in it (as LoraLinear's stacks)."""
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (id(self), names, acc)
+        if key not in batch.stacks:
+            batch.stacks[key] = torch.stack([self.ia3_l[n].reshape(-1).to(acc) for n in names])
+        return batch.stacks[key]
 
     def extra_repr(self) -> str:
         side = "input" if self.is_feedforward else "output"
@@ -231,7 +272,7 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     user_feedforward = config.feedforward_modules is not None
     matched = targeting.find_targets(
-        model, config, DEFAULT_TARGETS, supports,
+        model, config, DEFAULT_TARGETS, lambda m: supports(m) or isinstance(m, IA3Linear),
         "peftkern's IA³ supports nn.Linear, transformers' Conv1D and NF4 (peftkern NF4Linear, bitsandbytes "
         "Linear4bit) bases",
     )  # fmt: skip
@@ -246,12 +287,25 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
     elif isinstance(config.feedforward_modules, list) and isinstance(config.target_modules, list):
         check_feedforward_subset(config.feedforward_modules, config.target_modules)
     for name, module in matched:
+        if isinstance(module, IA3Linear):  # another adapter on a layer that already has one
+            if quantize:
+                raise ValueError(f"{name!r} is already patched: quantize applies when a layer is first patched")
+            if adapter_name in module.ia3_l:
+                raise ValueError(f"{name!r} already has an adapter named {adapter_name!r}")
+            if module.is_feedforward != is_feedforward(config, name):
+                raise ValueError(f"{name!r} scales its {'input' if module.is_feedforward else 'output'} for the "
+                                 "adapters it has; another adapter cannot change that (feedforward_modules)")  # fmt: skip
+            continue
         nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
         if quantize and not isinstance(module, nn.Linear):
             raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
 
     def apply(record: dict) -> None:
         for name, module in matched:
+            if isinstance(module, IA3Linear):
+                module.add_adapter(adapter_name, config)
+                record["undo"].append(functools.partial(module.delete_adapter, adapter_name))
+                continue
             if quantize and nf4_base_weight(module) is None:
                 module = NF4Linear.from_linear(module)  # the dense weight goes with the old module
             layer = IA3Linear(module, adapter_name, config, is_feedforward(config, name))

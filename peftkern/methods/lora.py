@@ -13,6 +13,7 @@ init schemes and fields raise NotImplementedError, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from torch import nn
 
 from .. import targeting
 from ..nf4 import NF4Linear, NF4Weight
+from .. import mixed
 from ..ops import dora as dora_ops
+from ..ops import grouped as grouped_ops
 from ..ops import lora as lora_ops
 from . import AdapterLayer, config_fields, modules_to_save
 
@@ -195,8 +198,9 @@ class LoraLinear(AdapterLayer):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.active_adapter = adapter_name
+        self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
         self.merged = False
+        self.disabled = False  # peftkern.disable_adapter(): the base alone
         self._original_base_weight = None  # PiSSA changes the base; unpatch puts this back
         self._nf4_base_while_merged = None
 
@@ -223,6 +227,26 @@ class LoraLinear(AdapterLayer):
                 self.dense_weight(factory["dtype"]), self.lora_A[name].weight, self.lora_B[name].weight, config.scaling
             )
             self.lora_magnitude_vector[name] = DoraMagnitude(norm)
+
+    def delete_adapter(self, name: str) -> None:
+        """Drop adapter `name` (unmerged first if it is the merged one); a no-op if absent."""
+        if name not in self.lora_A:
+            return
+        if self.merged and self.active_adapter == name:
+            self.unmerge()
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in container:
+                del container[name]
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        if name not in self.lora_A:
+            return []
+        modules = [self.lora_A[name], self.lora_B[name]]
+        if name in self.lora_magnitude_vector:
+            modules.append(self.lora_magnitude_vector[name])
+        return [p for m in modules for p in m.parameters()]
 
     @torch.no_grad()
     def _pissa_init(self, name: str, config: LoraConfig) -> None:
@@ -282,7 +306,7 @@ class LoraLinear(AdapterLayer):
         An NF4 base is not re-quantized (that would be lossy): it is set aside and replaced by a
         dense nn.Linear in the weight's original dtype (bf16/fp16/fp32) holding the merged weight;
         unmerge gives the NF4 base back, bit for bit, and merge_and_unload leaves the dense one."""
-        if self.merged:
+        if self.merged or self.active_adapter not in self.lora_A:
             return
         if self.quantized:
             nf4 = nf4_base_weight(self.base_layer)
@@ -320,8 +344,14 @@ class LoraLinear(AdapterLayer):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:  # as PEFT: a disabled adapter is unmerged, then the base runs alone
+            self.unmerge()
+            return self.base_layer(x)
+        batch = mixed.current()
+        if batch is not None:  # model(..., adapter_names=[...]): merged models are refused before
+            return self._mixed_forward(x, batch)
         name = self.active_adapter
-        if self.merged or name is None:
+        if self.merged or name not in self.lora_A:
             weight = getattr(self.base_layer, "weight", None)
             if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
                 bias = self.base_layer.bias
@@ -346,6 +376,47 @@ class LoraLinear(AdapterLayer):
             x, self.base_layer.weight, self.base_layer.bias, lora_a, lora_b, self.scaling[name],
             dropout=self.dropout[name], training=self.training, fan_in_fan_out=self.fan_in_fan_out,
         )  # fmt: skip
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            bias = self.base_layer.bias
+            if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+                bias = bias.to(x.dtype)
+            return lora_ops.nf4_linear(x, nf4_base_weight(self.base_layer), bias)
+        return self.base_layer(x)
+
+    def _mixed_forward(self, x: torch.Tensor, batch: "mixed.MixedBatch") -> torch.Tensor:
+        """Each sequence with its own adapter: the base for all rows, then one grouped op adds
+        every row's s·(x·Aᵀ)·Bᵀ (`peftkern.ops.grouped.lora_grouped`). Dropout is off (eval)."""
+        names = batch.adapters_in(self.lora_A)
+        dora = [n for n in names if n in self.lora_magnitude_vector]
+        if dora:
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (adapter {dora[0]!r}), as in PEFT.")
+        base_out = self._base_forward(x)
+        if not names:
+            return base_out
+        lora_a, lora_b_t, scaling = self._stacked_adapters(names, base_out.dtype, batch)
+        rows = batch.row_slots(names, x)
+        return grouped_ops.lora_grouped(base_out, x.to(base_out.dtype), lora_a, lora_b_t, scaling, rows)
+
+    def _stacked_adapters(self, names: tuple[str, ...], dtype: torch.dtype, batch: "mixed.MixedBatch"):
+        """(A [G, R, in], Bᵀ [G, R, out], scaling float32 [G]) of `names` in `dtype`, ranks
+        zero-padded to the largest. Built once per mixed-batch call (a whole `generate` included)
+        and kept in it, so no cache can outlive a change to the adapters."""
+        key = (id(self), names, dtype)
+        if key in batch.stacks:
+            return batch.stacks[key]
+        rank = max(self.lora_A[n].weight.shape[0] for n in names)
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [r, F] -> [rank, F]
+            return nn.functional.pad(t.to(dtype), (0, 0, 0, rank - t.shape[0]))
+
+        stacked = batch.stacks[key] = (
+            torch.stack([padded(self.lora_A[n].weight) for n in names]),
+            torch.stack([padded(self.lora_B[n].weight.t()) for n in names]),
+            torch.tensor([self.scaling[n] for n in names], dtype=torch.float32).to(self.lora_A[names[0]].weight.device),
+        )
+        return stacked
 
     def _dora_forward(self, x, name, lora_a, lora_b):
         """y = m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b with n = ||W + s·BA|| per output row, detached (DoRA
@@ -396,11 +467,20 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     matched = targeting.find_targets(
-        model, config, DEFAULT_TARGETS, supports,
+        model, config, DEFAULT_TARGETS, lambda m: supports(m) or isinstance(m, LoraLinear),
         "peftkern's LoRA supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far",
     )  # fmt: skip
     pissa = config.init_lora_weights == "pissa" or _pissa_niter(config.init_lora_weights) is not None
     for name, module in matched:
+        if isinstance(module, LoraLinear):  # another adapter on a layer that already has one
+            if quantize:
+                raise ValueError(f"{name!r} is already patched: quantize applies when a layer is first patched")
+            if pissa:
+                raise NotImplementedError(f"{name!r}: PiSSA rewrites the base weight, which another adapter "
+                                          "already uses; initialise PiSSA adapters on an unpatched model")  # fmt: skip
+            if adapter_name in module.lora_A:
+                raise ValueError(f"{name!r} already has an adapter named {adapter_name!r}")
+            continue
         nf4 = nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
         if quantize and not isinstance(module, nn.Linear):
             raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
@@ -421,6 +501,10 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             except ImportError:
                 pass
         for name, module in progress:
+            if isinstance(module, LoraLinear):
+                module.add_adapter(adapter_name, config.for_module(name))
+                record["undo"].append(functools.partial(module.delete_adapter, adapter_name))
+                continue
             if quantize and nf4_base_weight(module) is None:
                 module = NF4Linear.from_linear(module)  # the dense weight is released with the old module
             layer = LoraLinear(module, adapter_name, config.for_module(name))
@@ -428,22 +512,23 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             if quantize:  # unpatch gives back the NF4 layer, not the dense one
                 record["swaps"][-1] = (*record["swaps"][-1][:2], module)
         modules_to_save.apply(model, saved, adapter_name, record)
-        for parameter in _trained_biases(model, config).values():  # PEFT's bias="all" / "lora_only"
+        for parameter in _trained_biases(model, config, adapter_name).values():  # PEFT's bias="all" / "lora_only"
             parameter.requires_grad_(True)
 
     return apply
 
 
-def _trained_biases(model: nn.Module, config: LoraConfig) -> dict[str, torch.Tensor]:
+def _trained_biases(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
     """The base biases that bias="all" / "lora_only" train (and save), as PEFT picks them: every
-    parameter with "bias" in its name, or the biases of the LoRA layers' bases."""
+    parameter with "bias" in its name, or the biases of the bases of the adapter's LoRA layers."""
     if config.bias == "all":
         return {n: p for n, p in model.named_parameters() if "bias" in n and "lora_" not in n}
     if config.bias == "lora_only":
         return {
             f"{name}.base_layer.bias": layer.base_layer.bias
             for name, layer in model.named_modules()
-            if isinstance(layer, LoraLinear) and getattr(layer.base_layer, "bias", None) is not None
+            if isinstance(layer, LoraLinear) and adapter_name in layer.lora_A
+            and getattr(layer.base_layer, "bias", None) is not None
         }
     return {}
 
@@ -460,7 +545,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
     record = getattr(model, "_peftkern_patch_record", None)
-    if record is not None and record.get("config") is not None:
-        tensors.update(_trained_biases(model, record["config"]))
+    config = (record or {}).get("adapters", {}).get(adapter_name)
+    if config is not None:
+        tensors.update(_trained_biases(model, config, adapter_name))
     tensors.update(modules_to_save.tensors(model, adapter_name))
     return tensors

@@ -10,7 +10,7 @@ import copy
 import torch
 from torch import nn
 
-from .. import targeting
+from .. import mixed, targeting
 from . import AdapterLayer
 
 
@@ -23,20 +23,47 @@ class ModulesToSave(AdapterLayer):
         self.modules_to_save = nn.ModuleDict({adapter_name: trainable})
         self.active_adapter = adapter_name
 
+    disabled = False  # peftkern.disable_adapter(): the original module runs, as in PEFT
+
+    def _in_use(self) -> nn.Module:
+        """The active adapter's trainable copy; the original while disabled or while the active
+        adapter (another one of the model) has no copy here."""
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
     def forward(self, *args, **kwargs):
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+        batch = mixed.current()
+        names = batch.adapters_in(self.modules_to_save) if batch is not None and not self.disabled else ()
+        if not names:
+            return self._in_use()(*args, **kwargs)
+        # A mixed batch: the original for every sequence, then each copy on its own sequences (as
+        # PEFT; a module to save is one of few, so a loop over the copies is cheap here).
+        x, rest = args[0], args[1:]
+        out = self.original_module(x, *rest, **kwargs).clone()
+        for name in names:
+            rows = batch.sequences_of(name, x.shape[0])
+            out[rows] = self.modules_to_save[name](x[rows], *rest, **kwargs).to(out.dtype)
+        return out
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
-        except AttributeError:  # model code reads e.g. `lm_head.weight`: the copy in use answers
-            return getattr(self.modules_to_save[self.active_adapter], name)
+        except AttributeError:  # model code reads e.g. `lm_head.weight`: the module in use answers
+            return getattr(self._in_use(), name)
 
     def merge(self) -> None:  # nothing to fold: the copy is the module
         pass
 
     def unloaded(self) -> nn.Module:
-        return self.modules_to_save[self.active_adapter]
+        return self._in_use()
 
 
 def find(model: nn.Module, names: list[str], exclude: set[str] = frozenset(), optional=()) -> list[tuple[str, nn.Module]]:

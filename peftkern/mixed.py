@@ -1,0 +1,173 @@
+"""Mixed-adapter batches: `model(..., adapter_names=[...])` and `model.generate(...,
+adapter_names=[...])` run each sequence of a batch with its own adapter ("__base__": none), as
+Hugging Face PEFT's `adapter_names` does, for LoRA and IA³.
+
+How it works: `peftkern.patch` installs a forward pre-hook on the model (and wraps its
+`generate`) that takes `adapter_names` out of the call and makes it the current `MixedBatch` (a
+context variable) for the length of the call. Each LoRA / IA³ layer then maps the names to the
+adapters it holds (`row_slots`: one int32 per row of its input, -1 for none) and calls one grouped
+op for all of them (`peftkern.ops.grouped`): no Python loop over sub-batches, as punica / S-LoRA.
+
+The names are turned into device tensors once per call and per distinct set of adapters a layer
+holds (not once per layer), so a forward costs one small host-to-device copy, not one per layer.
+Each layer stacks the adapters it needs once per call too (kept here, so a `generate` stacks them
+once for all its steps, and nothing cached outlives the call or a change to the adapters).
+Inside `generate`, a batch that beam search or num_return_sequences has expanded k-fold (HF
+repeats each sequence k times in place) takes each name k times, as PEFT does for beams.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import types
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+BASE = "__base__"  # PEFT's name for rows that run without an adapter
+
+_CURRENT: contextvars.ContextVar["MixedBatch | None"] = contextvars.ContextVar("peftkern_mixed_batch", default=None)
+
+
+def current() -> "MixedBatch | None":
+    """The mixed batch of the forward being run, or None (every row uses the active adapter)."""
+    return _CURRENT.get()
+
+
+class MixedBatch:
+    """One call's `adapter_names`: the adapter of each sequence (each entry of the batch dim)."""
+
+    def __init__(self, names: list[str], expandable: bool):
+        self.names = list(names)
+        self.expandable = expandable  # inside generate(): the batch may be a k-fold expansion
+        self._slots: dict[tuple, torch.Tensor] = {}
+        self.stacks: dict[tuple, object] = {}  # each layer's stacked adapters, built once per call
+
+    def adapters_in(self, available) -> tuple[str, ...]:
+        """The adapters this batch uses that a layer holds (in `available`), in first-use order;
+        names the layer lacks run as the base there, as in PEFT."""
+        seen: dict[str, None] = {}
+        for name in self.names:
+            if name != BASE and name in available:
+                seen.setdefault(name)
+        return tuple(seen)
+
+    def _repeat(self, batch: int) -> int:
+        """How many times each name repeats along a batch of `batch` sequences (1, or k inside
+        generate when beam search / num_return_sequences expanded the batch k-fold)."""
+        if batch == len(self.names):
+            return 1
+        if self.expandable and self.names and batch % len(self.names) == 0:
+            return batch // len(self.names)
+        raise ValueError(
+            "Length of `adapter_names` should be the same as the number of inputs, but got "
+            f"{len(self.names)} and {batch} respectively."
+        )
+
+    def sequences_of(self, name: str, batch: int) -> list[int]:
+        """The batch indices of the sequences that use adapter `name`."""
+        repeat = self._repeat(batch)
+        return [i for i in range(batch) if self.names[i // repeat] == name]
+
+    def row_slots(self, adapters: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """int32 [rows]: for each row of x flattened to [rows, features], the index of its
+        adapter in `adapters` (-1: none). x is [batch, ..., features], batch = len(names)."""
+        if x.dim() < 2:
+            raise ValueError(f"adapter_names needs an input with a batch dimension, got shape {tuple(x.shape)}")
+        batch, per_sequence = x.shape[0], x[0].numel() // max(x.shape[-1], 1)
+        repeat = self._repeat(batch)
+        key = (adapters, x.device, repeat, per_sequence)
+        slots = self._slots.get(key)
+        if slots is None:
+            index = {name: i for i, name in enumerate(adapters)}
+            per_name = [index.get(name, -1) for name in self.names for _ in range(repeat)]
+            slots = torch.tensor(per_name, dtype=torch.int32).to(x.device, non_blocking=True)
+            if per_sequence != 1:
+                slots = slots.repeat_interleave(per_sequence)
+            self._slots[key] = slots
+        return slots
+
+
+@contextmanager
+def mixed_batch(model: nn.Module, adapter_names, expandable: bool = False):
+    """Run the model's LoRA / IA³ layers with one adapter per sequence for the duration."""
+    token = _CURRENT.set(_validated(model, adapter_names, expandable))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def _validated(model: nn.Module, adapter_names, expandable: bool) -> MixedBatch:
+    """PEFT's checks: a list of known names (or "__base__"), eval mode, nothing merged."""
+    from .methods import AdapterLayer
+    from .patch import patch_record
+
+    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per sequence), got {adapter_names!r}")
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode (call model.eval()).")
+    record = patch_record(model) or {}
+    unknown = sorted({n for n in adapter_names if n != BASE} - set(record.get("adapters", ())))
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
+                         f"(this model has {list(record.get('adapters', ()))}; {BASE!r} for none)")  # fmt: skip
+    if any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer)):
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters: peftkern.unmerge(model) first.")
+    return MixedBatch(adapter_names, expandable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks on the model (installed by patch, removed by unpatch).
+# ---------------------------------------------------------------------------------------------
+
+_TOKENS = "_peftkern_mixed_tokens"
+_GENERATE = "_peftkern_inner_generate"
+
+
+def _pre_forward(model, args, kwargs):
+    names = kwargs.pop("adapter_names", None)
+    tokens = model.__dict__.setdefault(_TOKENS, [])
+    tokens.append(None if names is None else _CURRENT.set(_validated(model, names, expandable=False)))
+    return args, kwargs
+
+
+def _post_forward(model, args, output):
+    tokens = model.__dict__.get(_TOKENS)
+    token = tokens.pop() if tokens else None
+    if token is not None:
+        _CURRENT.reset(token)
+
+
+def _generate(self, *args, adapter_names=None, **kwargs):
+    inner = self.__dict__.get(_GENERATE) or types.MethodType(type(self).generate, self)
+    if adapter_names is None:
+        return inner(*args, **kwargs)
+    with mixed_batch(self, adapter_names, expandable=True):
+        return inner(*args, **kwargs)
+
+
+def install(model: nn.Module, record: dict) -> None:
+    """Accept `adapter_names` in `model(...)` and `model.generate(...)`; unpatch removes both."""
+    handles = [
+        model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
+        model.register_forward_hook(_post_forward, always_call=True),
+    ]
+    has_generate = callable(getattr(model, "generate", None))
+    previous = model.__dict__.get("generate")  # an instance-level generate someone installed before us
+    if has_generate:
+        if previous is not None:
+            model.__dict__[_GENERATE] = previous
+        model.generate = types.MethodType(_generate, model)
+
+    def undo() -> None:
+        for handle in handles:
+            handle.remove()
+        if has_generate:
+            model.__dict__.pop("generate", None)
+            if previous is not None:
+                model.generate = model.__dict__.pop(_GENERATE)
+        model.__dict__.pop(_TOKENS, None)
+
+    record["undo"].append(undo)
