@@ -78,22 +78,25 @@ def test_reference_matches_peft_per_adapter_loop(generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_row_layouts(dtype, generator):
+@pytest.mark.parametrize("rows", [6, 240], ids=["row-kernel", "gemm-path"])
+def test_row_layouts(dtype, rows, generator):
     """One adapter for all rows (one contiguous run: sliced, not gathered), sorted runs, fully
-    interleaved rows, runs broken by -1 rows, every row -1: same as the reference, and rows
-    without an adapter are base_out bit for bit."""
-    t, g = 24, 3
-    base_out, x, a, bt, s, _ = lora_inputs((t, 20, 12, g, 6), dtype, generator)
+    interleaved rows, runs broken by -1 rows, every row -1, reversed runs: same as the reference,
+    and rows without an adapter are base_out bit for bit. 6 rows take the CPU's row-by-row kernel
+    (< 8 rows per adapter), 240 rows its per-adapter GEMMs."""
+    g = 3
+    base_out, x, a, bt, s, _ = lora_inputs((rows, 20, 12, g, 6), dtype, generator)
+    third = rows // 3
     layouts = {
-        "one adapter": [1] * t,
-        "sorted runs": [0] * 8 + [1] * 8 + [2] * 8,
-        "interleaved": [i % g for i in range(t)],
-        "runs with -1": [0] * 5 + [-1] * 3 + [0] * 4 + [2] * 6 + [-1] * 6,
-        "all -1": [-1] * t,
-        "reversed": [2] * 8 + [1] * 8 + [0] * 8,
+        "one adapter": [1] * rows,
+        "sorted runs": [0] * third + [1] * third + [2] * third,
+        "interleaved": [i % g for i in range(rows)],
+        "runs with -1": [0] * third + [-1] * (third // 2) + [0] * (third - third // 2) + [2] * third,
+        "all -1": [-1] * rows,
+        "reversed": [2] * third + [1] * third + [0] * third,
     }
-    for name, rows in layouts.items():
-        ra = torch.tensor(rows, dtype=torch.int32)
+    for name, adapter_of_row in layouts.items():
+        ra = torch.tensor(adapter_of_row, dtype=torch.int32)
         out = ops.lora_grouped_fwd(base_out, x, a, bt, s, ra)
         want = grouped_ops.lora_grouped_reference(base_out, x, a, bt, s, ra)
         torch.testing.assert_close(out, want, rtol=RTOL[dtype], atol=ATOL[dtype], msg=name)
@@ -101,13 +104,14 @@ def test_row_layouts(dtype, generator):
         assert torch.equal(out[none], base_out[none]), name
 
 
-def test_strided_x_and_base_out(generator):
+@pytest.mark.parametrize("rows", [17, 170], ids=["row-kernel", "gemm-path"])
+def test_strided_x_and_base_out(rows, generator):
     """x as a transposed view (column stride != 1) and as a row-sliced view; base_out sliced."""
-    base_out, x, a, bt, s, ra = lora_inputs((17, 12, 10, 3, 4), torch.float32, generator)
+    base_out, x, a, bt, s, ra = lora_inputs((rows, 12, 10, 3, 4), torch.float32, generator)
     want = grouped_ops.lora_grouped_reference(base_out, x, a, bt, s, ra)
-    x_t = x.t().contiguous().t()  # same values, strides (1, 17)
-    x_rows = torch.zeros(34, 12).index_copy_(0, torch.arange(0, 34, 2), x)[::2]  # row stride 24
-    base_wide = torch.zeros(17, 30)[:, 5:15].copy_(base_out)  # row stride 30
+    x_t = x.t().contiguous().t()  # same values, strides (1, rows)
+    x_rows = torch.zeros(2 * rows, 12).index_copy_(0, torch.arange(0, 2 * rows, 2), x)[::2]  # row stride 24
+    base_wide = torch.zeros(rows, 30)[:, 5:15].copy_(base_out)  # row stride 30
     for name, xx, bb in [("transposed x", x_t, base_out), ("row-sliced x", x_rows, base_out),
                          ("sliced base_out", x, base_wide), ("both", x_t, base_wide)]:  # fmt: skip
         assert not (xx.is_contiguous() and bb.is_contiguous())
@@ -136,12 +140,18 @@ def test_rank_zero_and_no_adapters(generator):
 
 
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
-def test_gradcheck_float64_through_the_compiled_op(strided, generator):
-    base_out, x, a, bt, s, ra = lora_inputs((7, 5, 4, 3, 3), torch.float64, generator, strided=strided)
-    ra = torch.tensor([2, -1, 0, 2, 1, 0, -1], dtype=torch.int32)
+@pytest.mark.parametrize(
+    "adapter_of_row",
+    [[2, -1, 0, 2, 1, 0, -1], [2, 0] * 8 + [-1, -1]],  # < 8 rows per adapter; 8 per adapter, interleaved
+    ids=["row-kernel", "gemm-path"],
+)
+def test_gradcheck_float64_through_the_compiled_op(strided, adapter_of_row, generator):
+    ra = torch.tensor(adapter_of_row, dtype=torch.int32)
+    base_out, x, a, bt, s, _ = lora_inputs((len(ra), 5, 4, 3, 3), torch.float64, generator, strided=strided)
     leaves = [t.detach().requires_grad_() for t in (base_out, x, a, bt)]
     assert torch.autograd.gradcheck(lambda *t: ops.lora_grouped_fwd(*t, s, ra), leaves)
-    assert torch.autograd.gradcheck(lambda *t: grouped_ops.lora_grouped(*t, s, ra), leaves)
+    if len(ra) < 10:
+        assert torch.autograd.gradcheck(lambda *t: grouped_ops.lora_grouped(*t, s, ra), leaves)
 
 
 def test_gradients_match_reference_autograd(generator):
