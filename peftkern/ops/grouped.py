@@ -64,7 +64,8 @@ def lora_grouped_reference(base_out, x, lora_a, lora_b_t, scaling, row_adapter) 
 def ia3_grouped_scale_reference(t, scales, row_adapter) -> torch.Tensor:
     """t [T, F], scales [G, F], row_adapter [T] in [-1, G): each row times its adapter's vector,
     in float32 (float64 for float64 t), rounded once; a row without an adapter is multiplied by 1
-    (exact: it comes back unchanged)."""
+    (exact: it comes back unchanged). Values outside [-1, G) are not checked here (-2 would wrap
+    to the last adapter); the compiled CPU op refuses them."""
     acc = _acc(t.dtype)
     table = torch.cat([torch.ones(1, t.shape[1], dtype=acc, device=t.device), scales.to(acc)])  # row 0: none
     return (t.to(acc) * table[row_adapter.long() + 1]).to(t.dtype)
