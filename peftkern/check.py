@@ -17,6 +17,7 @@ import torch
 from . import _ext
 from .ops import adapter as adapter_ops
 from .ops import dora as dora_ops
+from .ops import grouped as grouped_ops
 from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
 from .ops import nf4 as nf4_ops
@@ -333,6 +334,109 @@ def check_adapter(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# --- Grouped (mixed-adapter) inference: lora_grouped_fwd, ia3_grouped_scale ----------------------
+# (tokens, in, out, adapters, max rank): one row, odd sizes, G = 0 (every row -1), 1, 3 and 8,
+# rank 0, no rows. On CPU, the small cases take the row-by-row kernel (< 8 rows per adapter), the
+# 300-row case (and usually the 37-row one: the row mix is random) the per-adapter GEMMs.
+GROUPED_SHAPES = [(1, 7, 5, 1, 2), (13, 33, 17, 3, 4), (9, 5, 3, 0, 2), (0, 6, 5, 2, 3), (10, 8, 6, 2, 0),
+                  (37, 24, 40, 3, 5), (64, 96, 80, 8, 16), (300, 48, 40, 2, 8)]  # fmt: skip
+
+
+def random_grouped_inputs(shape, dtype, device, generator, strided=False):
+    """base_out [T, N], x [T, K], lora_a [G, R, K], lora_b_t [G, R, N] with a random rank r_g <= R per
+    adapter (rank rows past r_g zero, as stacking pads them), scaling float32 [G], row_adapter int32
+    [T] in [-1, G) (mixed and interleaved, -1 rows included), and IA³ scales [G, N] near 1 (float32,
+    float64 for float64). strided: x and base_out are column-strided views."""
+    t, k, n, g, r = shape
+
+    def rand(*size, fan):
+        return (torch.randn(size, generator=generator, dtype=torch.float64) / max(fan, 1) ** 0.5).to(dtype)
+
+    x, base_out = rand(t, 2 * k if strided else k, fan=1), rand(t, 2 * n if strided else n, fan=1)
+    if strided:
+        x, base_out = x[:, ::2], base_out[:, ::2]
+    ranks = torch.randint(1, r + 1, (g,), generator=generator) if r > 0 else torch.zeros(g, dtype=torch.long)
+    used = (torch.arange(r)[None, :] < ranks[:, None])[:, :, None]  # [G, R, 1]
+    lora_a = rand(g, r, k, fan=k) * used
+    lora_b_t = rand(g, r, n, fan=max(r, 1)) * used
+    scaling = (0.5 + 2 * torch.rand(g, generator=generator)).to(torch.float32)
+    row_adapter = torch.randint(-1, g, (t,), generator=generator, dtype=torch.int32)
+    scales = (1 + 0.5 * torch.randn(g, n, generator=generator, dtype=torch.float64)).to(grouped_ops._acc(dtype))
+    to = lambda v: v.to(device)  # noqa: E731
+    return tuple(map(to, (base_out, x, lora_a, lora_b_t, scaling, row_adapter, scales)))
+
+
+def _judge(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
+    for name, ours, exact_value, bound in zip(names, ours_list, exact_list, bound_list):
+        ours = ours.detach().cpu().double()
+        if ours.shape != exact_value.shape or torch.isnan(ours).any():
+            errors[name] = float("inf")
+        elif ours.numel() == 0:
+            errors[name] = 0.0
+        else:
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound.detach() + floor)).max().item()
+
+
+def grouped_errors(base_out, x, lora_a, lora_b_t, scaling, row_adapter, scales, generator) -> dict[str, float]:
+    """Worst error / allowed error (pass: <= 1) of both compiled grouped ops and of the gradients
+    their autograd formulas give (lora: base_out, x, lora_a, lora_b_t; ia3: t, scales), judged as
+    lora_linear_errors: against the float64 reference, allowed GEMM_TOLERANCE[dtype] times the same
+    computation on absolute values, element by element (plus the smallest normal number)."""
+    dtype = x.dtype
+    leaves = [t.detach().requires_grad_() for t in (base_out, x, lora_a, lora_b_t)]
+    out = torch.ops.peftkern.lora_grouped_fwd(*leaves, scaling, row_adapter)
+    g = torch.randn(out.shape, generator=generator).to(dtype)
+    got = torch.autograd.grad(out, leaves, g.to(out.device))
+
+    ra = row_adapter.cpu()
+
+    def lora64(transform):
+        ls = [transform(t.detach().double().cpu()).requires_grad_() for t in leaves]
+        return grouped_ops.lora_grouped_reference(*ls, transform(scaling.double().cpu()), ra), ls
+
+    exact, ls = lora64(lambda t: t)
+    magnitude, abs_ls = lora64(torch.abs)
+    want = torch.autograd.grad(exact, ls, g.double())
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs())
+    tolerance, floor = GEMM_TOLERANCE[dtype], torch.finfo(dtype).tiny
+    errors: dict[str, float] = {}
+    _judge(errors, ("lora out", "lora grad_base", "lora grad_x", "lora grad_a", "lora grad_b_t"), (out, *got),
+           (exact, *want), (magnitude, *bounds), tolerance, floor)  # fmt: skip
+
+    # IA³ over base_out's [T, N]: t ⊙ scales[g].
+    t, s = base_out.detach().requires_grad_(), scales.detach().requires_grad_()
+    out = torch.ops.peftkern.ia3_grouped_scale(t, s, row_adapter)
+    got = torch.autograd.grad(out, (t, s), g.to(out.device))
+
+    def ia3_64(transform):
+        ls = [transform(v.detach().double().cpu()).requires_grad_() for v in (t, s)]
+        return grouped_ops.ia3_grouped_scale_reference(*ls, ra), ls
+
+    exact, ls = ia3_64(lambda v: v)
+    magnitude, abs_ls = ia3_64(torch.abs)
+    want = torch.autograd.grad(exact, ls, g.double())
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs())
+    _judge(errors, ("ia3 out", "ia3 grad_t", "ia3 grad_scales"), (out, *got), (exact, *want), (magnitude, *bounds),
+           tolerance, floor)  # fmt: skip
+    return errors
+
+
+def check_grouped(device: str, generator: torch.Generator) -> list[Result]:
+    """lora_grouped_fwd and ia3_grouped_scale (forward and autograd) against the reference."""
+    results = []
+    for dtype in DTYPES:
+        for shape in GROUPED_SHAPES:
+            for strided in (False, True):
+                inputs = random_grouped_inputs(shape, dtype, device, generator, strided=strided)
+                errors = grouped_errors(*inputs, generator)
+                for op in ("lora_grouped_fwd", "ia3_grouped_scale"):
+                    prefix = op.split("_")[0] + " "
+                    worst = max(e for name, e in errors.items() if name.startswith(prefix))
+                    results.append(Result(f"{op}+bwd", device, str(dtype).removeprefix("torch."), shape, 0, worst,
+                                          worst <= 1.0))  # fmt: skip
+    return results
+
+
 def devices() -> list[str]:
     found = ["cpu"]
     if torch.cuda.is_available() and _ext.has_cuda_kernels():
@@ -359,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _ext.set_poison_outputs(True)
     try:
-        checks = (check_nf4, check_lora, check_dora, check_qlora_gemv, check_ia3, check_adapter)
+        checks = (check_nf4, check_lora, check_dora, check_qlora_gemv, check_ia3, check_adapter, check_grouped)
         results = [r for device in devices() for check in checks for r in check(device, generator)]
     finally:
         _ext.set_poison_outputs(False)
@@ -367,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     print("max error: NF4 ops must be exact (0); lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
           "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora; "
           "nf4_lora_gemv the max error relative to the output's scale; "
-          "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1)")
+          "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1); "
+          "lora_grouped_fwd / ia3_grouped_scale (+bwd) as lora")
     header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

@@ -1,0 +1,214 @@
+// Grouped (mixed-adapter) kernels on CUDA. See grouped_host.h for the ops and their checks; the
+// per-element math is grouped_math.h, shared with grouped_cpu.cpp.
+//
+// LoRA takes two launches per call whatever the number of adapters (punica's SGMV shrink/expand,
+// written simply rather than tuned):
+//   shrink: xa[t, j] = scaling[g]·Σ_k x[t, k]·A[g][j, k]   into a float32 (double) [T, R] scratch
+//   expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B_t[g][j, o]
+// B is stored transposed ([G, R, N]) so that consecutive threads (consecutive o) read consecutive
+// addresses of B_t[g][j, :]. Rows without an adapter (-1) are skipped by shrink and copied by
+// expand, so every output element is written exactly once.
+//
+// row_adapter values are trusted (checking them on the host would cost a device sync): a value
+// outside [-1, G) fires a device-side assert, and is never used as an index (has_adapter).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "grouped_host.h"
+#include "grouped_math.h"
+
+namespace peftkern {
+namespace grouped {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kShrinkThreads = 256;  // 8 warps
+constexpr int kThreads = 256;
+// Grid dimensions we launch at most; every kernel strides over the rest, so T is unbounded
+// (gridDim.y/z are limited to 65535, and 65535 blocks fill any current GPU).
+constexpr int64_t kMaxGridRows = 65535;
+
+unsigned int grid_rows(int64_t rows) {
+  return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridRows));
+}
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;  // every lane holds the total
+}
+
+__device__ __forceinline__ int32_t row_adapter_at(const int32_t* row_adapter, int64_t t, int64_t adapters) {
+  const int32_t g = row_adapter[t];
+  CUDA_KERNEL_ASSERT_MSG(g >= -1 && g < adapters, "row_adapter value outside [-1, adapters)");
+  return g;
+}
+
+// Shrink: xa[t, j] = scaling[g]·Σ_k x[t, k]·A[g][j, k] for each row t with an adapter g.
+// Assumes: lora_a contiguous [G, R, K]; x any strides (xs0, xs1); xa contiguous [T, R] in Acc;
+// blockDim.x a multiple of 32. Grid: 1-D, gridDim.x <= 65535 blocks striding over rows (one
+// block per row at a time; g, hence every branch below, is uniform across the block). Warp w
+// computes rank rows j = w, w + warps, ...; its lanes stride over k (reads of A[g][j, :], and of
+// x when xs1 == 1, are coalesced; the x row is re-read from L1/L2 for each j), then a shuffle
+// reduction. Rows without an adapter are skipped: expand never reads their xa row.
+template <typename T, typename Acc>
+__global__ void lora_shrink_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
+                                   const T* __restrict__ lora_a,         // [G, R, K]
+                                   const float* __restrict__ scaling,    // [G]
+                                   const int32_t* __restrict__ row_adapter,  // [T]
+                                   Acc* __restrict__ xa,                 // [T, R]
+                                   int64_t rows, int64_t k, int64_t rank, int64_t adapters) {
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int warps = blockDim.x / kWarp;
+  for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
+    const int32_t g = row_adapter_at(row_adapter, t, adapters);
+    if (!has_adapter(g, adapters)) continue;
+    const T* x_row = x + t * xs0;
+    const T* a_g = lora_a + static_cast<int64_t>(g) * rank * k;
+    const Acc s = static_cast<Acc>(scaling[g]);
+    for (int64_t j = warp; j < rank; j += warps) {
+      const T* a_row = a_g + j * k;
+      Acc sum = 0;
+      for (int64_t c = lane; c < k; c += kWarp) sum += static_cast<Acc>(x_row[c * xs1]) * static_cast<Acc>(a_row[c]);
+      sum = warp_sum(sum);
+      if (lane == 0) xa[t * rank + j] = s * sum;
+    }
+  }
+}
+
+// Expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B_t[g][j, o] (rounded once), or
+// base_out[t, o] for a row without an adapter.
+// Assumes: lora_b_t contiguous [G, R, N]; base_out any strides (bs0, bs1); xa contiguous [T, R]
+// in Acc; out contiguous [T, N]. Grid: x = column tiles of blockDim.x (thread = output column o:
+// the reads of B_t[g][j, :] and the writes of out are coalesced; all lanes read the same xa[t, j],
+// a broadcast), y <= 65535 striding over rows. No shared memory, no __syncthreads (so the early
+// return of the threads past N is safe).
+template <typename T, typename Acc>
+__global__ void lora_expand_kernel(const T* __restrict__ base_out, int64_t bs0, int64_t bs1,
+                                   const Acc* __restrict__ xa,            // [T, R]
+                                   const T* __restrict__ lora_b_t,        // [G, R, N]
+                                   const int32_t* __restrict__ row_adapter,  // [T]
+                                   T* __restrict__ out,                   // [T, N]
+                                   int64_t rows, int64_t n, int64_t rank, int64_t adapters) {
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= n) return;
+  for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
+    const int32_t g = row_adapter_at(row_adapter, t, adapters);
+    const T base = base_out[t * bs0 + o * bs1];
+    if (!has_adapter(g, adapters)) {
+      out[t * n + o] = base;
+      continue;
+    }
+    const Acc* xa_row = xa + t * rank;
+    const T* b_col = lora_b_t + static_cast<int64_t>(g) * rank * n + o;
+    Acc lora = 0;
+    for (int64_t j = 0; j < rank; ++j) lora += xa_row[j] * static_cast<Acc>(b_col[j * n]);
+    out[t * n + o] = lora_output<T, Acc>(base, lora);
+  }
+}
+
+// IA³: out[r, f] = t[r, f]·scales[g, f] (rounded once) for a row r with an adapter g, else t[r, f].
+// Assumes: scales contiguous [G, F] in Acc; t any strides (s0, s1); out contiguous [T, F].
+// Grid: 1-D grid-stride loop over the T·F output elements (int64 indices; consecutive threads
+// write consecutive elements of a row).
+template <typename T, typename Acc>
+__global__ void ia3_grouped_kernel(const T* __restrict__ t, int64_t s0, int64_t s1,
+                                   const Acc* __restrict__ scales,          // [G, F]
+                                   const int32_t* __restrict__ row_adapter,  // [T]
+                                   T* __restrict__ out,                     // [T, F]
+                                   int64_t rows, int64_t width, int64_t adapters) {
+  const int64_t total = rows * width;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += step) {
+    const int64_t r = i / width, f = i % width;
+    const int32_t g = row_adapter_at(row_adapter, r, adapters);
+    const T v = t[r * s0 + f * s1];
+    out[i] = has_adapter(g, adapters) ? ia3_scaled<T, Acc>(v, scales[static_cast<int64_t>(g) * width + f]) : v;
+  }
+}
+
+unsigned int column_tiles(int64_t n, int64_t tile) {
+  const int64_t tiles = ceil_div(n, tile);
+  TORCH_CHECK(tiles <= 0x7fffffff, "lora_grouped_fwd: too many columns (", n, ") for a 1-D grid");
+  return static_cast<unsigned int>(tiles);
+}
+
+struct CudaKernels {
+  // T > 0 and N > 0 (grouped_host.h returns before calling otherwise).
+  static void lora(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
+                   const at::Tensor& lora_b_t, const at::Tensor& scaling, const at::Tensor& row_adapter,
+                   at::Tensor& out) {
+    const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
+    const int64_t adapters = lora_a.size(0), rank = lora_a.size(1);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    // Scratch, written by shrink for every row with an adapter; the only rows expand reads.
+    at::Tensor xa = at::empty({rows, rank}, x.options().dtype(acc_dtype(x.scalar_type())));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_grouped_fwd", [&] {
+      using Acc = acc_type<scalar_t>;
+      if (rank > 0) {  // R = 0: xa is empty and the LoRA term is 0
+        lora_shrink_kernel<scalar_t, Acc><<<grid_rows(rows), kShrinkThreads, 0, stream>>>(
+            x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), lora_a.const_data_ptr<scalar_t>(),
+            scaling.const_data_ptr<float>(), row_adapter.const_data_ptr<int32_t>(), xa.mutable_data_ptr<Acc>(), rows,
+            k, rank, adapters);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      const dim3 grid(column_tiles(n, kThreads), grid_rows(rows));
+      lora_expand_kernel<scalar_t, Acc><<<grid, kThreads, 0, stream>>>(
+          base_out.const_data_ptr<scalar_t>(), base_out.stride(0), base_out.stride(1), xa.const_data_ptr<Acc>(),
+          lora_b_t.const_data_ptr<scalar_t>(), row_adapter.const_data_ptr<int32_t>(),
+          out.mutable_data_ptr<scalar_t>(), rows, n, rank, adapters);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  // T > 0 and F > 0.
+  static void ia3(const at::Tensor& t, const at::Tensor& scales, const at::Tensor& row_adapter, at::Tensor& out) {
+    const int64_t rows = t.size(0), width = t.size(1), adapters = scales.size(0);
+    // Enough blocks to fill the GPU several times over; the loop strides over the rest.
+    const int64_t blocks = std::min<int64_t>(ceil_div(rows * width, kThreads), 65535 * 8);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ia3_grouped_scale", [&] {
+      using Acc = acc_type<scalar_t>;
+      ia3_grouped_kernel<scalar_t, Acc><<<static_cast<unsigned int>(blocks), kThreads, 0,
+                                          at::cuda::getCurrentCUDAStream()>>>(
+          t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), scales.const_data_ptr<Acc>(),
+          row_adapter.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), rows, width, adapters);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+using CudaOps = Ops<CudaKernels>;
+
+// Device guard: launches and scratch allocations go to x's (t's) device and its current stream.
+// Only set for a CUDA tensor: a CPU tensor among CUDA ones reaches this kernel by dispatch and is
+// refused by the checks in Ops with a message naming it.
+std::optional<c10::Device> cuda_device(const at::Tensor& t) {
+  return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
+}
+
+at::Tensor lora_fwd(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
+                    const at::Tensor& lora_b_t, const at::Tensor& scaling, const at::Tensor& row_adapter) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  return CudaOps::lora_fwd(base_out, x, lora_a, lora_b_t, scaling, row_adapter);
+}
+
+at::Tensor ia3_scale(const at::Tensor& t, const at::Tensor& scales, const at::Tensor& row_adapter) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device(t));
+  return CudaOps::ia3_scale(t, scales, row_adapter);
+}
+
+}  // namespace
+}  // namespace grouped
+}  // namespace peftkern
+
+TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+  m.impl("lora_grouped_fwd", &peftkern::grouped::lora_fwd);
+  m.impl("ia3_grouped_scale", &peftkern::grouped::ia3_scale);
+}

@@ -1,0 +1,39 @@
+// Per-element math of the grouped (mixed-adapter) kernels, shared by grouped_cpu.cpp and
+// grouped_cuda.cu so that the CPU tests check the arithmetic the GPU runs. Values are widened to
+// the accumulation type Acc (float for float/half/bfloat16, double for double), combined there
+// and rounded once to the storage type T when written.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../common/host_device.h"
+
+namespace peftkern {
+namespace grouped {
+
+template <typename T>
+using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// True when row adapter index g selects an adapter. -1 means "no adapter" (the base alone). The
+// CPU ops refuse any other value outside [0, adapters) before computing; the CUDA kernels assert
+// on it and, should device asserts be compiled out, treat it as -1: never a read out of bounds.
+PK_HOST_DEVICE bool has_adapter(int32_t g, int64_t adapters) { return g >= 0 && g < adapters; }
+
+// IA³ scaling of one element: t·s computed in Acc, rounded once to T (PEFT's
+// `(t.to(float32) * l).to(t.dtype)`).
+template <typename T, typename Acc>
+PK_HOST_DEVICE T ia3_scaled(T v, Acc s) {
+  return static_cast<T>(static_cast<Acc>(v) * s);
+}
+
+// One output element of the LoRA expand step: base + Σ_j xa[j]·B_t[j, o], with the sum `lora`
+// already accumulated in Acc; the base is added last (as a GEMM's beta=1 epilogue does) and the
+// result rounded once.
+template <typename T, typename Acc>
+PK_HOST_DEVICE T lora_output(T base, Acc lora) {
+  return static_cast<T>(static_cast<Acc>(base) + lora);
+}
+
+}  // namespace grouped
+}  // namespace peftkern
