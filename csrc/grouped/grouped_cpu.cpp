@@ -94,11 +94,11 @@ void lora_by_rows(const at::Tensor& base_out, const at::Tensor& x, const LoraChu
         Acc part[kLanes] = {};
         int64_t c = 0;
         for (; c + kLanes <= k; c += kLanes) {
-          for (int64_t lane = 0; lane < kLanes; ++lane) part[lane] += x_row[c + lane] * static_cast<Acc>(a_row[c + lane]);
+          for (int64_t i = 0; i < kLanes; ++i) part[i] += x_row[c + i] * static_cast<Acc>(a_row[c + i]);
         }
         for (; c < k; ++c) part[0] += x_row[c] * static_cast<Acc>(a_row[c]);
         Acc sum = 0;
-        for (int64_t lane = 0; lane < kLanes; ++lane) sum += part[lane];
+        for (int64_t i = 0; i < kLanes; ++i) sum += part[i];
         xa[j] = s * sum;
       }
       for (int64_t o = 0; o < n; ++o) {  // expand: base[o] + Σ_j xa[j]·B[g][o, j]
