@@ -2,7 +2,8 @@
 1024->1024 base, a batch of 8 sequences x {1, 64} tokens where each sequence uses its own
 adapter, forward only (inference). Side by side in one run:
 
-  peftkern         base F.linear, then ONE lora_grouped call for every adapter
+  peftkern         base F.linear, then ONE lora_grouped call for every adapter (the adapters'
+                   lora_A / lora_B weights passed as lists, as the layer does: no stacking)
   peft-loop        PEFT's mixed-batch forward (LoraLayer._mixed_batch_forward): base, then a
                    Python loop over the adapters: sub-batch x[idx] -> lora_B(lora_A(.)) * s ->
                    result[idx] += ...
@@ -41,13 +42,10 @@ def make_layer(impl, device, dtype):
     seq_adapter = [(3 * i) % ADAPTERS for i in range(SEQUENCES)]
 
     if impl == "peftkern":
-        stacked_a = torch.stack(lora_a)  # [G, R, K]
-        stacked_bt = torch.stack([b.t() for b in lora_b])  # [G, R, N]
-        scale_t = torch.tensor(scaling, device=device)
 
-        def forward(x):  # x [B, S, K]
+        def forward(x):  # x [B, S, K]; the adapters' weights passed as they are (lists, no stacking)
             rows = torch.tensor(seq_adapter, dtype=torch.int32, device=device).repeat_interleave(x.shape[1])
-            return grouped_ops.lora_grouped(F.linear(x, weight), x, stacked_a, stacked_bt, scale_t, rows)
+            return grouped_ops.lora_grouped(F.linear(x, weight), x, lora_a, lora_b, scaling, rows)
 
         return forward
     if impl == "peft-loop":

@@ -97,13 +97,13 @@ TORCH_LIBRARY(peftkern, m) {
   // A batch whose rows belong to different adapters (punica / S-LoRA style), one call per layer.
   // row_adapter int32 [T], values in [-1, G): the adapter of each row, -1 = none (the base alone).
   //
-  // LoRA: out[t] = base_out[t] + scaling[g]·(x[t]·A[g]ᵀ)·B_t[g] for g = row_adapter[t] >= 0, else
-  // base_out[t]. base_out [T, N], x [T, K] (same dtype), lora_a [G, R, K], lora_b_t [G, R, N]
-  // (adapter g's lora_B [N, r_g] stored transposed as lora_b_t[g, :r_g, :], the unused rank rows
-  // zero), scaling float32 [G]. Accumulated in float32 (float64 for double), rounded once. A new
-  // contiguous [T, N] tensor; base_out is not modified.
+  // LoRA: out[t] = base_out[t] + scaling[g]·(x[t]·A[g]ᵀ)·B[g]ᵀ for g = row_adapter[t] >= 0, else
+  // base_out[t]. base_out [T, N], x [T, K] (same dtype); the G adapters as lists, each as nn.Linear
+  // holds it: lora_a[g] [r_g, K], lora_b[g] [N, r_g] (ranks may differ, 0 allowed), scaling[g];
+  // every adapter tensor of one dtype, x's or float32. Accumulated in float32 (float64 for double),
+  // rounded once. A new contiguous [T, N] tensor; base_out is not modified.
   m.def(
-      "lora_grouped_fwd(Tensor base_out, Tensor x, Tensor lora_a, Tensor lora_b_t, Tensor scaling, "
+      "lora_grouped_fwd(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scaling, "
       "Tensor row_adapter) -> Tensor");
   // IA³: out[r, f] = t[r, f]·scales[g, f] for g = row_adapter[r] >= 0, else t[r, f]. t [T, F],
   // scales [G, F] float32 (float64 for double t); each product rounded once to t's dtype. A new

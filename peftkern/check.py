@@ -335,35 +335,39 @@ def check_adapter(device: str, generator: torch.Generator) -> list[Result]:
 
 
 # --- Grouped (mixed-adapter) inference: lora_grouped_fwd, ia3_grouped_scale ----------------------
-# (tokens, in, out, adapters, max rank): one row, odd sizes, G = 0 (every row -1), 1, 3 and 8,
-# rank 0, no rows. On CPU, the small cases take the row-by-row kernel (< 8 rows per adapter), the
-# 300-row case (and usually the 37-row one: the row mix is random) the per-adapter GEMMs.
+# (tokens, in, out, adapters, max rank): one row, odd sizes, G = 0 (every row -1), 1, 3, 8 and 40
+# (more than the 32 adapters of one kernel call: two chunks), rank 0, no rows. On CPU, the small
+# cases take the row-by-row kernel (< 8 rows per adapter), the 300-row case (and usually the
+# 37-row one: the row mix is random) the per-adapter GEMMs.
 GROUPED_SHAPES = [(1, 7, 5, 1, 2), (13, 33, 17, 3, 4), (9, 5, 3, 0, 2), (0, 6, 5, 2, 3), (10, 8, 6, 2, 0),
-                  (37, 24, 40, 3, 5), (64, 96, 80, 8, 16), (300, 48, 40, 2, 8)]  # fmt: skip
+                  (37, 24, 40, 3, 5), (64, 96, 80, 8, 16), (300, 48, 40, 2, 8), (90, 12, 10, 40, 3)]  # fmt: skip
 
 
-def random_grouped_inputs(shape, dtype, device, generator, strided=False):
-    """base_out [T, N], x [T, K], lora_a [G, R, K], lora_b_t [G, R, N] with a random rank r_g <= R per
-    adapter (rank rows past r_g zero, as stacking pads them), scaling float32 [G], row_adapter int32
-    [T] in [-1, G) (mixed and interleaved, -1 rows included), and IA³ scales [G, N] near 1 (float32,
-    float64 for float64). strided: x and base_out are column-strided views."""
+def random_grouped_inputs(shape, dtype, device, generator, strided=False, weight_dtype=None):
+    """base_out [T, N], x [T, K]; G adapters as lists: lora_a[g] [r_g, K], lora_b[g] [N, r_g] of
+    weight_dtype (default: dtype) with a random rank r_g in [1, R] (the last of three or more: rank
+    0), scaling G floats; row_adapter int32 [T] in [-1, G) (mixed and interleaved, -1 rows
+    included); IA³ scales [G, N] near 1 (float32, float64 for float64). strided: x and base_out
+    are column-strided views."""
     t, k, n, g, r = shape
+    weight_dtype = weight_dtype or dtype
 
-    def rand(*size, fan):
-        return (torch.randn(size, generator=generator, dtype=torch.float64) / max(fan, 1) ** 0.5).to(dtype)
+    def rand(*size, fan, to=dtype):
+        return (torch.randn(size, generator=generator, dtype=torch.float64) / max(fan, 1) ** 0.5).to(to)
 
     x, base_out = rand(t, 2 * k if strided else k, fan=1), rand(t, 2 * n if strided else n, fan=1)
     if strided:
         x, base_out = x[:, ::2], base_out[:, ::2]
-    ranks = torch.randint(1, r + 1, (g,), generator=generator) if r > 0 else torch.zeros(g, dtype=torch.long)
-    used = (torch.arange(r)[None, :] < ranks[:, None])[:, :, None]  # [G, R, 1]
-    lora_a = rand(g, r, k, fan=k) * used
-    lora_b_t = rand(g, r, n, fan=max(r, 1)) * used
-    scaling = (0.5 + 2 * torch.rand(g, generator=generator)).to(torch.float32)
+    ranks = torch.randint(1, r + 1, (g,), generator=generator).tolist() if r > 0 else [0] * g
+    if g >= 3:
+        ranks[-1] = 0
+    lora_a = [rand(rank, k, fan=k, to=weight_dtype).to(device) for rank in ranks]
+    lora_b = [rand(n, rank, fan=max(rank, 1), to=weight_dtype).to(device) for rank in ranks]
+    scaling = (0.5 + 2 * torch.rand(g, generator=generator, dtype=torch.float64)).tolist()
     row_adapter = torch.randint(-1, g, (t,), generator=generator, dtype=torch.int32)
     scales = (1 + 0.5 * torch.randn(g, n, generator=generator, dtype=torch.float64)).to(grouped_ops._acc(dtype))
     to = lambda v: v.to(device)  # noqa: E731
-    return tuple(map(to, (base_out, x, lora_a, lora_b_t, scaling, row_adapter, scales)))
+    return to(base_out), to(x), lora_a, lora_b, scaling, to(row_adapter), to(scales)
 
 
 def _judge(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
@@ -377,31 +381,38 @@ def _judge(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
             errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound.detach() + floor)).max().item()
 
 
-def grouped_errors(base_out, x, lora_a, lora_b_t, scaling, row_adapter, scales, generator) -> dict[str, float]:
+def grouped_errors(base_out, x, lora_a, lora_b, scaling, row_adapter, scales, generator) -> dict[str, float]:
     """Worst error / allowed error (pass: <= 1) of both compiled grouped ops and of the gradients
-    their autograd formulas give (lora: base_out, x, lora_a, lora_b_t; ia3: t, scales), judged as
-    lora_linear_errors: against the float64 reference, allowed GEMM_TOLERANCE[dtype] times the same
-    computation on absolute values, element by element (plus the smallest normal number)."""
-    dtype = x.dtype
-    leaves = [t.detach().requires_grad_() for t in (base_out, x, lora_a, lora_b_t)]
-    out = torch.ops.peftkern.lora_grouped_fwd(*leaves, scaling, row_adapter)
+    their autograd formulas give (lora: base_out, x, every lora_a[g] and lora_b[g]; ia3: t, scales),
+    judged as lora_linear_errors: against the float64 reference, allowed GEMM_TOLERANCE[x's dtype]
+    times the same computation on absolute values, element by element (plus the smallest normal
+    number)."""
+    dtype, adapters = x.dtype, len(lora_a)
+    leaves = [t.detach().requires_grad_() for t in (base_out, x, *lora_a, *lora_b)]
+
+    def split(ls):  # base_out, x, lora_a list, lora_b list
+        return ls[0], ls[1], ls[2 : 2 + adapters], ls[2 + adapters :]
+
+    out = torch.ops.peftkern.lora_grouped_fwd(*split(leaves), scaling, row_adapter)
     g = torch.randn(out.shape, generator=generator).to(dtype)
-    got = torch.autograd.grad(out, leaves, g.to(out.device))
+    got = torch.autograd.grad(out, leaves, g.to(out.device), materialize_grads=True)
 
     ra = row_adapter.cpu()
 
     def lora64(transform):
         ls = [transform(t.detach().double().cpu()).requires_grad_() for t in leaves]
-        return grouped_ops.lora_grouped_reference(*ls, transform(scaling.double().cpu()), ra), ls
+        scales64 = [abs(s) for s in scaling] if transform is torch.abs else scaling
+        return grouped_ops.lora_grouped_reference(*split(ls), scales64, ra), ls
 
     exact, ls = lora64(lambda t: t)
     magnitude, abs_ls = lora64(torch.abs)
-    want = torch.autograd.grad(exact, ls, g.double())
-    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs())
+    want = torch.autograd.grad(exact, ls, g.double(), materialize_grads=True)  # G = 0: x unused
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs(), materialize_grads=True)
     tolerance, floor = GEMM_TOLERANCE[dtype], torch.finfo(dtype).tiny
+    names = ("lora out", "lora grad_base", "lora grad_x", *(f"lora grad_a[{i}]" for i in range(adapters)),
+             *(f"lora grad_b[{i}]" for i in range(adapters)))  # fmt: skip
     errors: dict[str, float] = {}
-    _judge(errors, ("lora out", "lora grad_base", "lora grad_x", "lora grad_a", "lora grad_b_t"), (out, *got),
-           (exact, *want), (magnitude, *bounds), tolerance, floor)  # fmt: skip
+    _judge(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
 
     # IA³ over base_out's [T, N]: t ⊙ scales[g].
     t, s = base_out.detach().requires_grad_(), scales.detach().requires_grad_()
@@ -422,18 +433,24 @@ def grouped_errors(base_out, x, lora_a, lora_b_t, scaling, row_adapter, scales, 
 
 
 def check_grouped(device: str, generator: torch.Generator) -> list[Result]:
-    """lora_grouped_fwd and ia3_grouped_scale (forward and autograd) against the reference."""
+    """lora_grouped_fwd and ia3_grouped_scale (forward and autograd) against the reference; for
+    half activations also with float32 adapters (PEFT's usual mix)."""
     results = []
     for dtype in DTYPES:
-        for shape in GROUPED_SHAPES:
-            for strided in (False, True):
-                inputs = random_grouped_inputs(shape, dtype, device, generator, strided=strided)
-                errors = grouped_errors(*inputs, generator)
-                for op in ("lora_grouped_fwd", "ia3_grouped_scale"):
-                    prefix = op.split("_")[0] + " "
-                    worst = max(e for name, e in errors.items() if name.startswith(prefix))
-                    results.append(Result(f"{op}+bwd", device, str(dtype).removeprefix("torch."), shape, 0, worst,
-                                          worst <= 1.0))  # fmt: skip
+        weight_dtypes = [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+        for weight_dtype in weight_dtypes:
+            for shape in GROUPED_SHAPES:
+                for strided in (False, True):
+                    inputs = random_grouped_inputs(shape, dtype, device, generator, strided, weight_dtype)
+                    errors = grouped_errors(*inputs, generator)
+                    for op in ("lora_grouped_fwd", "ia3_grouped_scale"):
+                        if op != "lora_grouped_fwd" and weight_dtype != dtype:
+                            continue  # the IA³ op has no adapter dtype of its own: checked once
+                        prefix = op.split("_")[0] + " "
+                        worst = max(e for name, e in errors.items() if name.startswith(prefix))
+                        name = f"{op}+bwd" + (" f32 w" if weight_dtype != dtype else "")
+                        results.append(Result(name, device, str(dtype).removeprefix("torch."), shape, 0, worst,
+                                              worst <= 1.0))  # fmt: skip
     return results
 
 

@@ -10,8 +10,9 @@ op for all of them (`peftkern.ops.grouped`): no Python loop over sub-batches, as
 
 The names are turned into device tensors once per call and per distinct set of adapters a layer
 holds (not once per layer), so a forward costs one small host-to-device copy, not one per layer.
-Each layer stacks the adapters it needs once per call too (kept here, so a `generate` stacks them
-once for all its steps, and nothing cached outlives the call or a change to the adapters).
+IA³ layers stack the vectors they need once per call too (kept here, so a `generate` stacks them
+once for all its steps, and nothing cached outlives the call or a change to the adapters); LoRA
+layers pass their adapters' weights to the grouped op as lists, with no stacking at all.
 Inside `generate`, a batch that beam search or num_return_sequences has expanded k-fold (HF
 repeats each sequence k times in place) takes each name k times, as PEFT does for beams.
 """
@@ -42,7 +43,7 @@ class MixedBatch:
         self.names = list(names)
         self.expandable = expandable  # inside generate(): the batch may be a k-fold expansion
         self._slots: dict[tuple, torch.Tensor] = {}
-        self.stacks: dict[tuple, object] = {}  # each layer's stacked adapters, built once per call
+        self.stacks: dict[tuple, object] = {}  # IA³ layers' stacked vectors, built once per call
 
     def adapters_in(self, available) -> tuple[str, ...]:
         """The adapters this batch uses that a layer holds (in `available`), in first-use order;

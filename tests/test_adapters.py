@@ -273,7 +273,7 @@ def test_training_one_adapter_leaves_the_others(generator):
     ours = three_lora(generator)
     x = ids(generator)
     names = ["b", "a"]
-    stale = logits(ours, x[:2], adapter_names=names)  # builds (and caches) the stacked adapters
+    stale = logits(ours, x[:2], adapter_names=names)  # a mixed batch before the update
     peftkern.set_adapter(ours, "b")
     before = {n: p.clone() for n, p in ours.named_parameters() if ".a." in n or ".c." in n}
     trainable = [p for p in ours.parameters() if p.requires_grad]
@@ -283,7 +283,7 @@ def test_training_one_adapter_leaves_the_others(generator):
     optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in ours.named_parameters() if n in before)
     ours.eval()
-    # the cached stacks see the update (parameters' version counters moved): row 0 is b's new output
+    # mixed batches read the adapters in place, so they see the update: row 0 is b's new output
     mixed = logits(ours, x[:2], adapter_names=names)
     assert not torch.allclose(mixed[:1], stale[:1])
     torch.testing.assert_close(mixed[:1], logits(ours, x[:1]), rtol=1e-5, atol=1e-5)

@@ -1,16 +1,20 @@
-// Grouped (mixed-adapter) kernels on CUDA. See grouped_host.h for the ops and their checks; the
-// per-element math is grouped_math.h, shared with grouped_cpu.cpp.
+// Grouped (mixed-adapter) kernels on CUDA. See grouped_host.h for the ops, their checks and the
+// adapter chunks; the per-element math is grouped_math.h, shared with grouped_cpu.cpp.
 //
-// LoRA takes two launches per call whatever the number of adapters (punica's SGMV shrink/expand,
-// written simply rather than tuned):
+// LoRA takes two launches per call of at most kMaxAdapters (32) adapters, whatever their number
+// (punica's SGMV shrink/expand, written simply rather than tuned):
 //   shrink: xa[t, j] = scaling[g]·Σ_k x[t, k]·A[g][j, k]   into a float32 (double) [T, R] scratch
-//   expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B_t[g][j, o]
-// B is stored transposed ([G, R, N]) so that consecutive threads (consecutive o) read consecutive
-// addresses of B_t[g][j, :]. Rows without an adapter (-1) are skipped by shrink and copied by
-// expand, so every output element is written exactly once.
+//   expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B[g][o, j]
+// with R the chunk's largest rank. The adapters are each its own tensors, as nn.Linear holds them
+// (A [r_g, K], B [N, r_g], both contiguous): their pointers, ranks and scalings travel BY VALUE in
+// the kernel-argument struct LoraChunkArgs (as apex's multi_tensor_apply does), so a call needs no
+// device-side table: no allocation for it, no host-to-device copy, no sync. The kernels read the
+// struct in place (__grid_constant__: indexing it by the row's adapter makes no local copy).
+// Rows without an adapter (-1) are skipped by shrink and copied by expand (first chunk only); rows
+// of another chunk's adapters are skipped by both, so every output element is written exactly once.
 //
 // row_adapter values are trusted (checking them on the host would cost a device sync): a value
-// outside [-1, G) fires a device-side assert, and is never used as an index (has_adapter).
+// outside [-1, G) fires a device-side assert, and is never used as an index (row_action).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -50,66 +54,87 @@ __device__ __forceinline__ int32_t row_adapter_at(const int32_t* row_adapter, in
   return g;
 }
 
-// Shrink: xa[t, j] = scaling[g]·Σ_k x[t, k]·A[g][j, k] for each row t with an adapter g.
-// Assumes: lora_a contiguous [G, R, K]; x any strides (xs0, xs1); xa contiguous [T, R] in Acc;
-// blockDim.x a multiple of 32. Grid: 1-D, gridDim.x <= 65535 blocks striding over rows (one
-// block per row at a time; g, hence every branch below, is uniform across the block). Warp w
-// computes rank rows j = w, w + warps, ...; its lanes stride over k (reads of A[g][j, :], and of
-// x when xs1 == 1, are coalesced; the x row is re-read from L1/L2 for each j), then a shuffle
-// reduction. Rows without an adapter are skipped: expand never reads their xa row.
-template <typename T, typename Acc>
+// One chunk's adapters, a kernel argument passed by value: adapter first + l (l < count) has
+// lora_A at a[l] (contiguous [rank[l], K]), lora_B at b[l] (contiguous [N, rank[l]]) and
+// scaling[l]. Entries past count are unused (null).
+template <typename W, typename Acc>
+struct LoraChunkArgs {
+  const W* a[kMaxAdapters];
+  const W* b[kMaxAdapters];
+  Acc scaling[kMaxAdapters];
+  int64_t rank[kMaxAdapters];
+  int64_t first;  // global index of entry 0
+  int64_t count;  // entries in use, <= kMaxAdapters
+  int64_t total;  // G, all adapters of the op: row_adapter values are in [-1, total)
+};
+// Kernel parameters are limited to 4 KB (in all, with the kernels' other ~80 bytes of arguments).
+static_assert(sizeof(LoraChunkArgs<double, double>) <= 2048, "LoraChunkArgs must stay well under 4 KB");
+
+// Shrink: xa[t, j] = scaling[g]·Σ_k x[t, k]·A[g][j, k] for each row t whose adapter g is in the chunk.
+// Assumes: x any strides (xs0, xs1); A[g] contiguous [r_g, K]; xa contiguous rows of xa_stride >= r_g
+// Acc values; blockDim.x a multiple of 32. Grid: 1-D, gridDim.x <= 65535 blocks striding over rows
+// (one block per row at a time; g, hence every branch below, is uniform across the block). Warp w
+// computes rank rows j = w, w + warps, ... < r_g; its lanes stride over k (reads of A[g][j, :], and
+// of x when xs1 == 1, are coalesced; the x row is re-read from L1/L2 for each j), then a shuffle
+// reduction. Other rows are skipped: expand never reads their xa row in this chunk.
+template <typename T, typename W, typename Acc>
 __global__ void lora_shrink_kernel(const T* __restrict__ x, int64_t xs0, int64_t xs1,
-                                   const T* __restrict__ lora_a,         // [G, R, K]
-                                   const float* __restrict__ scaling,    // [G]
                                    const int32_t* __restrict__ row_adapter,  // [T]
-                                   Acc* __restrict__ xa,                 // [T, R]
-                                   int64_t rows, int64_t k, int64_t rank, int64_t adapters) {
+                                   Acc* __restrict__ xa, int64_t xa_stride,  // [T, xa_stride]
+                                   int64_t rows, int64_t k, const __grid_constant__ LoraChunkArgs<W, Acc> chunk) {
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int warps = blockDim.x / kWarp;
   for (int64_t t = blockIdx.x; t < rows; t += gridDim.x) {
-    const int32_t g = row_adapter_at(row_adapter, t, adapters);
-    if (!has_adapter(g, adapters)) continue;
+    const int32_t g = row_adapter_at(row_adapter, t, chunk.total);
+    if (row_action(g, chunk.first, chunk.count, chunk.total) != RowAction::kAdapter) continue;
+    const int64_t l = g - chunk.first;
+    const int64_t rank = chunk.rank[l];
+    const W* a = chunk.a[l];
+    const Acc s = chunk.scaling[l];
     const T* x_row = x + t * xs0;
-    const T* a_g = lora_a + static_cast<int64_t>(g) * rank * k;
-    const Acc s = static_cast<Acc>(scaling[g]);
     for (int64_t j = warp; j < rank; j += warps) {
-      const T* a_row = a_g + j * k;
+      const W* a_row = a + j * k;
       Acc sum = 0;
       for (int64_t c = lane; c < k; c += kWarp) sum += static_cast<Acc>(x_row[c * xs1]) * static_cast<Acc>(a_row[c]);
       sum = warp_sum(sum);
-      if (lane == 0) xa[t * rank + j] = s * sum;
+      if (lane == 0) xa[t * xa_stride + j] = s * sum;
     }
   }
 }
 
-// Expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B_t[g][j, o] (rounded once), or
-// base_out[t, o] for a row without an adapter.
-// Assumes: lora_b_t contiguous [G, R, N]; base_out any strides (bs0, bs1); xa contiguous [T, R]
-// in Acc; out contiguous [T, N]. Grid: x = column tiles of blockDim.x (thread = output column o:
-// the reads of B_t[g][j, :] and the writes of out are coalesced; all lanes read the same xa[t, j],
-// a broadcast), y <= 65535 striding over rows. No shared memory, no __syncthreads (so the early
-// return of the threads past N is safe).
-template <typename T, typename Acc>
+// Expand: out[t, o] = base_out[t, o] + Σ_j xa[t, j]·B[g][o, j] (rounded once) for a row whose adapter
+// g is in the chunk; base_out[t, o] for a row without an adapter when chunk.first == 0; nothing for
+// the other rows (another chunk's).
+// Assumes: base_out any strides (bs0, bs1); xa as shrink wrote it (the rows of this chunk's
+// adapters); B[g] contiguous [N, r_g], so thread o reads B[g][o·r_g + j], j < r_g; out contiguous
+// [T, N]. Grid: x = column tiles of blockDim.x (thread = output column o: the writes of out are
+// coalesced, the reads of B[g] span r_g·blockDim.x contiguous values per row, each a broadcast of
+// xa[t, j] across the block), y <= 65535 striding over rows. No shared memory, no __syncthreads
+// (so the early return of the threads past N is safe).
+template <typename T, typename W, typename Acc>
 __global__ void lora_expand_kernel(const T* __restrict__ base_out, int64_t bs0, int64_t bs1,
-                                   const Acc* __restrict__ xa,            // [T, R]
-                                   const T* __restrict__ lora_b_t,        // [G, R, N]
-                                   const int32_t* __restrict__ row_adapter,  // [T]
-                                   T* __restrict__ out,                   // [T, N]
-                                   int64_t rows, int64_t n, int64_t rank, int64_t adapters) {
+                                   const Acc* __restrict__ xa, int64_t xa_stride,  // [T, xa_stride]
+                                   const int32_t* __restrict__ row_adapter,       // [T]
+                                   T* __restrict__ out,                           // [T, N]
+                                   int64_t rows, int64_t n, const __grid_constant__ LoraChunkArgs<W, Acc> chunk) {
   const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= n) return;
   for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
-    const int32_t g = row_adapter_at(row_adapter, t, adapters);
+    const int32_t g = row_adapter_at(row_adapter, t, chunk.total);
+    const RowAction action = row_action(g, chunk.first, chunk.count, chunk.total);
+    if (action == RowAction::kSkip) continue;
     const T base = base_out[t * bs0 + o * bs1];
-    if (!has_adapter(g, adapters)) {
+    if (action == RowAction::kCopyBase) {
       out[t * n + o] = base;
       continue;
     }
-    const Acc* xa_row = xa + t * rank;
-    const T* b_col = lora_b_t + static_cast<int64_t>(g) * rank * n + o;
+    const int64_t l = g - chunk.first;
+    const int64_t rank = chunk.rank[l];
+    const W* b_row = chunk.b[l] + o * rank;
+    const Acc* xa_row = xa + t * xa_stride;
     Acc lora = 0;
-    for (int64_t j = 0; j < rank; ++j) lora += xa_row[j] * static_cast<Acc>(b_col[j * n]);
+    for (int64_t j = 0; j < rank; ++j) lora += xa_row[j] * static_cast<Acc>(b_row[j]);
     out[t * n + o] = lora_output<T, Acc>(base, lora);
   }
 }
@@ -141,29 +166,40 @@ unsigned int column_tiles(int64_t n, int64_t tile) {
 }
 
 struct CudaKernels {
-  // T > 0 and N > 0 (grouped_host.h returns before calling otherwise).
-  static void lora(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
-                   const at::Tensor& lora_b_t, const at::Tensor& scaling, const at::Tensor& row_adapter,
-                   at::Tensor& out) {
-    const int64_t rows = x.size(0), k = x.size(1), n = out.size(1);
-    const int64_t adapters = lora_a.size(0), rank = lora_a.size(1);
+  // One chunk of <= kMaxAdapters adapters; T > 0 and N > 0 (grouped_host.h returns before otherwise).
+  // Two launches on the current stream (one when every rank of the chunk is 0).
+  static void lora(const at::Tensor& base_out, const at::Tensor& x, const LoraChunk& chunk,
+                   const at::Tensor& row_adapter, at::Tensor& out) {
+    constexpr const char* op = "lora_grouped_fwd";
+    const int64_t rows = x.size(0), k = x.size(1), n = out.size(1), count = chunk.count();
+    TORCH_CHECK(count <= kMaxAdapters, op, ": internal error: a chunk of ", count, " adapters");
+    const int64_t max_rank = chunk.max_rank();
     const auto stream = at::cuda::getCurrentCUDAStream();
-    // Scratch, written by shrink for every row with an adapter; the only rows expand reads.
-    at::Tensor xa = at::empty({rows, rank}, x.options().dtype(acc_dtype(x.scalar_type())));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_grouped_fwd", [&] {
-      using Acc = acc_type<scalar_t>;
-      if (rank > 0) {  // R = 0: xa is empty and the LoRA term is 0
-        lora_shrink_kernel<scalar_t, Acc><<<grid_rows(rows), kShrinkThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), x.stride(0), x.stride(1), lora_a.const_data_ptr<scalar_t>(),
-            scaling.const_data_ptr<float>(), row_adapter.const_data_ptr<int32_t>(), xa.mutable_data_ptr<Acc>(), rows,
-            k, rank, adapters);
+    // Scratch, written by shrink for every row of the chunk's adapters; the only rows expand reads.
+    // Stream-ordered by the caching allocator, so it may be freed right after the launches.
+    at::Tensor xa = at::empty({rows, max_rank}, x.options().dtype(acc_dtype(x.scalar_type())));
+    dispatch_lora_dtypes(x.scalar_type(), chunk.weight_dtype(x.scalar_type()), [&]<typename T, typename W>() {
+      using Acc = acc_type<T>;
+      LoraChunkArgs<W, Acc> args{};  // value-initialised: unused entries null / 0
+      for (int64_t l = 0; l < count; ++l) {
+        args.a[l] = chunk.a[l].const_data_ptr<W>();
+        args.b[l] = chunk.b[l].const_data_ptr<W>();
+        args.scaling[l] = static_cast<Acc>(chunk.scaling[l]);
+        args.rank[l] = chunk.rank(l);
+      }
+      args.first = chunk.first;
+      args.count = count;
+      args.total = chunk.total;
+      const int32_t* ra = row_adapter.const_data_ptr<int32_t>();
+      if (max_rank > 0) {  // all ranks 0 (or no adapter): xa is empty and every LoRA term is 0
+        lora_shrink_kernel<T, W, Acc><<<grid_rows(rows), kShrinkThreads, 0, stream>>>(
+            x.const_data_ptr<T>(), x.stride(0), x.stride(1), ra, xa.mutable_data_ptr<Acc>(), max_rank, rows, k, args);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       const dim3 grid(column_tiles(n, kThreads), grid_rows(rows));
-      lora_expand_kernel<scalar_t, Acc><<<grid, kThreads, 0, stream>>>(
-          base_out.const_data_ptr<scalar_t>(), base_out.stride(0), base_out.stride(1), xa.const_data_ptr<Acc>(),
-          lora_b_t.const_data_ptr<scalar_t>(), row_adapter.const_data_ptr<int32_t>(),
-          out.mutable_data_ptr<scalar_t>(), rows, n, rank, adapters);
+      lora_expand_kernel<T, W, Acc><<<grid, kThreads, 0, stream>>>(
+          base_out.const_data_ptr<T>(), base_out.stride(0), base_out.stride(1), xa.const_data_ptr<Acc>(), max_rank,
+          ra, out.mutable_data_ptr<T>(), rows, n, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -193,10 +229,10 @@ std::optional<c10::Device> cuda_device(const at::Tensor& t) {
   return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
 }
 
-at::Tensor lora_fwd(const at::Tensor& base_out, const at::Tensor& x, const at::Tensor& lora_a,
-                    const at::Tensor& lora_b_t, const at::Tensor& scaling, const at::Tensor& row_adapter) {
+at::Tensor lora_fwd(const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a, at::TensorList lora_b,
+                    c10::ArrayRef<double> scaling, const at::Tensor& row_adapter) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
-  return CudaOps::lora_fwd(base_out, x, lora_a, lora_b_t, scaling, row_adapter);
+  return CudaOps::lora_fwd(base_out, x, lora_a, lora_b, scaling, row_adapter);
 }
 
 at::Tensor ia3_scale(const at::Tensor& t, const at::Tensor& scales, const at::Tensor& row_adapter) {

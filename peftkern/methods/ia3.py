@@ -249,7 +249,7 @@ class IA3Linear(AdapterLayer):
 
     def _stacked_scales(self, names: tuple[str, ...], dtype: torch.dtype, batch: "mixed.MixedBatch") -> torch.Tensor:
         """The vectors of `names` as [G, features], float32 (float64 for float64 inputs), built
-        once per mixed-batch call and kept in it (as LoraLinear's stacks)."""
+        once per mixed-batch call and kept in it."""
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         key = (id(self), names, acc)
         if key not in batch.stacks:

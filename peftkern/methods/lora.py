@@ -395,28 +395,21 @@ class LoraLinear(AdapterLayer):
         base_out = self._base_forward(x)
         if not names:
             return base_out
-        lora_a, lora_b_t, scaling = self._stacked_adapters(names, base_out.dtype, batch)
+        lora_a, lora_b, scaling = self._adapter_lists(names, base_out.dtype)
         rows = batch.row_slots(names, x)
-        return grouped_ops.lora_grouped(base_out, x.to(base_out.dtype), lora_a, lora_b_t, scaling, rows)
+        return grouped_ops.lora_grouped(base_out, x.to(base_out.dtype), lora_a, lora_b, scaling, rows)
 
-    def _stacked_adapters(self, names: tuple[str, ...], dtype: torch.dtype, batch: "mixed.MixedBatch"):
-        """(A [G, R, in], Bᵀ [G, R, out], scaling float32 [G]) of `names` in `dtype`, ranks
-        zero-padded to the largest. Built once per mixed-batch call (a whole `generate` included)
-        and kept in it, so no cache can outlive a change to the adapters."""
-        key = (id(self), names, dtype)
-        if key in batch.stacks:
-            return batch.stacks[key]
-        rank = max(self.lora_A[n].weight.shape[0] for n in names)
-
-        def padded(t: torch.Tensor) -> torch.Tensor:  # [r, F] -> [rank, F]
-            return nn.functional.pad(t.to(dtype), (0, 0, 0, rank - t.shape[0]))
-
-        stacked = batch.stacks[key] = (
-            torch.stack([padded(self.lora_A[n].weight) for n in names]),
-            torch.stack([padded(self.lora_B[n].weight.t()) for n in names]),
-            torch.tensor([self.scaling[n] for n in names], dtype=torch.float32).to(self.lora_A[names[0]].weight.device),
-        )
-        return stacked
+    def _adapter_lists(self, names: tuple[str, ...], dtype: torch.dtype):
+        """([lora_A weight], [lora_B weight], [scaling]) of `names`: the layer's own parameters,
+        passed as they are (the grouped op reads each adapter's tensors in place: nothing to
+        stack, so nothing to cache and no cache to go stale) when they share one dtype that is
+        `dtype` or float32; otherwise all cast to `dtype`."""
+        lora_a = [self.lora_A[n].weight for n in names]
+        lora_b = [self.lora_B[n].weight for n in names]
+        dtypes = {t.dtype for t in (*lora_a, *lora_b)}
+        if len(dtypes) > 1 or not dtypes <= {dtype, torch.float32}:
+            lora_a, lora_b = [t.to(dtype) for t in lora_a], [t.to(dtype) for t in lora_b]
+        return lora_a, lora_b, [self.scaling[n] for n in names]
 
     def _dora_forward(self, x, name, lora_a, lora_b):
         """y = m/n ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b with n = ||W + s·BA|| per output row, detached (DoRA

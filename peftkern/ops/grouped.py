@@ -4,27 +4,30 @@ references (the spec), fakes, the autograd formulas of the compiled ops and the 
 `lora_grouped` and `ia3_grouped_scale` that layers call.
 
 Every row t has an adapter index row_adapter[t] in [-1, G): -1 means none (the base output
-alone, PEFT's "__base__"), g selects the g-th of G stacked adapters.
+alone, PEFT's "__base__"), g selects the g-th of G adapters.
 
     lora_grouped:      out[t] = base_out[t] + scaling[g]·(x[t]·A[g]ᵀ)·B[g]ᵀ
     ia3_grouped_scale: out[t] = t[t] ⊙ l[g]
 
-Stacked layouts: lora_a [G, R, K] holds each adapter's lora_A weight [r_g, K] in its first r_g
-rows; lora_b_t [G, R, N] holds each lora_B weight [N, r_g] TRANSPOSED in its first r_g rows (so
-the kernels read it along N, coalesced); the unused rank rows are zero, so adapters of different
-ranks share one R = max r_g. scaling is float32 [G] (alpha / r_g, or alpha / sqrt(r_g) for
-rsLoRA). IA³ vectors stack as scales [G, F] in float32 (float64 for float64 activations).
+LoRA adapters are passed as lists, each adapter's weights as nn.Linear holds them: lora_a[g] =
+lora_A [r_g, K], lora_b[g] = lora_B [N, r_g] (ranks may differ, 0 allowed), scaling[g] a float
+(alpha / r_g, or alpha / sqrt(r_g) for rsLoRA). Nothing is stacked, padded or transposed per call,
+and no cache is needed (so none can go stale). All adapter tensors share one dtype: the
+activations' or float32 (PEFT keeps adapters in float32 on a half model). IA³ vectors stack as
+scales [G, F] in float32 (float64 for float64 activations).
 
 Precision: sums accumulate in float32 (float64 for float64) and each output is rounded once to the
 activation dtype.
 
-These are inference paths; their gradients (for base_out, x, lora_a and lora_b_t; for t and
-scales) are correct but computed in plain PyTorch, not tuned: the LoRA backward runs every
+These are inference paths; their gradients (for base_out, x and every lora_a[g], lora_b[g]; for t
+and scales) are correct but computed in plain PyTorch, not tuned: the LoRA backward runs every
 adapter's GEMMs over every row (see lora_grouped_grads), which keeps it free of host syncs and
 traceable by torch.compile.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -39,26 +42,25 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_weights(row_adapter, scaling, adapters: int, acc: torch.dtype) -> torch.Tensor:
-    """[T, G]: scaling[g] where g is the row's adapter, 0 elsewhere (a row of -1 is all 0)."""
-    one_hot = row_adapter.long()[:, None] == torch.arange(adapters, device=row_adapter.device)
-    return one_hot.to(acc) * scaling.to(acc)
+def _row_weight(row_adapter, g: int, scale: float, acc: torch.dtype) -> torch.Tensor:
+    """[T, 1]: scale on the rows of adapter g, 0 elsewhere (rows of -1 included)."""
+    return (row_adapter == g).to(acc)[:, None] * scale
 
 
-def lora_grouped_reference(base_out, x, lora_a, lora_b_t, scaling, row_adapter) -> torch.Tensor:
-    """base_out [T, N], x [T, K], lora_a [G, R, K], lora_b_t [G, R, N], scaling [G], row_adapter
-    [T] in [-1, G). Written without grouping the rows: every row is multiplied by every adapter's
-    A (x·[A_0; ...; A_{G-1}]ᵀ, [T, G·R]), the blocks of the other adapters are zeroed by a one-hot
-    row mask that also carries the scaling, and one GEMM with the stacked B_t adds the row's own
-    adapter. G times the FLOPs of the shrink step (a rank-G·R LoRA), fine for a spec and a
-    fallback. A value outside [-1, G) selects no adapter here; the compiled ops refuse it (CPU)."""
+def lora_grouped_reference(base_out, x, lora_a, lora_b, scaling, row_adapter) -> torch.Tensor:
+    """base_out [T, N], x [T, K], lora_a G x [r_g, K], lora_b G x [N, r_g], scaling G floats,
+    row_adapter [T] in [-1, G). Written without grouping the rows: each adapter's LoRA runs over
+    every row, masked to its own rows (with the scaling) between the two GEMMs; a row gets its
+    adapter's term plus exact zeros from the others. G times the FLOPs of grouping, no host sync,
+    fine for a spec and a fallback. A value outside [-1, G) selects no adapter here; the compiled
+    ops refuse it (CPU)."""
     acc = _acc(x.dtype)
-    rows, k = x.shape
-    adapters, rank, n = lora_b_t.shape
-    weights = _row_weights(row_adapter, scaling, adapters, acc)
-    xa = (x.to(acc) @ lora_a.to(acc).reshape(adapters * rank, k).t()).view(rows, adapters, rank)
-    xa = (xa * weights[:, :, None]).reshape(rows, adapters * rank)
-    return (base_out.to(acc) + xa @ lora_b_t.to(acc).reshape(adapters * rank, n)).to(base_out.dtype)
+    xs, ra = x.to(acc), row_adapter.long()
+    out = base_out.to(acc)
+    for g, (a, b, scale) in enumerate(zip(lora_a, lora_b, scaling)):
+        xa = (xs @ a.to(acc).t()) * _row_weight(ra, g, scale, acc)
+        out = out + xa @ b.to(acc).t()
+    return out.to(base_out.dtype)
 
 
 def ia3_grouped_scale_reference(t, scales, row_adapter) -> torch.Tensor:
@@ -77,7 +79,7 @@ def ia3_grouped_scale_reference(t, scales, row_adapter) -> torch.Tensor:
 
 
 @_ext.register_fake("lora_grouped_fwd")
-def _(base_out, x, lora_a, lora_b_t, scaling, row_adapter):
+def _(base_out, x, lora_a, lora_b, scaling, row_adapter):
     return base_out.new_empty((x.shape[0], base_out.shape[1]))
 
 
@@ -86,39 +88,51 @@ def _(t, scales, row_adapter):
     return t.new_empty(t.shape)
 
 
-def lora_grouped_grads(grad_out, x, lora_a, lora_b_t, scaling, row_adapter, needs=(True, True, True)):
-    """Gradients of lora_grouped_fwd for x, lora_a, lora_b_t (None where `needs` is False), in
-    float32 (float64), as the reference's formula differentiates: with w[t, g] = scaling[g] on row
-    t's own adapter and 0 elsewhere, dxa[t, g] = w[t, g]·dy[t]·B_t[g]ᵀ, then dx = Σ_g dxa[:, g]·A[g],
-    dA[g] = dxa[:, g]ᵀ·x, dB_t[g] = (w[:, g]·x·A[g]ᵀ)ᵀ·dy. Every adapter's GEMMs run over every row
-    (G times the FLOPs of grouping the rows first) but nothing depends on the VALUES of row_adapter:
-    no host sync, and torch.compile / opcheck can trace it. Rows without an adapter get dx = 0."""
+def lora_grouped_grads(grad_out, x, lora_a, lora_b, scaling, row_adapter, needs_x=True, needs_a=None, needs_b=None):
+    """Gradients of lora_grouped_fwd for x (None unless needs_x) and each lora_a[g], lora_b[g]
+    (lists; None where needs_a[g] / needs_b[g] is False, all needed when those are None),
+    computed in float32 (float64) as the reference's formula differentiates: with w_g[t] =
+    scaling[g] on adapter g's rows and 0 elsewhere, dxa_g = w_g·dy·B[g], dx = Σ_g dxa_g·A[g],
+    dA[g] = dxa_gᵀ·x, dB[g] = dyᵀ·(w_g·x·A[g]ᵀ). Every adapter's GEMMs run over every row (G
+    times the FLOPs of grouping the rows first) but nothing depends on the VALUES of row_adapter:
+    no host sync, and torch.compile / opcheck can trace it. Rows without an adapter get dx = 0.
+    Each gradient comes back in its input's dtype."""
     acc = _acc(x.dtype)
-    rows, k = x.shape
-    adapters, rank, n = lora_b_t.shape
-    weights = _row_weights(row_adapter, scaling, adapters, acc)[:, :, None]  # [T, G, 1]
-    dy, xs = grad_out.to(acc), x.to(acc)
-    a_flat, bt_flat = lora_a.to(acc).reshape(adapters * rank, k), lora_b_t.to(acc).reshape(adapters * rank, n)
-    dxa = ((dy @ bt_flat.t()).view(rows, adapters, rank) * weights).reshape(rows, adapters * rank)
-    grad_x = (dxa @ a_flat).to(x.dtype) if needs[0] else None
-    grad_a = (dxa.t() @ xs).view(adapters, rank, k).to(lora_a.dtype) if needs[1] else None
-    grad_bt = None
-    if needs[2]:
-        xa = ((xs @ a_flat.t()).view(rows, adapters, rank) * weights).reshape(rows, adapters * rank)
-        grad_bt = (xa.t() @ dy).view(adapters, rank, n).to(lora_b_t.dtype)
-    return grad_x, grad_a, grad_bt
+    adapters = len(lora_a)
+    needs_a = [True] * adapters if needs_a is None else needs_a
+    needs_b = [True] * adapters if needs_b is None else needs_b
+    dy, xs, ra = grad_out.to(acc), x.to(acc), row_adapter.long()
+    grad_x = torch.zeros_like(xs) if needs_x else None
+    grads_a, grads_b = [], []
+    for g, (a, b, scale) in enumerate(zip(lora_a, lora_b, scaling)):
+        weight = _row_weight(ra, g, scale, acc)
+        a_acc, b_acc = a.to(acc), b.to(acc)
+        dxa = (dy @ b_acc) * weight if needs_x or needs_a[g] else None  # [T, r_g]
+        if needs_x:
+            grad_x = grad_x + dxa @ a_acc
+        grads_a.append((dxa.t() @ xs).to(a.dtype) if needs_a[g] else None)
+        grads_b.append((dy.t() @ ((xs @ a_acc.t()) * weight)).to(b.dtype) if needs_b[g] else None)
+    return (grad_x.to(x.dtype) if needs_x else None), grads_a, grads_b
 
 
 def _lora_setup(ctx, inputs, output):
-    base_out, x, lora_a, lora_b_t, scaling, row_adapter = inputs
-    ctx.save_for_backward(x, lora_a, lora_b_t, scaling, row_adapter)
+    base_out, x, lora_a, lora_b, scaling, row_adapter = inputs
+    ctx.adapters, ctx.scaling = len(lora_a), list(scaling)
+    ctx.save_for_backward(x, row_adapter, *lora_a, *lora_b)
 
 
 def _lora_backward(ctx, grad_out):
-    x, lora_a, lora_b_t, scaling, row_adapter = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grads = lora_grouped_grads(grad_out, x, lora_a, lora_b_t, scaling, row_adapter, needs[1:4])
-    return grad_out if needs[0] else None, *grads, None, None
+    """One gradient per input, lists for the Tensor[] inputs (register_autograd checks the
+    structure): needs_input_grad holds a list of bools for each of them; scaling (floats) gets
+    None, or [] when empty (an empty list is a list node, not a leaf, to torch's pytree)."""
+    x, row_adapter, *adapter_tensors = ctx.saved_tensors
+    lora_a, lora_b = adapter_tensors[: ctx.adapters], adapter_tensors[ctx.adapters :]
+    needs_base, needs_x, needs_a, needs_b = ctx.needs_input_grad[:4]
+    grad_x, grads_a, grads_b = lora_grouped_grads(
+        grad_out, x, lora_a, lora_b, ctx.scaling, row_adapter, needs_x, needs_a, needs_b
+    )
+    grad_scaling = [] if ctx.adapters == 0 else None
+    return grad_out if needs_base else None, grad_x, grads_a, grads_b, grad_scaling, None
 
 
 def _ia3_setup(ctx, inputs, output):
@@ -151,8 +165,8 @@ if _ext.op_exists("lora_grouped_fwd"):
 
 
 def _autocast(*tensors):
-    """Under torch.autocast, cast the floating activations and weights to the autocast dtype, as
-    autocast does for F.linear (our ops are not on autocast's list)."""
+    """Under torch.autocast, cast the floating activations to the autocast dtype, as autocast does
+    for F.linear (our ops are not on autocast's list)."""
     device_type = tensors[0].device.type
     if not torch.is_autocast_enabled(device_type):
         return tensors
@@ -174,34 +188,46 @@ def _row_adapter(op: str, row_adapter, rows: int, device) -> torch.Tensor:
     return row_adapter.reshape(-1).to(torch.int32)
 
 
-def lora_grouped(base_out, x, lora_a, lora_b_t, scaling, row_adapter) -> torch.Tensor:
-    """`base_out + scaling[g]·(x·A[g]ᵀ)·B_t[g]` row by row, g = row_adapter of the row (-1: none),
-    over any leading dims: base_out [..., N], x [..., K] with the same leading dims, lora_a
-    [G, R, K], lora_b_t [G, R, N] (see the module docstring), scaling [G] (a tensor or a sequence
-    of floats; read as float32), row_adapter with one entry per row (integers). Returns a new
-    tensor shaped like base_out; base_out is not modified."""
+def lora_grouped(
+    base_out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scaling: Sequence[float],
+    row_adapter,
+) -> torch.Tensor:
+    """`base_out + scaling[g]·(x·A[g]ᵀ)·B[g]ᵀ` row by row, g = row_adapter of the row (-1: none),
+    over any leading dims: base_out [..., N], x [..., K] with the same leading dims, lora_a[g]
+    [r_g, K] and lora_b[g] [N, r_g] (the adapters' nn.Linear weights, one dtype for all: x's or
+    float32), scaling[g] floats, row_adapter with one entry per row (integers). Under autocast the
+    activations are cast to the autocast dtype; float32 adapters stay float32 (others are cast
+    too). Returns a new tensor shaped like base_out; base_out is not modified."""
     op = "lora_grouped"
     if x.dim() == 0 or base_out.dim() == 0 or x.shape[:-1] != base_out.shape[:-1]:
         raise ValueError(f"{op}: base_out {tuple(base_out.shape)} and x {tuple(x.shape)} must share their leading dims")
+    lora_a, lora_b, scaling = list(lora_a), list(lora_b), [float(s) for s in scaling]
+    if not len(lora_a) == len(lora_b) == len(scaling):
+        raise ValueError(
+            f"{op}: lora_a has {len(lora_a)} tensors, lora_b {len(lora_b)} and scaling {len(scaling)} "
+            "values (one each per adapter)"
+        )
     k, n = x.shape[-1], base_out.shape[-1]
-    if lora_a.dim() != 3 or lora_a.shape[2] != k:
-        raise ValueError(f"{op}: lora_a has shape {tuple(lora_a.shape)}, expected [adapters, rank, {k}]")
-    if tuple(lora_b_t.shape) != (lora_a.shape[0], lora_a.shape[1], n):
-        expected = f"[{lora_a.shape[0]}, {lora_a.shape[1]}, {n}]"
-        shape = tuple(lora_b_t.shape)
-        raise ValueError(f"{op}: lora_b_t has shape {shape}, expected {expected} (lora_B stacked, transposed)")
-    if not isinstance(scaling, torch.Tensor):
-        scaling = torch.tensor(scaling, dtype=torch.float32, device=x.device)
-    scaling = scaling.reshape(-1).to(torch.float32)
-    if scaling.numel() != lora_a.shape[0]:
-        raise ValueError(f"{op}: scaling has {scaling.numel()} entries, expected one per adapter ({lora_a.shape[0]})")
-    base_out, x, lora_a, lora_b_t = _autocast(base_out, x, lora_a, lora_b_t)
+    for g, (a, b) in enumerate(zip(lora_a, lora_b)):
+        if a.dim() != 2 or a.shape[1] != k:
+            raise ValueError(f"{op}: lora_a[{g}] has shape {tuple(a.shape)}, expected [rank, {k}]")
+        if tuple(b.shape) != (n, a.shape[0]):
+            raise ValueError(f"{op}: lora_b[{g}] has shape {tuple(b.shape)}, expected [{n}, {a.shape[0]}] (lora_B)")
+    base_out, x = _autocast(base_out, x)
+    if torch.is_autocast_enabled(x.device.type):  # the op takes one adapter dtype: x's (autocast's) or float32
+        dtypes = {t.dtype for t in (*lora_a, *lora_b)}
+        if len(dtypes) > 1 or not dtypes <= {x.dtype, torch.float32}:
+            lora_a, lora_b = [t.to(x.dtype) for t in lora_a], [t.to(x.dtype) for t in lora_b]
     base2, x2 = base_out.reshape(-1, n), x.reshape(-1, k)
     row_adapter = _row_adapter(op, row_adapter, x2.shape[0], x.device)
     if _ext.has_kernel("lora_grouped_fwd", x.device.type):
-        out = torch.ops.peftkern.lora_grouped_fwd(base2, x2, lora_a, lora_b_t, scaling, row_adapter)
+        out = torch.ops.peftkern.lora_grouped_fwd(base2, x2, lora_a, lora_b, scaling, row_adapter)
     else:
-        out = lora_grouped_reference(base2, x2, lora_a, lora_b_t, scaling, row_adapter)
+        out = lora_grouped_reference(base2, x2, lora_a, lora_b, scaling, row_adapter)
     return out.view(base_out.shape)
 
 
