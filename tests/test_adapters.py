@@ -314,3 +314,21 @@ def test_modules_to_save_of_the_first_adapter(generator):
     assert not any(p.requires_grad for p in ours.lm_head.parameters())
     peftkern.delete_adapter(ours, "a")
     assert "a" not in ours.lm_head.modules_to_save
+
+
+def test_ia3_mixed_batch_on_nf4_bases(generator):
+    config = {"peft_type": "IA3", "target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}
+    ours = peftkern.patch(tiny_llama(), config, adapter_name="x", quantize="nf4")
+    peftkern.add_adapter(ours, "y", config)
+    randomize(ours, generator)
+    names = ["y", "__base__", "x"]
+    batch = ids(generator, batch=3)
+    mixed = logits(ours, batch, adapter_names=names)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with peftkern.disable_adapter(ours):
+                alone = logits(ours, batch[row : row + 1])
+        else:
+            peftkern.set_adapter(ours, name)
+            alone = logits(ours, batch[row : row + 1])
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
