@@ -63,7 +63,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config) -> nn.Module:
     (`set_adapter` switches). Everything is checked before anything changes, and a failure midway
     undoes what this call did."""
     method, config = checked_new_adapter(model, adapter_name, config)
-    _add(model, _record(model), method, config, adapter_name)
+    apply_new_adapter(model, _record(model), method, config, adapter_name)
     return model
 
 
@@ -88,8 +88,8 @@ def checked_new_adapter(model: nn.Module, adapter_name: str, config):
     return method, config
 
 
-def _add(model: nn.Module, record: dict, method, config, adapter_name: str) -> dict:
-    """Apply the adapter; return what it changed (for `_retract`), already merged into the record."""
+def apply_new_adapter(model: nn.Module, record: dict, method, config, adapter_name: str) -> dict:
+    """Apply the adapter; return what it changed (for `retract_adapter`), already merged into the record."""
     from .patch import _undo
 
     apply = method.plan_patch(model, config, adapter_name)
@@ -106,8 +106,8 @@ def _add(model: nn.Module, record: dict, method, config, adapter_name: str) -> d
     return local
 
 
-def _retract(model: nn.Module, adapter_name: str, local: dict) -> None:
-    """Undo exactly what `_add` did (load_adapter, when the checkpoint turns out not to fit)."""
+def retract_adapter(model: nn.Module, adapter_name: str, local: dict) -> None:
+    """Undo exactly what `apply_new_adapter` did (load_adapter, when the checkpoint turns out not to fit)."""
     from .patch import _undo
 
     record = _record(model)

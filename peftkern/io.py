@@ -101,8 +101,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         if options:
             raise TypeError(f"load_adapter options {sorted(options)} apply only when it patches an unpatched model")
         method, checked = adapters.checked_new_adapter(model, adapter_name, config)
-        local = adapters._add(model, record, method, checked, adapter_name)
-        undo = lambda: adapters._retract(model, adapter_name, local)  # noqa: E731
+        local = adapters.apply_new_adapter(model, record, method, checked, adapter_name)
+        undo = lambda: adapters.retract_adapter(model, adapter_name, local)  # noqa: E731
     try:
         expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))
