@@ -61,6 +61,22 @@ def logits(model, input_ids, **kwargs):
         return model(input_ids=input_ids, **kwargs).logits
 
 
+def run_alone(model, name, run):
+    """run() with only adapter `name` active ("__base__": every adapter disabled)."""
+    if name == "__base__":
+        with peftkern.disable_adapter(model):
+            return run()
+    peftkern.set_adapter(model, name)
+    return run()
+
+
+def assert_rows_match_alone(model, input_ids, names, mixed):
+    """Each row of a mixed-batch output equals that row run alone with its adapter."""
+    for row, name in enumerate(names):
+        alone = run_alone(model, name, lambda: logits(model, input_ids[row : row + 1]))
+        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_add_set_delete_against_peft(generator, tmp_path):
     ours = three_lora(generator)
     assert peftkern.list_adapters(ours) == ["a", "b", "c"] and peftkern.active_adapter(ours) == "a"
@@ -106,14 +122,7 @@ def test_mixed_batch_matches_each_row_alone(generator, quantize):
     names = ["b", "__base__", "a", "c", "a", "b"]
     x = ids(generator, batch=len(names))
     mixed = logits(ours, x, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with peftkern.disable_adapter(ours):
-                alone = logits(ours, x[row : row + 1])
-        else:
-            peftkern.set_adapter(ours, name)
-            alone = logits(ours, x[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(ours, x, names, mixed)
     assert peftkern.active_adapter(ours) == names[-1]
 
 
@@ -143,12 +152,7 @@ def test_generate_with_adapter_names(generator, tmp_path):
         peft_out = theirs.generate(input_ids=prompt, adapter_names=names, **settings)
         assert torch.equal(mine, peft_out)
         for row, name in enumerate(names):  # each row as if generated alone with its adapter
-            if name == "__base__":
-                with peftkern.disable_adapter(ours):
-                    alone = ours.generate(input_ids=prompt[row : row + 1], **settings)
-            else:
-                peftkern.set_adapter(ours, name)
-                alone = ours.generate(input_ids=prompt[row : row + 1], **settings)
+            alone = run_alone(ours, name, lambda: ours.generate(input_ids=prompt[row : row + 1], **settings))
             assert torch.equal(mine[row : row + 1], alone)
         # beam search expands each sequence num_beams times: each name goes with its copies
         beams = ours.generate(input_ids=prompt, adapter_names=names, num_beams=2, **settings)
@@ -171,14 +175,7 @@ def test_ia3_several_adapters_and_mixed_batch(generator, tmp_path):
         torch.testing.assert_close(logits(ours, batch), logits(theirs, batch), rtol=1e-5, atol=1e-5)
     names = ["y", "x", "__base__", "x", "y"]  # PEFT has no mixed batches for IA³: each row alone is the oracle
     mixed = logits(ours, batch, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with peftkern.disable_adapter(ours):
-                alone = logits(ours, batch[row : row + 1])
-        else:
-            peftkern.set_adapter(ours, name)
-            alone = logits(ours, batch[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(ours, batch, names, mixed)
     with pytest.raises(ValueError, match="scales its input"):  # a layer scales one side for all its adapters
         peftkern.add_adapter(ours, "z", {**second, "feedforward_modules": ["down_proj"]})
     assert peftkern.list_adapters(ours) == ["x", "y"]
@@ -302,14 +299,7 @@ def test_modules_to_save_of_the_first_adapter(generator):
     names = ["b", "a", "__base__"]
     x = ids(generator, batch=3)
     mixed = logits(ours, x, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with peftkern.disable_adapter(ours):
-                alone = logits(ours, x[row : row + 1])
-        else:
-            peftkern.set_adapter(ours, name)
-            alone = logits(ours, x[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(ours, x, names, mixed)
     peftkern.set_adapter(ours, "b")
     assert not any(p.requires_grad for p in ours.lm_head.parameters())
     peftkern.delete_adapter(ours, "a")
@@ -324,11 +314,4 @@ def test_ia3_mixed_batch_on_nf4_bases(generator):
     names = ["y", "__base__", "x"]
     batch = ids(generator, batch=3)
     mixed = logits(ours, batch, adapter_names=names)
-    for row, name in enumerate(names):
-        if name == "__base__":
-            with peftkern.disable_adapter(ours):
-                alone = logits(ours, batch[row : row + 1])
-        else:
-            peftkern.set_adapter(ours, name)
-            alone = logits(ours, batch[row : row + 1])
-        torch.testing.assert_close(mixed[row : row + 1], alone, rtol=1e-5, atol=1e-5)
+    assert_rows_match_alone(ours, batch, names, mixed)
