@@ -50,6 +50,20 @@ def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float("inf") if torch.isnan(diff).any() else diff.max().item()
 
 
+def _scaled_errors(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
+    """errors[name] = the worst |ours - exact| / (tolerance·bound + floor) of each output (inf for a
+    wrong shape or a NaN); returns errors."""
+    for name, ours, exact_value, bound in zip(names, ours_list, exact_list, bound_list):
+        ours = ours.detach().cpu().double()
+        if ours.shape != exact_value.shape or torch.isnan(ours).any():
+            errors[name] = float("inf")
+        elif ours.numel() == 0:
+            errors[name] = 0.0
+        else:
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound.detach() + floor)).max().item()
+    return errors
+
+
 def _exact(results: list, op, device, dtype, shape, bs, pairs) -> None:
     """NF4 ops are exact: same float32 arithmetic and rounding as the reference, so error 0."""
     error = max(_max_error(got, want) for got, want in pairs)
@@ -117,16 +131,8 @@ def lora_linear_errors(x, w, b, a, bb, mask, keep_scale, scaling, generator) -> 
     bounds = torch.autograd.grad(magnitude, [abs_leaves[i] for i in (0, 3, 4)], g.double().abs())
 
     tolerance = GEMM_TOLERANCE[out.dtype]
-    errors = {}
-    for name, ours, exact_value, bound in zip(
-        ("out", "grad_x", "grad_a", "grad_b"), (out, *got), (exact, *want), (magnitude.detach(), *bounds)
-    ):
-        ours = ours.detach().cpu().double()
-        if torch.isnan(ours).any():
-            errors[name] = float("inf")
-        else:
-            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound + 1e-300)).max().item()
-    return errors
+    names = ("out", "grad_x", "grad_a", "grad_b")
+    return _scaled_errors({}, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, 1e-300)
 
 
 def random_lora_inputs(shape, dtype, device, generator, bias=True, dropout=False):
@@ -240,17 +246,8 @@ def ia3_linear_errors(x, w, b, l, scale_input, generator) -> dict[str, float]:
     # Plus the smallest normal number: a product that lands among float16's subnormals is
     # rounded to an absolute spacing (6e-8), not a relative one.
     floor = torch.finfo(out.dtype).tiny
-    errors = {}
-    for name, ours, exact_value, bound in zip(("out", "grad_x", "grad_l"), (out, *got), (exact, *want),
-                                              (magnitude.detach(), *bounds)):  # fmt: skip
-        ours = ours.detach().cpu().double()
-        if ours.shape != exact_value.shape or torch.isnan(ours).any():
-            errors[name] = float("inf")
-        elif ours.numel() == 0:
-            errors[name] = 0.0
-        else:
-            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound + floor)).max().item()
-    return errors
+    names = ("out", "grad_x", "grad_l")
+    return _scaled_errors({}, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
 
 
 def check_ia3(device: str, generator: torch.Generator) -> list[Result]:
@@ -302,14 +299,9 @@ def adapter_errors(x, residual, params, scale, scaling, code, generator) -> dict
     bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs() + 1.0)
     tolerance = GEMM_TOLERANCE[out.dtype] * 2  # two chained GEMMs
     names = ("grad_x", "grad_residual", "grad_w_down", "grad_b_down", "grad_w_up", "grad_b_up", "grad_scale")
-    errors = {}
-    for name, ours, exact_value, bound in zip(("out", *names), (out, *got), (exact, *want), (magnitude, *bounds)):
-        ours = ours.detach().cpu().double()
-        if torch.isnan(ours).any():
-            errors[name] = float("inf")
-        elif ours.numel():
-            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * (bound.detach() + 1.0))).max().item()
-    return errors
+    # allowed: tolerance·(bound + 1), an absolute floor of one tolerance for terms near zero
+    bounds_plus_one = [b.detach() + 1.0 for b in (magnitude, *bounds)]
+    return _scaled_errors({}, ("out", *names), (out, *got), (exact, *want), bounds_plus_one, tolerance, 0.0)
 
 
 def check_adapter(device: str, generator: torch.Generator) -> list[Result]:
@@ -370,17 +362,6 @@ def random_grouped_inputs(shape, dtype, device, generator, strided=False, weight
     return to(base_out), to(x), lora_a, lora_b, scaling, to(row_adapter), to(scales)
 
 
-def _judge(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
-    for name, ours, exact_value, bound in zip(names, ours_list, exact_list, bound_list):
-        ours = ours.detach().cpu().double()
-        if ours.shape != exact_value.shape or torch.isnan(ours).any():
-            errors[name] = float("inf")
-        elif ours.numel() == 0:
-            errors[name] = 0.0
-        else:
-            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound.detach() + floor)).max().item()
-
-
 def grouped_errors(base_out, x, lora_a, lora_b, scaling, row_adapter, scales, generator) -> dict[str, float]:
     """Worst error / allowed error (pass: <= 1) of both compiled grouped ops and of the gradients
     their autograd formulas give (lora: base_out, x, every lora_a[g] and lora_b[g]; ia3: t, scales),
@@ -412,7 +393,7 @@ def grouped_errors(base_out, x, lora_a, lora_b, scaling, row_adapter, scales, ge
     names = ("lora out", "lora grad_base", "lora grad_x", *(f"lora grad_a[{i}]" for i in range(adapters)),
              *(f"lora grad_b[{i}]" for i in range(adapters)))  # fmt: skip
     errors: dict[str, float] = {}
-    _judge(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
+    _scaled_errors(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
 
     # IA³ over base_out's [T, N]: t ⊙ scales[g].
     t, s = base_out.detach().requires_grad_(), scales.detach().requires_grad_()
@@ -427,9 +408,8 @@ def grouped_errors(base_out, x, lora_a, lora_b, scaling, row_adapter, scales, ge
     magnitude, abs_ls = ia3_64(torch.abs)
     want = torch.autograd.grad(exact, ls, g.double())
     bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs())
-    _judge(errors, ("ia3 out", "ia3 grad_t", "ia3 grad_scales"), (out, *got), (exact, *want), (magnitude, *bounds),
-           tolerance, floor)  # fmt: skip
-    return errors
+    names = ("ia3 out", "ia3 grad_t", "ia3 grad_scales")
+    return _scaled_errors(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
 
 
 def check_grouped(device: str, generator: torch.Generator) -> list[Result]:
