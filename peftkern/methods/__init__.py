@@ -19,6 +19,8 @@ import importlib
 
 from torch import nn
 
+from .. import mixed
+
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
             "BOTTLENECK": "bottleneck"}  # BOTTLENECK: AdapterHub-style adapters (ours; PEFT lacks them)
@@ -45,6 +47,24 @@ class AdapterLayer(nn.Module):
 
     def restore_base(self) -> None:
         """Undo what patching did to the base module itself (unpatch calls it; merge_and_unload not)."""
+
+
+class MultiAdapterLayer(AdapterLayer):
+    """A layer holding several named adapters (LoRA, IA³). Forward runs the base alone while
+    disabled (`peftkern.disable_adapter`, unmerging first, as PEFT), each row with its own
+    adapter in a mixed batch (`peftkern.mixed`; merged models are refused before), else the
+    active adapter. Subclasses provide `_mixed_forward(x, batch)` and `_active_forward(x)`."""
+
+    disabled = False
+
+    def forward(self, x):
+        if self.disabled:
+            self.unmerge()
+            return self.base_layer(x)
+        batch = mixed.current()
+        if batch is not None:
+            return self._mixed_forward(x, batch)
+        return self._active_forward(x)
 
 
 def method_module(peft_type: str):

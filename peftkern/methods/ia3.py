@@ -34,7 +34,7 @@ from .. import mixed, targeting
 from ..nf4 import NF4Linear
 from ..ops import grouped as grouped_ops
 from ..ops import ia3 as ia3_ops
-from . import AdapterLayer, config_fields
+from . import MultiAdapterLayer, config_fields
 from .lora import _is_conv1d, nf4_base_weight, supports
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
@@ -130,7 +130,7 @@ def is_feedforward(config: IA3Config, key: str) -> bool:
     return any(key.endswith(name) for name in spec or ())
 
 
-class IA3Linear(AdapterLayer):
+class IA3Linear(MultiAdapterLayer):
     """A frozen base plus IA³ vectors, named as PEFT names them (`base_layer`, `ia3_l.<adapter>`)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: IA3Config, feedforward: bool):
@@ -154,7 +154,6 @@ class IA3Linear(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
         self.merged = False
-        self.disabled = False  # peftkern.disable_adapter(): the base alone
 
     def add_adapter(self, name: str, config: IA3Config) -> None:
         if self.quantized:
@@ -216,13 +215,7 @@ class IA3Linear(AdapterLayer):
             base.bias.copy_((base.bias / (l + 1e-8)).to(base.bias.dtype))
         self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:  # as PEFT: a disabled adapter is unmerged, then the base runs alone
-            self.unmerge()
-            return self.base_layer(x)
-        batch = mixed.current()
-        if batch is not None:  # model(..., adapter_names=[...]): merged models are refused before
-            return self._mixed_forward(x, batch)
+    def _active_forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if self.merged or name not in self.ia3_l:
             return self.base_layer(x)

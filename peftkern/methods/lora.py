@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import targeting
+from .. import mixed, targeting
 from ..nf4 import NF4Linear, NF4Weight
-from .. import mixed
 from ..ops import dora as dora_ops
 from ..ops import grouped as grouped_ops
 from ..ops import lora as lora_ops
-from . import AdapterLayer, config_fields, modules_to_save
+from . import MultiAdapterLayer, config_fields, modules_to_save
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
 DEFAULT_TARGETS = {
@@ -172,7 +171,7 @@ class DoraMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoraLinear(AdapterLayer):
+class LoraLinear(MultiAdapterLayer):
     """A frozen dense base plus LoRA adapters, named as PEFT names them (`base_layer`,
     `lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`)."""
 
@@ -200,7 +199,6 @@ class LoraLinear(AdapterLayer):
         self.dropout: dict[str, float] = {}
         self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
         self.merged = False
-        self.disabled = False  # peftkern.disable_adapter(): the base alone
         self._original_base_weight = None  # PiSSA changes the base; unpatch puts this back
         self._nf4_base_while_merged = None
 
@@ -343,13 +341,7 @@ class LoraLinear(AdapterLayer):
         weight -= self.delta_weight(self.active_adapter).to(weight.dtype)
         self.merged = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:  # as PEFT: a disabled adapter is unmerged, then the base runs alone
-            self.unmerge()
-            return self.base_layer(x)
-        batch = mixed.current()
-        if batch is not None:  # model(..., adapter_names=[...]): merged models are refused before
-            return self._mixed_forward(x, batch)
+    def _active_forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if self.merged or name not in self.lora_A:
             weight = getattr(self.base_layer, "weight", None)
