@@ -17,24 +17,19 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .methods import AdapterLayer, resolve_config
+from .methods import resolve_config
+from .patch import _patched_layers, _undo, apply_or_undo, new_record, patch_record
 
 _MULTI_ADAPTER_METHODS = ("LORA", "IA3")
 
 
 def _record(model: nn.Module) -> dict:
-    from .patch import patch_record
-
     record = patch_record(model)
     if not record:
         raise RuntimeError("this model was not patched by peftkern: peftkern.patch(model, config) first")
     if record.get("from_peft"):
         raise TypeError("this is a patched peft.PeftModel: manage its adapters with PEFT (peftkern.unpatch first)")
     return record
-
-
-def _layers(model: nn.Module) -> list[AdapterLayer]:
-    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -50,7 +45,7 @@ def active_adapter(model: nn.Module) -> str | None:
 def _activate(model: nn.Module, record: dict, name: str | None) -> None:
     """Make `name` the active adapter of every layer, and its parameters the trainable ones."""
     record["active"] = name
-    for layer in _layers(model):
+    for layer in _patched_layers(model):
         if hasattr(layer, "adapter_parameters"):
             layer.active_adapter = name
             for adapter in record["adapters"]:
@@ -90,15 +85,8 @@ def checked_new_adapter(model: nn.Module, adapter_name: str, config):
 
 def apply_new_adapter(model: nn.Module, record: dict, method, config, adapter_name: str) -> dict:
     """Apply the adapter; return what it changed (for `retract_adapter`), already merged into the record."""
-    from .patch import _undo
-
-    apply = method.plan_patch(model, config, adapter_name)
-    local = {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": [], "undo": []}
-    try:
-        apply(local)
-    except BaseException:
-        _undo(model, local)
-        raise
+    local = new_record(model)
+    apply_or_undo(model, method.plan_patch(model, config, adapter_name), local)
     record["swaps"] += local["swaps"]
     record["undo"] += local["undo"]
     record["adapters"][adapter_name] = config
@@ -108,8 +96,6 @@ def apply_new_adapter(model: nn.Module, record: dict, method, config, adapter_na
 
 def retract_adapter(model: nn.Module, adapter_name: str, local: dict) -> None:
     """Undo exactly what `apply_new_adapter` did (load_adapter, when the checkpoint turns out not to fit)."""
-    from .patch import _undo
-
     record = _record(model)
     _undo(model, local)
     record["swaps"] = [s for s in record["swaps"] if s not in local["swaps"]]
@@ -123,7 +109,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     record = _record(model)
     if adapter_name not in record["adapters"]:
         raise ValueError(f"no adapter named {adapter_name!r} (the model has {list(record['adapters'])})")
-    layers = _layers(model)
+    layers = _patched_layers(model)
     if any(layer.merged for layer in layers):
         warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", stacklevel=2)
         for layer in layers:
@@ -138,7 +124,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     record = _record(model)
     if adapter_name not in record["adapters"]:
         raise ValueError(f"no adapter named {adapter_name!r} (the model has {list(record['adapters'])})")
-    for layer in _layers(model):
+    for layer in _patched_layers(model):
         if hasattr(layer, "delete_adapter"):
             layer.delete_adapter(adapter_name)
     del record["adapters"][adapter_name]
@@ -156,8 +142,8 @@ def disable_adapter(model: nn.Module):
     """`with peftkern.disable_adapter(model): ...` runs the base model alone (merged adapters are
     unmerged first, and stay unmerged), then turns the adapters back on, as PEFT's context."""
     record = _record(model)
-    layers = [layer for layer in _layers(model) if hasattr(layer, "disabled")]
-    others = [type(layer).__name__ for layer in _layers(model) if not hasattr(layer, "disabled")]
+    layers = [layer for layer in _patched_layers(model) if hasattr(layer, "disabled")]
+    others = [type(layer).__name__ for layer in _patched_layers(model) if not hasattr(layer, "disabled")]
     if others or record["method"] not in _MULTI_ADAPTER_METHODS:
         raise NotImplementedError(f"disable_adapter: LoRA and IA³ models so far (this one has {others[:1] or record['method']})")
     before = [layer.disabled for layer in layers]

@@ -102,8 +102,7 @@ def mixed_batch(model: nn.Module, adapter_names, expandable: bool = False):
 
 def _validated(model: nn.Module, adapter_names, expandable: bool) -> MixedBatch:
     """PEFT's checks: a list of known names (or "__base__"), eval mode, nothing merged."""
-    from .methods import AdapterLayer
-    from .patch import patch_record
+    from .patch import _patched_layers, patch_record
 
     if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
         raise TypeError(f"adapter_names must be a list of adapter names (one per sequence), got {adapter_names!r}")
@@ -114,7 +113,7 @@ def _validated(model: nn.Module, adapter_names, expandable: bool) -> MixedBatch:
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
                          f"(this model has {list(record.get('adapters', ()))}; {BASE!r} for none)")  # fmt: skip
-    if any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer)):
+    if any(layer.merged for layer in _patched_layers(model)):
         raise ValueError("Cannot pass `adapter_names` when there are merged adapters: peftkern.unmerge(model) first.")
     return MixedBatch(adapter_names, expandable)
 

@@ -63,18 +63,27 @@ def _apply_recorded(model: nn.Module, apply, freeze: bool, **facts) -> nn.Module
     """Only now change the model: record enough to undo every change exactly (requires_grad flags,
     swaps, undo callables), freeze every parameter first when asked (the method then unfreezes its
     own), and undo everything if applying fails midway."""
-    record = {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": [], "undo": [],
-              **facts}  # fmt: skip
+    record = {**new_record(model), **facts}
     if freeze:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+    apply_or_undo(model, apply, record)
+    setattr(model, _PATCH_RECORD, record)
+    return model
+
+
+def new_record(model: nn.Module) -> dict:
+    """An empty record of changes: the requires_grad flags to restore, swaps, undo callables."""
+    return {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": [], "undo": []}
+
+
+def apply_or_undo(model: nn.Module, apply, record: dict) -> None:
+    """apply(record); should it fail midway, undo what it recorded before the error propagates."""
     try:
         apply(record)
     except BaseException:
         _undo(model, record)
         raise
-    setattr(model, _PATCH_RECORD, record)
-    return model
 
 
 def _patched_layers(model: nn.Module):
