@@ -18,9 +18,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from .methods import resolve_config
-from .patch import _patched_layers, _undo, apply_or_undo, new_record, patch_record
-
-_MULTI_ADAPTER_METHODS = ("LORA", "IA3")
+from .patch import MULTI_ADAPTER_METHODS, _patched_layers, _undo, apply_or_undo, new_record, patch_record
 
 
 def _record(model: nn.Module) -> dict:
@@ -65,7 +63,7 @@ def add_adapter(model: nn.Module, adapter_name: str, config) -> nn.Module:
 def checked_new_adapter(model: nn.Module, adapter_name: str, config):
     """(method module, validated config) for a new adapter of a patched model, or raise."""
     record = _record(model)
-    if record["method"] not in _MULTI_ADAPTER_METHODS:
+    if record["method"] not in MULTI_ADAPTER_METHODS:
         raise NotImplementedError(f"several adapters per model: LoRA and IA³ so far, not {record['method']}")
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name == "__base__":
         raise ValueError(f"adapter_name must be a non-empty name other than '__base__', got {adapter_name!r}")
@@ -144,7 +142,7 @@ def disable_adapter(model: nn.Module):
     record = _record(model)
     layers = [layer for layer in _patched_layers(model) if hasattr(layer, "disabled")]
     others = [type(layer).__name__ for layer in _patched_layers(model) if not hasattr(layer, "disabled")]
-    if others or record["method"] not in _MULTI_ADAPTER_METHODS:
+    if others or record["method"] not in MULTI_ADAPTER_METHODS:
         raise NotImplementedError(f"disable_adapter: LoRA and IA³ models so far (this one has {others[:1] or record['method']})")
     before = [layer.disabled for layer in layers]
     for layer in layers:

@@ -16,7 +16,7 @@ from .methods import AdapterLayer, resolve_config
 from .nf4 import NF4Linear
 
 _PATCH_RECORD = "_peftkern_patch_record"
-MIXED_BATCH_METHODS = ("LORA", "IA3")  # the methods whose layers run a batch of mixed adapters
+MULTI_ADAPTER_METHODS = ("LORA", "IA3")  # several adapters per model and mixed batches (peftkern.adapters)
 
 
 def patch(model: nn.Module, config=None, adapter_name: str = "default", **options) -> nn.Module:
@@ -50,7 +50,7 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
 
     def apply(record: dict) -> None:
         plan(record)
-        if config.peft_type in MIXED_BATCH_METHODS:  # model(..., adapter_names=[...]) and generate(...)
+        if config.peft_type in MULTI_ADAPTER_METHODS:  # model(..., adapter_names=[...]) and generate(...)
             mixed.install(model, record)
 
     # `adapters` (name -> config, in order) and `active` grow with peftkern.add_adapter; `config` and
