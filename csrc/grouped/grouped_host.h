@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/accumulate.h"
 #include "../common/checks.h"
 #include "../common/outputs.h"
 
@@ -48,8 +49,6 @@ namespace grouped {
 
 // Adapters per kernel call (the CUDA kernel-argument struct's capacity; see grouped_cuda.cu).
 constexpr int64_t kMaxAdapters = 32;
-
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // One kernel call's adapters: global indices [first, first + count) of the op's `total` adapters.
 // a[l], b[l] (l = g - first) are contiguous [r_g, K] and [N, r_g] tensors of the adapter dtype.

@@ -5,15 +5,12 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
+#include "../common/accumulate.h"
 #include "../common/host_device.h"
 
 namespace peftkern {
 namespace grouped {
-
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // True when row adapter index g selects an adapter. -1 means "no adapter" (the base alone). The
 // CPU ops refuse any other value outside [0, adapters) before computing; the CUDA kernels assert

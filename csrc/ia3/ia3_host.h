@@ -25,13 +25,12 @@
 #include <optional>
 #include <tuple>
 
+#include "../common/accumulate.h"
 #include "../common/checks.h"
 #include "../common/outputs.h"
 
 namespace peftkern {
 namespace ia3 {
-
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_like_x(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),

@@ -5,15 +5,11 @@
 // a float32 l, so l's learned deviation from 1 is never lost to a half/bfloat16 rounding of l.
 #pragma once
 
-#include <type_traits>
-
+#include "../common/accumulate.h"
 #include "../common/host_device.h"
 
 namespace peftkern {
 namespace ia3 {
-
-template <typename T>
-using acc_type = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Rows folded into one partial sum of the per-column reduction (dl). A fixed constant, never
 // the thread count: the order of the additions, hence the result, is the same on every run and
