@@ -21,7 +21,7 @@ import torch
 
 import peftkern
 from peftkern.methods import prefix as prefix_method
-from peftkern.patch import patch_record
+from peftkern.record import PatchRecord
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -118,7 +118,7 @@ def test_prefix_cache_build(benchmark, record, capsys, impl, device, dtype):
     if impl == "peft":
         build = lambda: model.get_prompt(BATCH)  # noqa: E731
     else:
-        config = patch_record(model)["config"]
+        config = PatchRecord.of(model).config
         build = lambda: prefix_method.prefix_cache(model, config, model.prompt_encoder["default"], BATCH)  # noqa: E731
     cache = build()
     nbytes = cache_bytes(cache)

@@ -17,6 +17,7 @@ import torch
 
 import peftkern
 from peftkern.ops import lora as lora_ops
+from peftkern.ops import qlora as qlora_ops
 
 IN, OUT, RANK, ALPHA = 2048, 5632, 16, 32
 CASES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
@@ -43,11 +44,11 @@ def make(impl, device, dtype):
         if impl == "peftkern-gemv":
             def gemv(x):
                 x2 = x.reshape(-1, IN)
-                return lora_ops.nf4_lora_gemv(x2, nf4, None, x2 @ a.t(), b, scaling)
+                return qlora_ops.nf4_lora_gemv(x2, nf4, None, x2 @ a.t(), b, scaling)
             return gemv
         if impl == "peftkern-deq+gemm":
             return lambda x: lora_ops.lora_linear(x, nf4.dequantize(x.dtype), None, a, b, scaling)
-        return lambda x: lora_ops.nf4_lora_linear(x, nf4, None, a, b, scaling)
+        return lambda x: qlora_ops.nf4_lora_linear(x, nf4, None, a, b, scaling)
     bnb = pytest.importorskip("bitsandbytes")
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit

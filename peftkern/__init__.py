@@ -5,14 +5,14 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 """
 
 from ._ext import build_info, has_cuda_kernels
-from .adapters import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
+from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import load_adapter, save_adapter
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
-from .nf4 import NestedAbsmax, NF4Weight, nf4_dequantize, nf4_quantize
+from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "ParBnConfig",
     "SeqBnConfig",
     "LoraConfig",
+    "NF4Linear",
     "NF4Weight",
     "NestedAbsmax",
     "PrefixTuningConfig",

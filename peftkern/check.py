@@ -21,6 +21,8 @@ from .ops import grouped as grouped_ops
 from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
 from .ops import nf4 as nf4_ops
+from .ops import qlora as qlora_ops
+from .ops.common import acc_dtype
 
 # Odd sizes, a partial last block, sizes below one block, empty, and one 2-D weight shaped like
 # a real projection.
@@ -194,7 +196,7 @@ def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
                 x, weight.packed, weight.absmax, *(
                     (weight.nested.absmax, weight.nested.code, weight.nested.offset.reshape(1)) if nested
                     else (None, None, None)), blocksize, 256 if nested else 0, n, bias, xa, lora_b, 0.5)  # fmt: skip
-            want = lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5)
+            want = qlora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5)
             scale = want.double().abs().max().item() if want.numel() else 1.0
             error = _max_error(got, want) / max(scale, 1e-30)
             allowed = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
@@ -357,7 +359,7 @@ def random_grouped_inputs(shape, dtype, device, generator, strided=False, weight
     lora_b = [rand(n, rank, fan=max(rank, 1), to=weight_dtype).to(device) for rank in ranks]
     scaling = (0.5 + 2 * torch.rand(g, generator=generator, dtype=torch.float64)).tolist()
     row_adapter = torch.randint(-1, g, (t,), generator=generator, dtype=torch.int32)
-    scales = (1 + 0.5 * torch.randn(g, n, generator=generator, dtype=torch.float64)).to(grouped_ops._acc(dtype))
+    scales = (1 + 0.5 * torch.randn(g, n, generator=generator, dtype=torch.float64)).to(acc_dtype(dtype))
     to = lambda v: v.to(device)  # noqa: E731
     return to(base_out), to(x), lora_a, lora_b, scaling, to(row_adapter), to(scales)
 

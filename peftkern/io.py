@@ -14,7 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .methods import AdapterLayer, method_module, resolve_config
+from . import multi_adapter
+from .methods import method_module, resolve_config
+from .patch import patch, unpatch
+from .record import PatchRecord
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -23,13 +26,14 @@ _PREFIX = "base_model.model."
 
 def _config(model: nn.Module, adapter_name: str):
     """The config of the model's adapter `adapter_name`."""
-    record = getattr(model, "_peftkern_patch_record", None) or {}
-    if record.get("from_peft"):
+    record = PatchRecord.of(model)
+    if record is not None and record.from_peft:
         raise TypeError("this is a patched peft.PeftModel: save and load with its own save_pretrained / load_adapter")
-    config = record.get("adapters", {}).get(adapter_name)
+    adapters = record.adapters if record is not None else {}
+    config = adapters.get(adapter_name)
     if config is None:
         raise ValueError(f"the model has no peftkern adapter named {adapter_name!r}"
-                         + (f" (it has {list(record['adapters'])})" if record.get("adapters") else ""))  # fmt: skip
+                         + (f" (it has {list(adapters)})" if adapters else ""))  # fmt: skip
     return config
 
 
@@ -46,7 +50,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 
     saved_config = _config(model, adapter_name)
     tensors = adapter_state_dict(model, adapter_name)
-    if any(layer.merged for layer in model.modules() if isinstance(layer, AdapterLayer)):
+    if any(layer.merged for layer in PatchRecord.layers(model)):
         raise RuntimeError("unmerge the adapter before saving it (merged weights live in the base)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -88,21 +92,18 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     active, as PEFT's load_adapter), then copies the tensors. Every key and shape is checked
     before any tensor is written; on a mismatch the model is left as it was (a patch or an
     adapter added here is undone)."""
-    from . import adapters
-    from .patch import patch, unpatch
-
     config, tensors = read_adapter(directory)
-    record = getattr(model, "_peftkern_patch_record", None)
+    record = PatchRecord.of(model)
     undo = None
-    if not record:
+    if record is None:
         patch(model, config, adapter_name=adapter_name, **options)
         undo = lambda: unpatch(model)  # noqa: E731
-    elif adapter_name not in record.get("adapters", {}) and not record.get("from_peft"):
+    elif adapter_name not in record.adapters and not record.from_peft:
         if options:
             raise TypeError(f"load_adapter options {sorted(options)} apply only when it patches an unpatched model")
-        method, checked = adapters.checked_new_adapter(model, adapter_name, config)
-        local = adapters.apply_new_adapter(model, record, method, checked, adapter_name)
-        undo = lambda: adapters.retract_adapter(model, adapter_name, local)  # noqa: E731
+        method, checked = multi_adapter.checked_new_adapter(model, adapter_name, config)
+        changes = multi_adapter.apply_new_adapter(model, method, checked, adapter_name)
+        undo = lambda: multi_adapter.retract_adapter(model, adapter_name, changes)  # noqa: E731
     try:
         expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))

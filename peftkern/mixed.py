@@ -1,12 +1,13 @@
-"""Mixed-adapter batches: `model(..., adapter_names=[...])` and `model.generate(...,
-adapter_names=[...])` run each sequence of a batch with its own adapter ("__base__": none), as
-Hugging Face PEFT's `adapter_names` does, for LoRA and IA³.
+"""The per-call state of a mixed-adapter batch, which layers read: `model(..., adapter_names=[...])`
+and `model.generate(..., adapter_names=[...])` run each sequence of a batch with its own adapter
+("__base__": none), as Hugging Face PEFT's `adapter_names` does, for LoRA and IA³.
 
-How it works: `peftkern.patch` installs a forward pre-hook on the model (and wraps its
-`generate`) that takes `adapter_names` out of the call and makes it the current `MixedBatch` (a
-context variable) for the length of the call. Each LoRA / IA³ layer then maps the names to the
-adapters it holds (`row_slots`: one int32 per row of its input, -1 for none) and calls one grouped
-op for all of them (`peftkern.ops.grouped`): no Python loop over sub-batches, as punica / S-LoRA.
+How it works: the hooks that `peftkern.multi_adapter` installs on a patched model take
+`adapter_names` out of the call, check them against the model's patch record, and make them the
+current `MixedBatch` (a context variable) for the length of the call. Each LoRA / IA³ layer then
+maps the names to the adapters it holds (`row_slots`: one int32 per row of its input, -1 for
+none) and calls one grouped op for all of them (`peftkern.ops.grouped`): no Python loop over
+sub-batches, as punica / S-LoRA.
 
 The names are turned into device tensors once per call and per distinct set of adapters a layer
 holds (not once per layer), so a forward costs one small host-to-device copy, not one per layer.
@@ -20,11 +21,9 @@ repeats each sequence k times in place) takes each name k times, as PEFT does fo
 from __future__ import annotations
 
 import contextvars
-import types
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 BASE = "__base__"  # PEFT's name for rows that run without an adapter
 
@@ -91,83 +90,19 @@ class MixedBatch:
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, adapter_names, expandable: bool = False):
-    """Run the model's LoRA / IA³ layers with one adapter per sequence for the duration."""
-    token = _CURRENT.set(_validated(model, adapter_names, expandable))
+def using(batch: MixedBatch):
+    """Make `batch` the current mixed batch for the duration."""
+    token = _CURRENT.set(batch)
     try:
         yield
     finally:
         _CURRENT.reset(token)
 
 
-def _validated(model: nn.Module, adapter_names, expandable: bool) -> MixedBatch:
-    """PEFT's checks: a list of known names (or "__base__"), eval mode, nothing merged."""
-    from .patch import _patched_layers, patch_record
-
-    if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-        raise TypeError(f"adapter_names must be a list of adapter names (one per sequence), got {adapter_names!r}")
-    if model.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode (call model.eval()).")
-    record = patch_record(model) or {}
-    unknown = sorted({n for n in adapter_names if n != BASE} - set(record.get("adapters", ())))
-    if unknown:
-        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)} "
-                         f"(this model has {list(record.get('adapters', ()))}; {BASE!r} for none)")  # fmt: skip
-    if any(layer.merged for layer in _patched_layers(model)):
-        raise ValueError("Cannot pass `adapter_names` when there are merged adapters: peftkern.unmerge(model) first.")
-    return MixedBatch(adapter_names, expandable)
+def push(batch: MixedBatch) -> contextvars.Token:
+    """Make `batch` current until `pop(token)` (for a pair of forward hooks)."""
+    return _CURRENT.set(batch)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hooks on the model (installed by patch, removed by unpatch).
-# ---------------------------------------------------------------------------------------------
-
-_TOKENS = "_peftkern_mixed_tokens"
-_GENERATE = "_peftkern_inner_generate"
-
-
-def _pre_forward(model, args, kwargs):
-    names = kwargs.pop("adapter_names", None)
-    tokens = model.__dict__.setdefault(_TOKENS, [])
-    tokens.append(None if names is None else _CURRENT.set(_validated(model, names, expandable=False)))
-    return args, kwargs
-
-
-def _post_forward(model, args, output):
-    tokens = model.__dict__.get(_TOKENS)
-    token = tokens.pop() if tokens else None
-    if token is not None:
-        _CURRENT.reset(token)
-
-
-def _generate(self, *args, adapter_names=None, **kwargs):
-    inner = self.__dict__.get(_GENERATE) or types.MethodType(type(self).generate, self)
-    if adapter_names is None:
-        return inner(*args, **kwargs)
-    with mixed_batch(self, adapter_names, expandable=True):
-        return inner(*args, **kwargs)
-
-
-def install(model: nn.Module, record: dict) -> None:
-    """Accept `adapter_names` in `model(...)` and `model.generate(...)`; unpatch removes both."""
-    handles = [
-        model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
-        model.register_forward_hook(_post_forward, always_call=True),
-    ]
-    has_generate = callable(getattr(model, "generate", None))
-    previous = model.__dict__.get("generate")  # an instance-level generate someone installed before us
-    if has_generate:
-        if previous is not None:
-            model.__dict__[_GENERATE] = previous
-        model.generate = types.MethodType(_generate, model)
-
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
-        if has_generate:
-            model.__dict__.pop("generate", None)
-            if previous is not None:
-                model.generate = model.__dict__.pop(_GENERATE)
-        model.__dict__.pop(_TOKENS, None)
-
-    record["undo"].append(undo)
+def pop(token: contextvars.Token) -> None:
+    _CURRENT.reset(token)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .ops import nf4 as nf4_ops
+from .ops import qlora as qlora_ops
 
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -53,7 +54,7 @@ class NF4Weight:
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _DTYPE_NAMES:
             got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise TypeError(f"nf4_quantize: weight must be a float32/float16/bfloat16 tensor, got {got}")
-        nf4_ops._check_blocksize(blocksize)
+        nf4_ops.check_blocksize(blocksize)
         weight = weight.detach()
         packed, absmax = nf4_ops.quantize(weight, blocksize)
         nested = None
@@ -261,13 +262,11 @@ class NF4Linear(torch.nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .ops import lora as lora_ops
-
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         x2 = x.reshape(-1, x.shape[-1])
-        if not torch.is_autocast_enabled(x.device.type) and lora_ops._use_gemv(x2, (bias,), None, None):
-            # decode on a GPU: the GEMV that reads the 4-bit weight once
-            out = lora_ops.nf4_lora_gemv(x2.contiguous(), self.nf4_weight(), bias)
+        if not torch.is_autocast_enabled(x.device.type) and qlora_ops.use_gemv(x2, (bias,), None, None):
+            # decode sizes in inference (CPU and CUDA): the GEMV that reads the 4-bit weight once
+            out = qlora_ops.nf4_lora_gemv(x2.contiguous(), self.nf4_weight(), bias)
             return out.view(*x.shape[:-1], out.shape[-1])
         return torch.nn.functional.linear(x, self.nf4_weight().dequantize(x.dtype), bias)
 

@@ -4,19 +4,21 @@ PEFT's module-matching rules (`peftkern.targeting`), and undo it exactly with `u
 Everything is checked before anything changes: a bad config, no matching module, or a matched
 module of an unsupported type raises with the module's name, and the model is left untouched.
 Should applying still fail midway, the changes made so far are undone before the error propagates:
-a model is never left half-patched.
+a model is never left half-patched. What was changed is kept in the model's `PatchRecord`.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from . import mixed
-from .methods import AdapterLayer, resolve_config
+from . import multi_adapter
+from .methods import AdapterLayer, from_peft, resolve_config
 from .nf4 import NF4Linear
+from .record import PatchRecord
 
-_PATCH_RECORD = "_peftkern_patch_record"
-MULTI_ADAPTER_METHODS = ("LORA", "IA3")  # several adapters per model and mixed batches (peftkern.adapters)
+MULTI_ADAPTER_METHODS = multi_adapter.MULTI_ADAPTER_METHODS  # kept importable from here
 
 
 def patch(model: nn.Module, config=None, adapter_name: str = "default", **options) -> nn.Module:
@@ -32,97 +34,52 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
 
     A Hugging Face `peft.PeftModel` is patched without a config: its LoRA / DoRA / IA³ layers are
     swapped for peftkern's, sharing PEFT's own parameters (see `peftkern.methods.from_peft`)."""
-    if getattr(model, _PATCH_RECORD, None):
+    if PatchRecord.of(model) is not None:
         raise RuntimeError("this model is already patched: peftkern.add_adapter(model, name, config) adds another "
                            "adapter, peftkern.unpatch(model) undoes the patch")  # fmt: skip
-    from .methods import from_peft
-
     if from_peft.is_peft_model(model):
         if config is not None:
             raise TypeError("model is a peft.PeftModel: call peftkern.patch(model) without a config; its own "
                             "adapters are taken over")  # fmt: skip
         # requires_grad flags are PEFT's and stay as they are
-        return _apply_recorded(model, from_peft.plan_patch(model, **options), freeze=False)
+        return _apply_recorded(model, PatchRecord(model, from_peft=True), from_peft.plan_patch(model, **options),
+                               freeze=False)  # fmt: skip
     if config is None:
         raise TypeError("peftkern.patch(model, config): a config is required unless model is a peft.PeftModel")
     method, config = resolve_config(config)
     plan = method.plan_patch(model, config, adapter_name, **options)
 
-    def apply(record: dict) -> None:
+    def apply(record: PatchRecord) -> None:
         plan(record)
         if config.peft_type in MULTI_ADAPTER_METHODS:  # model(..., adapter_names=[...]) and generate(...)
-            mixed.install(model, record)
+            multi_adapter.install(model, record)
 
-    # `adapters` (name -> config, in order) and `active` grow with peftkern.add_adapter; `config` and
-    # `adapter_name` stay the first adapter's.
-    return _apply_recorded(model, apply, freeze=True, config=config, adapter_name=adapter_name,
-                           adapters={adapter_name: config}, active=adapter_name, method=config.peft_type)  # fmt: skip
+    record = PatchRecord(model, method=config.peft_type, config=config, adapter_name=adapter_name)
+    return _apply_recorded(model, record, apply, freeze=True)
 
 
-def _apply_recorded(model: nn.Module, apply, freeze: bool, **facts) -> nn.Module:
-    """Only now change the model: record enough to undo every change exactly (requires_grad flags,
-    swaps, undo callables), freeze every parameter first when asked (the method then unfreezes its
-    own), and undo everything if applying fails midway."""
-    record = {**new_record(model), **facts}
+def _apply_recorded(model: nn.Module, record: PatchRecord, apply, freeze: bool) -> nn.Module:
+    """Only now change the model, recording every change in `record` (made before anything
+    changed, so it holds the original requires_grad flags): freeze every parameter first when
+    asked (the method then unfreezes its own), and undo everything if applying fails midway."""
     if freeze:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-    apply_or_undo(model, apply, record)
-    setattr(model, _PATCH_RECORD, record)
+    record.apply_or_undo(model, apply)
+    record.attach(model)
     return model
 
 
-def new_record(model: nn.Module) -> dict:
-    """An empty record of changes: the requires_grad flags to restore, swaps, undo callables."""
-    return {"requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}, "swaps": [], "undo": []}
-
-
-def apply_or_undo(model: nn.Module, apply, record: dict) -> None:
-    """apply(record); should it fail midway, undo what it recorded before the error propagates."""
-    try:
-        apply(record)
-    except BaseException:
-        _undo(model, record)
-        raise
-
-
-def _patched_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
-
-
-def patch_record(model: nn.Module) -> dict | None:
-    """What `patch` did to `model` (config, adapter_name, ...), or None for an unpatched model."""
-    return getattr(model, _PATCH_RECORD, None) or None
-
-
-def _take_record(model: nn.Module) -> dict:
-    record = patch_record(model)
-    if not record:
-        raise RuntimeError("this model was not patched by peftkern")
-    return record
-
-
-def _undo(model: nn.Module, record: dict) -> None:
-    """Undo the recorded changes, newest first, and restore requires_grad flags."""
-    for undo in reversed(record["undo"]):
-        undo()
-    for parent_name, attr, original in reversed(record["swaps"]):
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, original)
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(record["requires_grad"].get(name, parameter.requires_grad))
-
-
-def _restore(model: nn.Module, record: dict) -> nn.Module:
-    _undo(model, record)
-    delattr(model, _PATCH_RECORD)
+def _restore(model: nn.Module, record: PatchRecord) -> nn.Module:
+    record.undo(model)
+    PatchRecord.detach(model)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back the original modules and requires_grad flags (merged weights are unmerged first)."""
-    record = _take_record(model)
-    for layer in _patched_layers(model):
+    record = PatchRecord.required(model)
+    for layer in record.layers(model):
         layer.unmerge()
         layer.restore_base()
     return _restore(model, record)
@@ -130,25 +87,25 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active adapter into its base weight (forward then runs the base alone)."""
-    for layer in _patched_layers(model):
+    for layer in PatchRecord.layers(model):
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for layer in _patched_layers(model):
+    for layer in PatchRecord.layers(model):
         layer.unmerge()
     return model
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge, then put the (now merged) base modules back: a plain model with the adapters baked in."""
-    record = _take_record(model)
-    if record.get("from_peft"):
+    record = PatchRecord.required(model)
+    if record.from_peft:
         raise TypeError("this is a patched peft.PeftModel: peftkern.unpatch(model), then model.merge_and_unload()")
     merge(model)
     unloaded = []
-    for parent_name, attr, _ in record["swaps"]:
+    for parent_name, attr, _ in record.swaps:
         current = getattr(model.get_submodule(parent_name) if parent_name else model, attr)
         if isinstance(current, AdapterLayer):
             unloaded.append((parent_name, attr, current.unloaded()))
@@ -156,6 +113,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for parent_name, attr, module in unloaded:
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
     return model
+
+
+def patch_record(model: nn.Module) -> PatchRecord | None:
+    """Deprecated: `peftkern.record.PatchRecord.of(model)` (a PatchRecord now, no longer a dict)."""
+    warnings.warn("peftkern.patch.patch_record is deprecated: use peftkern.record.PatchRecord.of(model)",
+                  DeprecationWarning, stacklevel=2)  # fmt: skip
+    return PatchRecord.of(model)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

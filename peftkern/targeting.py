@@ -1,4 +1,4 @@
-"""Finding and swapping target modules, shared by every method that wraps layers (LoRA, IA³, ...).
+"""Finding target modules, shared by every method that wraps layers (LoRA, IA³, ...).
 
 PEFT's matching rules: `exclude_modules` first; a str `target_modules` is a regex full-match on
 the module's dotted name, a list matches the exact name or a ".suffix"; `layers_to_transform`
@@ -12,6 +12,8 @@ import re
 from typing import Callable
 
 from torch import nn
+
+from .methods.layer import AdapterLayer
 
 
 def layer_index(key: str, layers_pattern) -> int | None:
@@ -82,8 +84,6 @@ def find_targets(model: nn.Module, config, defaults: dict, supports: Callable[[n
     before anything is changed. On a patched model (another adapter being added) the modules
     inside peftkern's layers (their base_layer, lora_A, ...) are not candidates: a target is the
     peftkern layer itself, which `supports` must then accept."""
-    from .methods import AdapterLayer
-
     wrapped = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
     inside = tuple(f"{n}." for n in wrapped)
     candidates = [(n, m) for n, m in model.named_modules() if n and not (inside and n.startswith(inside))]
@@ -98,12 +98,3 @@ def find_targets(model: nn.Module, config, defaults: dict, supports: Callable[[n
             )
     return matched
 
-
-def swap_module(model: nn.Module, name: str, new: nn.Module, record: dict) -> nn.Module:
-    """Put `new` at `name`, remembering the old module in `record` so unpatch restores it."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, new)
-    record["swaps"].append((parent_name, attr, old))
-    return old

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern.patch import patch_record
+from peftkern.record import PatchRecord
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -236,7 +236,7 @@ def test_unpatch_after_add_and_delete_restores_the_model(generator):
     assert base.state_dict().keys() == original.keys()
     assert all(torch.equal(v, original[k]) for k, v in base.state_dict().items())
     assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
-    assert patch_record(base) is None
+    assert PatchRecord.of(base) is None
     assert "generate" not in base.__dict__ and not base._forward_pre_hooks and not base._forward_hooks
 
 

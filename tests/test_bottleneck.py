@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import peftkern
 from peftkern.methods.bottleneck import BottleneckLayer
+from peftkern.record import PatchRecord
 
 from .test_lora_patch import batch, tiny_model
 
@@ -319,7 +320,7 @@ def test_adapterhub_style_dict_selects_bottleneck(generator):
                        "is_parallel": False, "scaling": 1.0, "phm_dim": 4, "hypercomplex_nonlinearity": "glorot-uniform"}  # fmt: skip
     model = peftkern.patch(tiny_model("llama"), adapterhub_dict)
     assert sum(isinstance(m, BottleneckLayer) for m in model.modules()) == 2
-    assert model._peftkern_patch_record["config"] == peftkern.BnConfig(**{
+    assert PatchRecord.of(model).config == peftkern.BnConfig(**{
         k: v for k, v in adapterhub_dict.items() if k not in ("phm_dim", "hypercomplex_nonlinearity")})
 
 

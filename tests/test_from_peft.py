@@ -10,7 +10,7 @@ import torch
 
 import peftkern
 from peftkern.methods.from_peft import PeftIA3Linear, PeftLoraLinear
-from peftkern.patch import patch_record
+from peftkern.record import PatchRecord
 
 from .conftest import requires_cuda
 from .test_lora_patch import TARGETS, batch, tiny_model
@@ -96,7 +96,7 @@ def test_same_outputs_gradients_and_parameter_objects(arch, kind, generator):
 
     peftkern.unpatch(model)
     assert module_ids(model) == before  # PEFT's own layer objects are back
-    assert patch_record(model) is None
+    assert PatchRecord.of(model) is None
     assert not {"set_adapter", "merge_and_unload"} & (vars(model).keys() | vars(model.base_model).keys())
     torch.testing.assert_close(forward_backward(model, inputs)[0], logits, rtol=0, atol=0)
 
@@ -218,7 +218,7 @@ def test_unsupported_peft_models_raise_and_stay_untouched(build, message, genera
         peftkern.patch(model)
     assert module_ids(model) == before and list(model.state_dict().keys()) == keys
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert patch_record(model) is None
+    assert PatchRecord.of(model) is None
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peftkern import _ext
 from peftkern.check import GROUPED_SHAPES, grouped_errors, random_grouped_inputs
 from peftkern.ops import grouped as grouped_ops
+from peftkern.ops.common import acc_dtype
 
 from .conftest import requires_cuda
 
@@ -397,7 +398,7 @@ def test_ia3_is_bitwise_the_reference_rounding(dtype, strided, generator):
         out = ops.ia3_grouped_scale(t, scales, ra)
         assert out.shape == t.shape and out.dtype == dtype and out.is_contiguous()
         assert torch.equal(out, grouped_ops.ia3_grouped_scale_reference(t, scales, ra)), shape
-        acc = grouped_ops._acc(dtype)
+        acc = acc_dtype(dtype)
         for r in range(t.shape[0]):  # PEFT's way, row by row
             g = int(ra[r])
             want = t[r] if g < 0 else (t[r].to(acc) * scales[g]).to(dtype)

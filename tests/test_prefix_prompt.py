@@ -11,6 +11,7 @@ import torch
 
 import peftkern
 from peftkern.methods import prefix as prefix_method
+from peftkern.record import PatchRecord
 
 from .test_lora_patch import tiny_model
 
@@ -153,7 +154,7 @@ def test_training_steps_follow_peft(method, generator):
 
 def test_prefix_shapes_gqa_and_trainable_parameters(capsys):
     theirs, ours = pair("llama", "prefix")  # 4 query heads, 2 KV heads of 8
-    config = peftkern.patch_record(ours)["config"] if hasattr(peftkern, "patch_record") else ours._peftkern_patch_record["config"]
+    config = PatchRecord.of(ours).config
     assert (config.num_layers, config.num_attention_heads, config.token_dim) == (2, 2, 16)
     assert config.encoder_hidden_size == 16 and config.task_type == "CAUSAL_LM"
     assert [n for n, p in ours.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
@@ -208,7 +209,7 @@ def test_text_init_as_peft_with_a_tokenizer_object(n, tmp_path):
     ids = torch.tensor(([10, 11, 12, 13, 14, 15] * 2)[:n])
     torch.testing.assert_close(want, base.get_input_embeddings().weight[ids], rtol=0, atol=0)
     torch.testing.assert_close(ours.prompt_encoder["default"].embedding.weight, want, rtol=0, atol=0)
-    assert ours._peftkern_patch_record["config"].tokenizer_name_or_path == str(tmp_path)
+    assert PatchRecord.of(ours).config.tokenizer_name_or_path == str(tmp_path)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

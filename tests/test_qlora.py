@@ -11,6 +11,7 @@ from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 from peftkern.methods.lora import LoraLinear
 from peftkern.nf4 import NF4Linear
 from peftkern.ops import lora as lora_ops
+from peftkern.ops import qlora as qlora_ops
 
 from .test_lora_patch import batch, tiny_model
 
@@ -31,7 +32,7 @@ def test_nf4_lora_linear_matches_dense_and_stores_no_dense_weight(generator):
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        out = lora_ops.nf4_lora_linear(x, q, bias, a, b, 0.5)
+        out = qlora_ops.nf4_lora_linear(x, q, bias, a, b, 0.5)
     assert torch.Size([48, 40]) not in saved  # the dequantized weight is recomputed in backward
     want = lora_ops.lora_linear_reference(x, dense, bias, a, b, 0.5)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

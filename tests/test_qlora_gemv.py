@@ -8,7 +8,7 @@ import torch
 
 import peftkern
 from peftkern import _ext
-from peftkern.ops import lora as lora_ops
+from peftkern.ops import qlora as qlora_ops
 
 from .conftest import requires_cuda
 
@@ -33,8 +33,8 @@ def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, w
 
 def check(generator, device, dtype, shape, tokens, **options):
     x, weight, bias, xa, lora_b = inputs(generator, *shape[:2], tokens, dtype, device, blocksize=shape[2], **options)
-    got = lora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.75)
-    want = lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.75)
+    got = qlora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.75)
+    want = qlora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.75)
     assert got.dtype == dtype and got.shape == (tokens, shape[0])
     assert not got.isnan().any()
     torch.testing.assert_close(got, want, **TOL[dtype])
@@ -71,8 +71,8 @@ def test_cuda_kernel_matches_reference(generator, dtype, shape, tokens):
 def test_empty_shapes(generator, device):
     for out_f, in_f, tokens in [(0, 64, 2), (16, 64, 0), (16, 0, 2)]:
         x, weight, bias, xa, lora_b = inputs(generator, out_f, in_f, tokens, torch.float32, device)
-        got = lora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.5)
-        torch.testing.assert_close(got, lora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5))
+        got = qlora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.5)
+        torch.testing.assert_close(got, qlora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5))
 
 
 def test_bad_input_is_refused_clearly(generator):
@@ -98,13 +98,13 @@ def test_bad_input_is_refused_clearly(generator):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_path_of_nf4_lora_linear_matches_the_training_path(generator, dtype, device):
-    """nf4_lora_linear under no_grad with <= 8 tokens takes the GEMV on a GPU: same result as the
+    """nf4_lora_linear under no_grad with <= 8 tokens takes the GEMV (CPU and CUDA): same result as the
     dequantize + GEMM path (with grad enabled)."""
     x, weight, bias, _, _ = inputs(generator, 96, 128, 4, dtype, device)
     a = torch.randn(8, 128, generator=generator).to(device, dtype)
     b = torch.randn(96, 8, generator=generator).to(device, dtype)
-    assert lora_ops._use_gemv(x, (bias, a, b), None, None)
+    assert qlora_ops.use_gemv(x, (bias, a, b), None, None)
     with torch.no_grad():
-        fast = lora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5)
-    slow = lora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5)
+        fast = qlora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5)
+    slow = qlora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5)
     torch.testing.assert_close(fast, slow.detach(), **TOL[dtype])

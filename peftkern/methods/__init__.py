@@ -5,11 +5,12 @@ A method module provides:
 - a config dataclass with `peft_type` (PEFT's name, e.g. "LORA"), `from_any(config)` and
   `validate()`;
 - `plan_patch(model, config, adapter_name, **options) -> apply`: checks everything and raises
-  (naming the module) before anything changes; `apply(record)` then changes the model, appending
-  each module swap to `record["swaps"]` (see `peftkern.targeting.swap_module`) and every other
-  change's undo callable to `record["undo"]`, so `unpatch` restores the model exactly;
+  (naming the module) before anything changes; `apply(record)` then changes the model through the
+  `peftkern.record.PatchRecord` it is given (`record.swap(...)` for a module swap,
+  `record.on_undo(...)` for any other change), so `unpatch` restores the model exactly;
 - `adapter_tensors(model, adapter_name) -> {PEFT checkpoint key: live tensor}` for save/load.
-Layers it swaps in subclass `AdapterLayer` so merge/unmerge reach them.
+Layers it swaps in subclass `AdapterLayer` (`peftkern.methods.layer`) so merge/unmerge reach them;
+the base layers they wrap are told apart by `peftkern.methods.bases`.
 """
 
 from __future__ import annotations
@@ -17,54 +18,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
-from torch import nn
+from .layer import AdapterLayer, MultiAdapterLayer
 
-from .. import mixed
+__all__ = ["AdapterLayer", "MultiAdapterLayer", "config_fields", "config_peft_type", "method_module", "resolve_config"]
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
             "BOTTLENECK": "bottleneck"}  # BOTTLENECK: AdapterHub-style adapters (ours; PEFT lacks them)
-
-
-class AdapterLayer(nn.Module):
-    """Base of every layer a method swaps in: `merge()` folds the active adapter into the base
-    weight, `unmerge()` takes it back out, `unloaded()` is the module merge_and_unload leaves."""
-
-    merged = False
-
-    def merge(self) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
-
-    def unmerge(self) -> None:
-        pass
-
-    def unloaded(self) -> nn.Module:
-        """What merge_and_unload leaves in this layer's place (after merge): the base layer."""
-        base = getattr(self, "base_layer", None)
-        if base is None:
-            raise NotImplementedError(f"{type(self).__name__} cannot be unloaded")
-        return base
-
-    def restore_base(self) -> None:
-        """Undo what patching did to the base module itself (unpatch calls it; merge_and_unload not)."""
-
-
-class MultiAdapterLayer(AdapterLayer):
-    """A layer holding several named adapters (LoRA, IA³). Forward runs the base alone while
-    disabled (`peftkern.disable_adapter`, unmerging first, as PEFT), each row with its own
-    adapter in a mixed batch (`peftkern.mixed`; merged models are refused before), else the
-    active adapter. Subclasses provide `_mixed_forward(x, batch)` and `_active_forward(x)`."""
-
-    disabled = False
-
-    def forward(self, x):
-        if self.disabled:
-            self.unmerge()
-            return self.base_layer(x)
-        batch = mixed.current()
-        if batch is not None:
-            return self._mixed_forward(x, batch)
-        return self._active_forward(x)
 
 
 def method_module(peft_type: str):

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import targeting
 from ..ops import adapter as adapter_ops
-from . import AdapterLayer, config_fields
+from ..record import PatchRecord
+from . import config_fields
+from .layer import AdapterLayer
 
 
 @dataclass
@@ -349,20 +350,20 @@ def plan_patch(model: nn.Module, config: BnConfig, adapter_name: str):
     sites, hidden, post_ln = find_sites(model, config)
     needs_residual = not post_ln and (config.is_parallel or config.original_ln_before)
 
-    def apply(record: dict) -> None:
+    def apply(record: PatchRecord) -> None:
         for site, norm, bottleneck in sites:
             base = model.get_submodule(site)
             weight = next(base.parameters())
             adapter = BottleneckAdapter(hidden, bottleneck, config, device=weight.device, dtype=weight.dtype)
             layer = BottleneckLayer(base, adapter_name, adapter, config, post_ln)
-            targeting.swap_module(model, site, layer, record)
+            record.swap(model, site, layer)
             if needs_residual:
                 # a partial, not a lambda: copy.deepcopy of the patched model then re-points the
                 # hook at the copied layer
                 handle = model.get_submodule(norm).register_forward_pre_hook(
                     functools.partial(_stash_residual, layer), with_kwargs=True
                 )
-                record["undo"].append(handle.remove)
+                record.on_undo(handle.remove)
 
     return apply
 

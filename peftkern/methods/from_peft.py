@@ -25,9 +25,10 @@ import sys
 import torch
 from torch import nn
 
-from .. import targeting
+from ..record import PatchRecord
+from .bases import is_conv1d, nf4_base_weight, supports
 from .ia3 import IA3Linear
-from .lora import LoraLinear, _is_conv1d, nf4_base_weight, supports
+from .lora import LoraLinear
 
 _SUPPORTED_TYPES = ("LORA", "IA3")
 
@@ -146,7 +147,7 @@ def _check_base(name: str, layer: nn.Module, fan_in_fan_out: bool) -> None:
         quantized = nf4_base_weight(base) is not None
     except (ValueError, NotImplementedError, TypeError) as error:
         raise type(error)(f"{name!r}: {error}") from error
-    if not quantized and bool(fan_in_fan_out) != _is_conv1d(base):
+    if not quantized and bool(fan_in_fan_out) != is_conv1d(base):
         raise ValueError(f"{name!r}: fan_in_fan_out={fan_in_fan_out} does not match its {type(base).__name__} base")
 
 
@@ -229,18 +230,18 @@ def plan_patch(model: nn.Module, **options):
     if not planned:
         raise ValueError("this PeftModel has no PEFT tuner layer for peftkern to take over")
 
-    def apply(record: dict) -> None:
-        record.update(config=config, adapter_name=adapter, from_peft=True)
+    def apply(record: PatchRecord) -> None:
+        record.config, record.adapter_name = config, adapter
         for name, module, ours in planned:
             layer = ours.sharing(module, adapter)
             layer.train(module.training)
-            targeting.swap_module(model, name, layer, record)
+            record.swap(model, name, layer)
         # PEFT's adapter-management methods would silently skip the stand-in layers: refuse them
         for owner in (model, model.base_model):
             for method in _GUARDED:
                 if hasattr(type(owner), method):
                     setattr(owner, method, _refusal(method))
-                    record["undo"].append(_Unguard(owner, method))
+                    record.on_undo(_Unguard(owner, method))
 
     return apply
 

@@ -31,11 +31,13 @@ import torch
 from torch import nn
 
 from .. import mixed, targeting
-from ..nf4 import NF4Linear
 from ..ops import grouped as grouped_ops
 from ..ops import ia3 as ia3_ops
-from . import MultiAdapterLayer, config_fields
-from .lora import _is_conv1d, nf4_base_weight, supports
+from ..ops.common import acc_dtype
+from ..record import PatchRecord
+from . import config_fields
+from .bases import base_features, bias_like, check_quantize_option, is_conv1d, nf4_base_weight, quantized_base, supports
+from .layer import MultiAdapterLayer
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
 # (peft 0.21) for the architectures peftkern tests.
@@ -145,12 +147,8 @@ class IA3Linear(MultiAdapterLayer):
         self.quantized = nf4_base_weight(base_layer) is not None
         self.is_feedforward = feedforward
         # As PEFT: Conv1D ([in, out]) always fan-in-fan-out, nn.Linear never.
-        self.fan_in_fan_out = _is_conv1d(base_layer)
-        if self.quantized:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:
-            weight = base_layer.weight
-            self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        self.out_features, self.in_features = base_features(base_layer, self.quantized, self.fan_in_fan_out)
         self.ia3_l = nn.ParameterDict()
         self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
         self.merged = False
@@ -160,7 +158,7 @@ class IA3Linear(MultiAdapterLayer):
             device, dtype = nf4_base_weight(self.base_layer).device, torch.float32
         else:
             weight = self.base_layer.weight
-            device, dtype = weight.device, torch.float64 if weight.dtype == torch.float64 else torch.float32
+            device, dtype = weight.device, acc_dtype(weight.dtype)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         if config.init_ia3_weights:
             value = torch.ones(shape, device=device, dtype=dtype)
@@ -222,10 +220,7 @@ class IA3Linear(MultiAdapterLayer):
         l = self.ia3_l[name]
         base = self.base_layer
         if self.quantized:
-            bias = base.bias
-            if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                bias = bias.to(x.dtype)
-            return ia3_ops.nf4_ia3_linear(x, nf4_base_weight(base), bias, l, self.is_feedforward)
+            return ia3_ops.nf4_ia3_linear(x, nf4_base_weight(base), bias_like(base.bias, x), l, self.is_feedforward)
         return ia3_ops.ia3_linear(x, base.weight, base.bias, l, self.is_feedforward, self.fan_in_fan_out)
 
     def _mixed_forward(self, x: torch.Tensor, batch: "mixed.MixedBatch") -> torch.Tensor:
@@ -243,7 +238,7 @@ class IA3Linear(MultiAdapterLayer):
     def _stacked_scales(self, names: tuple[str, ...], dtype: torch.dtype, batch: "mixed.MixedBatch") -> torch.Tensor:
         """The vectors of `names` as [G, features], float32 (float64 for float64 inputs), built
         once per mixed-batch call and kept in it."""
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = acc_dtype(dtype)
         key = (id(self), names, acc)
         if key not in batch.stacks:
             batch.stacks[key] = torch.stack([self.ia3_l[n].reshape(-1).to(acc) for n in names])
@@ -261,8 +256,7 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
     """Check every target (and fill in PEFT's per-architecture defaults), then return the
     function that swaps IA3Linear layers in. `quantize="nf4"` quantizes the targeted dense
     nn.Linear bases to NF4 first (as for QLoRA); unpatch then gives back the NF4 layers."""
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    check_quantize_option(quantize)
     user_feedforward = config.feedforward_modules is not None
     matched = targeting.find_targets(
         model, config, DEFAULT_TARGETS, lambda m: supports(m) or isinstance(m, IA3Linear),
@@ -293,18 +287,15 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
         if quantize and not isinstance(module, nn.Linear):
             raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
 
-    def apply(record: dict) -> None:
+    def apply(record: PatchRecord) -> None:
         for name, module in matched:
             if isinstance(module, IA3Linear):
                 module.add_adapter(adapter_name, config)
-                record["undo"].append(functools.partial(module.delete_adapter, adapter_name))
+                record.on_undo(functools.partial(module.delete_adapter, adapter_name))
                 continue
-            if quantize and nf4_base_weight(module) is None:
-                module = NF4Linear.from_linear(module)  # the dense weight goes with the old module
-            layer = IA3Linear(module, adapter_name, config, is_feedforward(config, name))
-            targeting.swap_module(model, name, layer, record)
-            if quantize:  # unpatch gives back the NF4 layer, not the dense one
-                record["swaps"][-1] = (*record["swaps"][-1][:2], module)
+            base = quantized_base(module, quantize)
+            # with quantize, unpatch gives back the NF4 layer, not the dense one
+            record.swap(model, name, IA3Linear(base, adapter_name, config, is_feedforward(config, name)), restore=base)
 
     return apply
 

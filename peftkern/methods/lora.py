@@ -22,11 +22,14 @@ import torch
 from torch import nn
 
 from .. import mixed, targeting
-from ..nf4 import NF4Linear, NF4Weight
 from ..ops import dora as dora_ops
 from ..ops import grouped as grouped_ops
 from ..ops import lora as lora_ops
-from . import MultiAdapterLayer, config_fields, modules_to_save
+from ..ops import qlora as qlora_ops
+from ..record import PatchRecord
+from . import config_fields, modules_to_save
+from .bases import base_features, bias_like, check_quantize_option, is_conv1d, nf4_base_weight, quantized_base, supports
+from .layer import MultiAdapterLayer
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
 DEFAULT_TARGETS = {
@@ -138,30 +141,6 @@ def pissa_factors(weight: torch.Tensor, r: int, scaling: float, init) -> tuple[t
     return root[:, None] * vh, u * root[None, :]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # transformers.pytorch_utils.Conv1D
-
-
-def _is_bnb_linear4bit(module: nn.Module) -> bool:
-    # bitsandbytes' Linear4bit subclasses nn.Linear: test for it before treating a base as dense.
-    return type(module).__name__ == "Linear4bit" and hasattr(module.weight, "quant_state")
-
-
-def nf4_base_weight(module: nn.Module) -> NF4Weight | None:
-    """The NF4 weight of a quantized base (ours or bitsandbytes', read without copying), else None."""
-    if isinstance(module, NF4Linear):
-        return module.nf4_weight()
-    if _is_bnb_linear4bit(module):
-        if module.weight.quant_state is None:
-            raise ValueError("a bitsandbytes Linear4bit base must be quantized (moved to its device) before patching")
-        return NF4Weight.from_bnb(module.weight)
-    return None
-
-
-def supports(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, NF4Linear)) or _is_conv1d(module)
-
-
 class DoraMagnitude(nn.Module):
     """DoRA's trainable magnitude vector m [out_features]; a module so that its state-dict key is
     PEFT's `lora_magnitude_vector.<adapter>.weight`."""
@@ -186,12 +165,8 @@ class LoraLinear(MultiAdapterLayer):
         self.base_layer = base_layer
         self.quantized = nf4_base_weight(base_layer) is not None
         # GPT-2's Conv1D stores its weight as [in, out]: always fan-in-fan-out, as PEFT forces.
-        self.fan_in_fan_out = (fan_in_fan_out or _is_conv1d(base_layer)) and not self.quantized
-        if self.quantized:
-            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
-        else:
-            weight = base_layer.weight
-            self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
+        self.fan_in_fan_out = (fan_in_fan_out or is_conv1d(base_layer)) and not self.quantized
+        self.out_features, self.in_features = base_features(base_layer, self.quantized, self.fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
@@ -357,11 +332,8 @@ class LoraLinear(MultiAdapterLayer):
         if name in self.lora_magnitude_vector:
             return self._dora_forward(x, name, lora_a, lora_b)
         if self.quantized:
-            bias = self.base_layer.bias
-            if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                bias = bias.to(x.dtype)
-            return lora_ops.nf4_lora_linear(
-                x, nf4_base_weight(self.base_layer), bias,
+            return qlora_ops.nf4_lora_linear(
+                x, nf4_base_weight(self.base_layer), bias_like(self.base_layer.bias, x),
                 lora_a, lora_b, self.scaling[name], dropout=self.dropout[name], training=self.training,
             )  # fmt: skip
         return lora_ops.lora_linear(
@@ -371,10 +343,7 @@ class LoraLinear(MultiAdapterLayer):
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
-            bias = self.base_layer.bias
-            if bias is not None and bias.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-                bias = bias.to(x.dtype)
-            return lora_ops.nf4_linear(x, nf4_base_weight(self.base_layer), bias)
+            return qlora_ops.nf4_linear(x, nf4_base_weight(self.base_layer), bias_like(self.base_layer.bias, x))
         return self.base_layer(x)
 
     def _mixed_forward(self, x: torch.Tensor, batch: "mixed.MixedBatch") -> torch.Tensor:
@@ -419,14 +388,14 @@ class LoraLinear(MultiAdapterLayer):
 
         def lora_part(inputs):  # inputs·Wᵀ + s·inputs·Aᵀ·Bᵀ, no bias
             if nf4 is not None:
-                return lora_ops.nf4_lora_linear(inputs, nf4, None, lora_a, lora_b, scaling, dense=dense)
+                return qlora_ops.nf4_lora_linear(inputs, nf4, None, lora_a, lora_b, scaling, dense=dense)
             return lora_ops.lora_linear(inputs, base.weight.to(x.dtype), None, lora_a, lora_b, scaling,
                                         fan_in_fan_out=self.fan_in_fan_out)  # fmt: skip
 
         def base_part(inputs, with_bias):
             b = bias if with_bias else None
             if nf4 is not None:
-                return lora_ops.nf4_linear(inputs, nf4, b, dense=dense)
+                return qlora_ops.nf4_linear(inputs, nf4, b, dense=dense)
             weight = base.weight.to(x.dtype)
             return nn.functional.linear(inputs, weight.t() if self.fan_in_fan_out else weight, b)
 
@@ -449,8 +418,7 @@ CONFIG = LoraConfig
 def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize: str | None = None):
     """Check every target, then return the function that swaps LoraLinear layers in.
     `quantize="nf4"` quantizes the targeted dense nn.Linear bases to NF4 first (QLoRA)."""
-    if quantize not in (None, "nf4"):
-        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    check_quantize_option(quantize)
     matched = targeting.find_targets(
         model, config, DEFAULT_TARGETS, lambda m: supports(m) or isinstance(m, LoraLinear),
         "peftkern's LoRA supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far",
@@ -476,7 +444,7 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             )
     saved = modules_to_save.find(model, config.modules_to_save or [], {n for n, _ in matched}, config.classifier_heads())
 
-    def apply(record: dict) -> None:
+    def apply(record: PatchRecord) -> None:
         progress = matched
         if quantize:
             try:
@@ -488,14 +456,11 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
         for name, module in progress:
             if isinstance(module, LoraLinear):
                 module.add_adapter(adapter_name, config.for_module(name))
-                record["undo"].append(functools.partial(module.delete_adapter, adapter_name))
+                record.on_undo(functools.partial(module.delete_adapter, adapter_name))
                 continue
-            if quantize and nf4_base_weight(module) is None:
-                module = NF4Linear.from_linear(module)  # the dense weight is released with the old module
-            layer = LoraLinear(module, adapter_name, config.for_module(name))
-            targeting.swap_module(model, name, layer, record)
-            if quantize:  # unpatch gives back the NF4 layer, not the dense one
-                record["swaps"][-1] = (*record["swaps"][-1][:2], module)
+            base = quantized_base(module, quantize)
+            # with quantize, unpatch gives back the NF4 layer, not the dense one
+            record.swap(model, name, LoraLinear(base, adapter_name, config.for_module(name)), restore=base)
         modules_to_save.apply(model, saved, adapter_name, record)
         for parameter in _trained_biases(model, config, adapter_name).values():  # PEFT's bias="all" / "lora_only"
             parameter.requires_grad_(True)
@@ -529,8 +494,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
         tensors[f"{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
             tensors[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector[adapter_name].weight
-    record = getattr(model, "_peftkern_patch_record", None)
-    config = (record or {}).get("adapters", {}).get(adapter_name)
+    record = PatchRecord.of(model)
+    config = record.adapters.get(adapter_name) if record is not None else None
     if config is not None:
         tensors.update(_trained_biases(model, config, adapter_name))
     tensors.update(modules_to_save.tensors(model, adapter_name))

@@ -10,8 +10,9 @@ import copy
 import torch
 from torch import nn
 
-from .. import mixed, targeting
-from . import AdapterLayer
+from .. import mixed
+from ..record import PatchRecord
+from .layer import AdapterLayer
 
 
 class ModulesToSave(AdapterLayer):
@@ -86,9 +87,9 @@ def find(model: nn.Module, names: list[str], exclude: set[str] = frozenset(), op
     return found
 
 
-def apply(model: nn.Module, found: list[tuple[str, nn.Module]], adapter_name: str, record: dict) -> None:
+def apply(model: nn.Module, found: list[tuple[str, nn.Module]], adapter_name: str, record: PatchRecord) -> None:
     for key, module in found:
-        targeting.swap_module(model, key, ModulesToSave(module, adapter_name), record)
+        record.swap(model, key, ModulesToSave(module, adapter_name))
 
 
 def tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

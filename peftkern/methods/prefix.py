@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _virtual
-from ._virtual import PromptLearningConfig
+from . import prompt_learning
+from .prompt_learning import PromptLearningConfig
 
 
 @dataclass
@@ -85,7 +85,7 @@ class PrefixEncoder(nn.Module):
 
 
 def _encoder(model: nn.Module, adapter_name: str) -> PrefixEncoder:
-    return getattr(model, _virtual.ENCODER_ATTR)[adapter_name]
+    return getattr(model, prompt_learning.ENCODER_ATTR)[adapter_name]
 
 
 def prefix_cache(model: nn.Module, config: PrefixTuningConfig, encoder: PrefixEncoder, batch: int):
@@ -100,7 +100,7 @@ def prefix_cache(model: nn.Module, config: PrefixTuningConfig, encoder: PrefixEn
     from transformers import DynamicCache
 
     kv = encoder.prefixes()
-    dtype = _virtual.model_dtype(model)
+    dtype = prompt_learning.model_dtype(model)
     if dtype is not None:
         kv = kv.to(dtype)
     heads = config.num_attention_heads
@@ -127,8 +127,8 @@ def _refuse_checkpointing(model: nn.Module) -> None:
 def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, **options):
     if options:
         raise TypeError(f"prefix tuning takes no patch options, got {sorted(options)}")
-    _virtual.check_model(model, config, needs=("past_key_values", "attention_mask"))
-    _virtual.fill_from_model(config, model, gqa=True)
+    prompt_learning.check_model(model, config, needs=("past_key_values", "attention_mask"))
+    prompt_learning.fill_from_model(config, model, gqa=True)
     if config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
     if config.token_dim % config.num_attention_heads:
@@ -144,21 +144,21 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         # PeftModelForCausalLM.forward for PREFIX_TUNING; labels are untouched.
         if model.training:
             _refuse_checkpointing(model)
-        batch = _virtual.batch_size(call)
+        batch = prompt_learning.batch_size(call)
         if call.get("attention_mask") is not None:
-            call["attention_mask"] = _virtual.prepend_ones(call["attention_mask"], config.num_virtual_tokens)
-        _virtual.adjust_ids(call, config.peft_type, config.num_virtual_tokens)
+            call["attention_mask"] = prompt_learning.prepend_ones(call["attention_mask"], config.num_virtual_tokens)
+        prompt_learning.adjust_ids(call, config.peft_type, config.num_virtual_tokens)
         call["past_key_values"] = prefix_cache(model, config, _encoder(model, adapter), batch)
         return call
 
     def on_prepare(model, inputs):
         # PeftModelForCausalLM.prepare_inputs_for_generation for PREFIX_TUNING.
-        prefill = _virtual.is_prefill(inputs)
-        _virtual.trim_cached_input_ids(inputs)
-        _virtual.generation_mask(inputs, config.num_virtual_tokens)
-        _virtual.adjust_ids(inputs, config.peft_type, config.num_virtual_tokens)
+        prefill = prompt_learning.is_prefill(inputs)
+        prompt_learning.trim_cached_input_ids(inputs)
+        prompt_learning.generation_mask(inputs, config.num_virtual_tokens)
+        prompt_learning.adjust_ids(inputs, config.peft_type, config.num_virtual_tokens)
         cache = inputs.get("past_key_values")
-        if _virtual.cache_is_empty(cache):
+        if prompt_learning.cache_is_empty(cache):
             from transformers import Cache, DynamicCache
 
             if isinstance(cache, Cache) and not isinstance(cache, DynamicCache):
@@ -172,7 +172,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
 
     def apply(record):
         encoder = PrefixEncoder(config).to(device)
-        _virtual.install(model, record, adapter, encoder, on_forward, on_prepare)
+        prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
 
     return apply
 
@@ -180,7 +180,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
 def _check_cache_shape(model: nn.Module, config: PrefixTuningConfig) -> None:
     """The prefix must have the shape the model's attention caches: refuse a config whose
     layers / KV heads / head_dim disagree with the model (PEFT fails later, inside attention)."""
-    model_config = _virtual.text_config(model)
+    model_config = prompt_learning.text_config(model)
     values = model_config.to_dict()
     layers = getattr(model_config, "num_hidden_layers", None) or values.get("n_layer")
     if layers is not None and config.num_layers != layers:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _virtual
-from ._virtual import PromptLearningConfig
+from . import prompt_learning
+from .prompt_learning import PromptLearningConfig
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
 
@@ -90,7 +90,7 @@ class PromptEmbedding(nn.Module):
 
 
 def _encoder(model: nn.Module, adapter_name: str) -> PromptEmbedding:
-    return getattr(model, _virtual.ENCODER_ATTR)[adapter_name]
+    return getattr(model, prompt_learning.ENCODER_ATTR)[adapter_name]
 
 
 def _prompts(model, adapter, batch: int, dtype: torch.dtype) -> torch.Tensor:
@@ -101,8 +101,8 @@ def _prompts(model, adapter, batch: int, dtype: torch.dtype) -> torch.Tensor:
 def plan_patch(model: nn.Module, config: PromptTuningConfig, adapter_name: str, **options):
     if options:
         raise TypeError(f"prompt tuning takes no patch options, got {sorted(options)}")
-    _virtual.check_model(model, config, needs=("inputs_embeds", "attention_mask"))
-    _virtual.fill_from_model(config, model, gqa=False)
+    prompt_learning.check_model(model, config, needs=("inputs_embeds", "attention_mask"))
+    prompt_learning.fill_from_model(config, model, gqa=False)
     word_embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if not isinstance(word_embeddings, nn.Embedding):
         raise TypeError(f"{type(model).__name__} has no nn.Embedding input embeddings (get_input_embeddings())")
@@ -130,10 +130,10 @@ def plan_patch(model: nn.Module, config: PromptTuningConfig, adapter_name: str, 
 
     def on_forward(model, call):
         # PeftModelForCausalLM.forward for PROMPT_TUNING.
-        batch = _virtual.batch_size(call)
+        batch = prompt_learning.batch_size(call)
         if call.get("attention_mask") is not None:
-            call["attention_mask"] = _virtual.prepend_ones(call["attention_mask"], n)
-        _virtual.adjust_ids(call, config.peft_type, n)
+            call["attention_mask"] = prompt_learning.prepend_ones(call["attention_mask"], n)
+        prompt_learning.adjust_ids(call, config.peft_type, n)
         if call.get("labels") is not None:
             labels = call["labels"]
             call["labels"] = torch.cat((labels.new_full((batch, n), -100), labels), dim=1)
@@ -143,17 +143,17 @@ def plan_patch(model: nn.Module, config: PromptTuningConfig, adapter_name: str, 
 
     def on_prepare(model, inputs):
         # PeftModelForCausalLM.prepare_inputs_for_generation for PROMPT_TUNING.
-        _virtual.trim_cached_input_ids(inputs)
-        _virtual.generation_mask(inputs, n)
-        _virtual.adjust_ids(inputs, config.peft_type, n)
-        if _virtual.cache_is_empty(inputs.get("past_key_values")):
+        prompt_learning.trim_cached_input_ids(inputs)
+        prompt_learning.generation_mask(inputs, n)
+        prompt_learning.adjust_ids(inputs, config.peft_type, n)
+        if prompt_learning.cache_is_empty(inputs.get("past_key_values")):
             inputs["inputs_embeds"] = embed(model, inputs)
         inputs.pop("cache_position", None)  # the model derives positions from the longer input
         return inputs
 
     def apply(record):
         encoder = PromptEmbedding(config, word_embeddings, tokenizer).to(word_embeddings.weight.device)
-        _virtual.install(model, record, adapter, encoder, on_forward, on_prepare)
+        prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
 
     return apply
 

@@ -2,6 +2,6 @@
 the autograd formula and the wrapper that picks the compiled kernel for a tensor's device or
 falls back to the reference. Importing a family module registers its fakes and autograd."""
 
-from . import dora, grouped, ia3, lora, nf4
+from . import adapter, dora, grouped, ia3, lora, nf4, qlora
 
-__all__ = ["dora", "grouped", "ia3", "lora", "nf4"]
+__all__ = ["adapter", "dora", "grouped", "ia3", "lora", "nf4", "qlora"]

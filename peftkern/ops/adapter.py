@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .lora import _autocast
+from .common import autocast_inputs
 
 # AdapterHub / transformers activation names -> the op's activation codes (csrc/common/activations.h).
 ACTIVATIONS = {
@@ -134,7 +134,7 @@ def adapter_bottleneck(
         raise ValueError(f"adapter_bottleneck: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
     if x.dim() == 0 or x.shape[-1] != w_down.shape[-1]:
         raise ValueError(f"adapter_bottleneck: x has shape {tuple(x.shape)}, expected [..., {w_down.shape[-1]}]")
-    x, residual, w_down, b_down, w_up, b_up, scale = _autocast(x, residual, w_down, b_down, w_up, b_up, scale)
+    x, residual, w_down, b_down, w_up, b_up, scale = autocast_inputs(x, residual, w_down, b_down, w_up, b_up, scale)
     if scale is not None and scale.dtype != x.dtype:
         scale = scale.to(x.dtype)
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])

@@ -6,10 +6,11 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .common import acc_dtype
 
 
 def dora_weight_norm_reference(weight, lora_a, lora_b, scaling) -> torch.Tensor:
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(weight.dtype)
     full = weight.to(acc) + scaling * (lora_b.to(acc) @ lora_a.to(acc))
     return torch.linalg.vector_norm(full, dim=1).to(weight.dtype)
 

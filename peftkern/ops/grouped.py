@@ -32,14 +32,11 @@ from collections.abc import Sequence
 import torch
 
 from .. import _ext
+from .common import acc_dtype, autocast_inputs
 
 # --------------------------------------------------------------------------------------------
 # References: the spec (autograd through plain PyTorch ops gives their gradients).
 # --------------------------------------------------------------------------------------------
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_weight(row_adapter, g: int, scale: float, acc: torch.dtype) -> torch.Tensor:
@@ -54,7 +51,7 @@ def lora_grouped_reference(base_out, x, lora_a, lora_b, scaling, row_adapter) ->
     adapter's term plus exact zeros from the others. G times the FLOPs of grouping, no host sync,
     fine for a spec and a fallback. A value outside [-1, G) selects no adapter here; the compiled
     ops refuse it (CPU)."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     xs, ra = x.to(acc), row_adapter.long()
     out = base_out.to(acc)
     for g, (a, b, scale) in enumerate(zip(lora_a, lora_b, scaling)):
@@ -68,7 +65,7 @@ def ia3_grouped_scale_reference(t, scales, row_adapter) -> torch.Tensor:
     in float32 (float64 for float64 t), rounded once; a row without an adapter is multiplied by 1
     (exact: it comes back unchanged). Values outside [-1, G) are not checked here (-2 would wrap
     to the last adapter); the compiled CPU op refuses them."""
-    acc = _acc(t.dtype)
+    acc = acc_dtype(t.dtype)
     table = torch.cat([torch.ones(1, t.shape[1], dtype=acc, device=t.device), scales.to(acc)])  # row 0: none
     return (t.to(acc) * table[row_adapter.long() + 1]).to(t.dtype)
 
@@ -97,7 +94,7 @@ def lora_grouped_grads(grad_out, x, lora_a, lora_b, scaling, row_adapter, needs_
     times the FLOPs of grouping the rows first) but nothing depends on the VALUES of row_adapter:
     no host sync, and torch.compile / opcheck can trace it. Rows without an adapter get dx = 0.
     Each gradient comes back in its input's dtype."""
-    acc = _acc(x.dtype)
+    acc = acc_dtype(x.dtype)
     adapters = len(lora_a)
     needs_a = [True] * adapters if needs_a is None else needs_a
     needs_b = [True] * adapters if needs_b is None else needs_b
@@ -164,16 +161,6 @@ if _ext.op_exists("lora_grouped_fwd"):
 # --------------------------------------------------------------------------------------------
 
 
-def _autocast(*tensors):
-    """Under torch.autocast, cast the floating activations to the autocast dtype, as autocast does
-    for F.linear (our ops are not on autocast's list)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
-
-
 def _row_adapter(op: str, row_adapter, rows: int, device) -> torch.Tensor:
     """row_adapter as the ops take it: int32, 1-D, one entry per row (any integer dtype or shape
     with `rows` elements is accepted and converted)."""
@@ -217,7 +204,7 @@ def lora_grouped(
             raise ValueError(f"{op}: lora_a[{g}] has shape {tuple(a.shape)}, expected [rank, {k}]")
         if tuple(b.shape) != (n, a.shape[0]):
             raise ValueError(f"{op}: lora_b[{g}] has shape {tuple(b.shape)}, expected [{n}, {a.shape[0]}] (lora_B)")
-    base_out, x = _autocast(base_out, x)
+    base_out, x = autocast_inputs(base_out, x)
     if torch.is_autocast_enabled(x.device.type):  # the op takes one adapter dtype: x's (autocast's) or float32
         dtypes = {t.dtype for t in (*lora_a, *lora_b)}
         if len(dtypes) > 1 or not dtypes <= {x.dtype, torch.float32}:
@@ -240,11 +227,11 @@ def ia3_grouped_scale(t, scales, row_adapter) -> torch.Tensor:
         raise ValueError(f"{op}: t must have a feature dim, got a 0-d tensor")
     if scales.dim() != 2 or scales.shape[1] != t.shape[-1]:
         raise ValueError(f"{op}: scales has shape {tuple(scales.shape)}, expected [adapters, {t.shape[-1]}]")
-    (t,) = _autocast(t)
+    (t,) = autocast_inputs(t)
     t2 = t.reshape(-1, t.shape[-1])
     row_adapter = _row_adapter(op, row_adapter, t2.shape[0], t.device)
     if _ext.has_kernel("ia3_grouped_scale", t.device.type):
-        out = torch.ops.peftkern.ia3_grouped_scale(t2, scales.to(_acc(t.dtype)), row_adapter)
+        out = torch.ops.peftkern.ia3_grouped_scale(t2, scales.to(acc_dtype(t.dtype)), row_adapter)
     else:
         out = ia3_grouped_scale_reference(t2, scales, row_adapter)
     return out.view(t.shape)

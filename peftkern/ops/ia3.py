@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .common import acc_dtype, autocast_inputs
 
 _FWD = {True: "ia3_input_linear_fwd", False: "ia3_output_linear_fwd"}
 
@@ -35,13 +36,9 @@ _FWD = {True: "ia3_input_linear_fwd", False: "ia3_output_linear_fwd"}
 # --------------------------------------------------------------------------------------------
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def ia3_linear_reference(x, weight, bias, ia3_l, scale_input: bool) -> torch.Tensor:
     """x [..., in], weight [out, in], ia3_l with `in` (scale_input) or `out` elements."""
-    acc, l = _acc(x.dtype), ia3_l.reshape(-1)
+    acc, l = acc_dtype(x.dtype), ia3_l.reshape(-1)
     if scale_input:
         return F.linear((x.to(acc) * l.to(acc)).to(x.dtype), weight, bias)
     return (F.linear(x, weight, bias).to(acc) * l.to(acc)).to(x.dtype)
@@ -94,7 +91,7 @@ def _input_backward(ctx, grad_out):
 
 def ia3_linear_scaled_input(x, ia3_l):
     """x ⊙ l rounded to x's dtype (what the input-side prologue feeds the GEMM)."""
-    return (x.to(_acc(x.dtype)) * ia3_l.reshape(-1).to(_acc(x.dtype))).to(x.dtype)
+    return (x.to(acc_dtype(x.dtype)) * ia3_l.reshape(-1).to(acc_dtype(x.dtype))).to(x.dtype)
 
 
 def _output_setup(ctx, inputs, output):
@@ -115,7 +112,7 @@ def _output_backward(ctx, grad_out, grad_pre):
     grad_x, grad_l = torch.ops.peftkern.ia3_output_linear_bwd(grad_out, pre, weight, ia3_l)
     scaled_grad = None
     if needs[1] or (ctx.has_bias and needs[2]):
-        scaled_grad = (grad_out.to(_acc(pre.dtype)) * ia3_l.reshape(-1).to(_acc(pre.dtype))).to(pre.dtype)
+        scaled_grad = (grad_out.to(acc_dtype(pre.dtype)) * ia3_l.reshape(-1).to(acc_dtype(pre.dtype))).to(pre.dtype)
         if grad_pre is not None:
             scaled_grad = scaled_grad + grad_pre
     if grad_pre is not None:  # pre was used downstream too (unusual): chain its gradient
@@ -133,16 +130,6 @@ if _ext.op_exists("ia3_input_linear_fwd"):
 # --------------------------------------------------------------------------------------------
 # Wrappers
 # --------------------------------------------------------------------------------------------
-
-
-def _autocast(*tensors):
-    """Under torch.autocast, cast x, the weight and the bias to the autocast dtype, as autocast
-    does for F.linear; l keeps its dtype (PEFT multiplies by it outside the autocast list)."""
-    device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def _check(op: str, x, in_features: int, out_features: int, ia3_l, scale_input: bool) -> None:
@@ -164,7 +151,8 @@ def ia3_linear(x, weight, bias, ia3_l, scale_input: bool, fan_in_fan_out: bool =
     if fan_in_fan_out:
         weight = weight.t()
     _check("ia3_linear", x, weight.shape[1], weight.shape[0], ia3_l, scale_input)
-    x, weight, bias = _autocast(x, weight, bias)
+    # l keeps its dtype under autocast (PEFT multiplies by it outside the autocast list)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     if _ext.has_kernel(_FWD[scale_input], x.device.type):
         op = getattr(torch.ops.peftkern, _FWD[scale_input])
@@ -210,7 +198,7 @@ class _NF4IA3Linear(torch.autograd.Function):
                 grad_x, grad_l = torch.autograd.grad(out, (x, l), grad_out)
         grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[1]:
-            acc = _acc(grad_out.dtype)
+            acc = acc_dtype(grad_out.dtype)
             grad_bias = grad_out if ctx.scale_input else grad_out.to(acc) * ia3_l.reshape(-1).to(acc)
             grad_bias = grad_bias.sum(0).to(grad_out.dtype)
         return grad_x, grad_bias, grad_l, None, None
@@ -219,7 +207,7 @@ class _NF4IA3Linear(torch.autograd.Function):
 def nf4_ia3_linear(x, weight, bias, ia3_l, scale_input: bool) -> torch.Tensor:
     """`ia3_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype."""
     _check("nf4_ia3_linear", x, weight.shape[1], weight.shape[0], ia3_l, scale_input)
-    x, bias = _autocast(x, bias)  # the weight dequantizes into x's dtype
+    x, bias = autocast_inputs(x, bias)  # the weight dequantizes into x's dtype
     x2 = x.reshape(-1, x.shape[-1])
     out = _NF4IA3Linear.apply(x2, bias, ia3_l, weight, bool(scale_input))
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -58,7 +58,7 @@ def dynamic_code_8bit(device: torch.device | str = "cpu") -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_blocksize(blocksize: int, name: str = "blocksize") -> None:
+def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
     if blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"{name} must be one of {VALID_BLOCKSIZES} (as bitsandbytes accepts), got {blocksize}")
 
@@ -89,7 +89,7 @@ def _nearest_code(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_quantize_reference(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     scaled, absmax = _normalize_blocks(weight, blocksize)
     if scaled.numel() % 2:
         scaled = torch.cat([scaled, scaled.new_zeros(1)])  # the pad nibble encodes 0.0
@@ -124,7 +124,7 @@ def nf4_dequantize_nested_reference(
 
 
 def quantize_blockwise_8bit_reference(x, code, blocksize) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     scaled, absmax = _normalize_blocks(x, blocksize)
     return _nearest_code(scaled, code).to(torch.uint8).view(x.shape), absmax
 

@@ -9,7 +9,7 @@ How peftkern hooks in (no wrapper class, the model object stays the model):
 - an instance attribute `prepare_inputs_for_generation` wrapping the class's method, mirroring
   PEFT's override: `generate()` injects at prefill, then decodes from the cache. Its calls into
   forward carry a private marker so the pre-hook lets them through untouched.
-Both are undone through `record["undo"]`, together with the `prompt_encoder` submodule that
+Both are undone through the patch record (`record.on_undo`), together with the `prompt_encoder` submodule that
 holds the trainable tensors (named as PEFT's live model names them:
 `prompt_encoder.<adapter>.embedding.weight`).
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..record import PatchRecord
 from . import config_fields
 
 # Marks the kwargs of a forward call that our prepare_inputs_for_generation already prepared.
@@ -151,12 +152,12 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return getattr(model, "dtype", None)
 
 
-def install(model: nn.Module, record: dict, adapter_name: str, encoder: nn.Module, on_forward, on_prepare) -> None:
+def install(model: nn.Module, record: PatchRecord, adapter_name: str, encoder: nn.Module, on_forward, on_prepare) -> None:
     """Attach the encoder and both hooks (see the module docstring). The hooks reach the model
     through their arguments (the hook's module, the method's self), never through a closure, and
     the undo is a method bound to the model: a deep copy of a patched model is patched on its own
     (copy.deepcopy rebinds bound methods to the copy) and unpatches on its own."""
-    record["undo"].append(types.MethodType(_uninstall, model))  # first: it also cleans a partial install
+    record.on_undo(types.MethodType(_uninstall, model))  # first: it also cleans a partial install
     setattr(model, ENCODER_ATTR, nn.ModuleDict({adapter_name: encoder}))
 
     signature = inspect.signature(model.forward)
