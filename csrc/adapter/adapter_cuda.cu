@@ -2,13 +2,13 @@
 // with our epilogue kernels below, on the current stream, each launch checked.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include <ATen/OpMathType.h>
 #include "adapter_host.h"
+#include "../common/cuda_guard.h"
 
 namespace peftkern {
 namespace adapter {
@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_bottleneck_fwd_cuda(const at::Tensor&
                                                                const at::Tensor& w_up, const at::Tensor& b_up,
                                                                double scaling, const std::optional<at::Tensor>& scale,
                                                                int64_t activation) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x);
   return bottleneck_fwd<CudaEpilogues>(x, residual, w_down, b_down, w_up, b_up, scaling, scale, activation);
 }
 
@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& pre, const at::Tensor& w_down,
     const at::Tensor& w_up, const at::Tensor& b_up, double scaling, const std::optional<at::Tensor>& scale,
     int64_t activation) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x);
   return bottleneck_bwd<CudaEpilogues>(grad_out, x, pre, w_down, w_up, b_up, scaling, scale, activation);
 }
 

@@ -30,12 +30,6 @@ namespace adapter {
 constexpr const char* kFwd = "adapter_bottleneck_fwd";
 constexpr const char* kBwd = "adapter_bottleneck_bwd";
 
-inline void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but x is ",
-              x.scalar_type(), " (cast the adapter or the input first)");
-  check_device(t, op, name, x, "x");
-}
-
 inline void check_shape(const at::Tensor& t, const char* op, const char* name, at::IntArrayRef want) {
   TORCH_CHECK(t.sizes() == want, op, ": ", name, " has shape ", t.sizes(), ", expected ", want);
 }

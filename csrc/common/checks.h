@@ -31,6 +31,15 @@ inline void check_device(const at::Tensor& t, const char* op, const char* name,
               reference_name, " is on ", reference.device());
 }
 
+// `name` must have `ref`'s dtype and device: the tensors an op reads together (its GEMMs and
+// elementwise epilogues take one dtype). The message names both, e.g. "lora_a is Double but x is Float".
+inline void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& ref,
+                       const char* ref_name = "x") {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but ", ref_name,
+              " is ", ref.scalar_type(), " (cast them to one dtype first)");
+  check_device(t, op, name, ref, ref_name);
+}
+
 inline void check_numel(const at::Tensor& t, const char* op, const char* name, int64_t expected) {
   TORCH_CHECK(t.numel() == expected, op, ": ", name, " must have ", expected,
               " elements, has ", t.numel(), " (shape ", t.sizes(), ")");

@@ -1,5 +1,7 @@
-// Dtype dispatch for the three floating types peftkern's ops accept. (AT_DISPATCH_FLOATING_TYPES
-// would also instantiate double, which every op rejects in its checks: dead code and compile time.)
+// Dtype dispatch for the three floating types of the NF4 and QLoRA ops, which reject double in
+// their checks (AT_DISPATCH_FLOATING_TYPES would instantiate it for nothing: dead code and
+// compile time). The IA³ and grouped ops also take double, for gradcheck, and use
+// AT_DISPATCH_FLOATING_TYPES_AND2.
 #pragma once
 
 #include <ATen/Dispatch.h>

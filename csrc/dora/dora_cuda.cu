@@ -6,11 +6,11 @@
 // Assumes: inputs contiguous (the host makes them so), r * sizeof(acc) bytes of dynamic shared
 // memory (r <= 8192 checked on the host).
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
 #include "dora_host.h"
+#include "../common/cuda_guard.h"
 
 namespace peftkern {
 namespace dora {
@@ -51,7 +51,7 @@ __global__ void weight_norm_kernel(const T* __restrict__ w,  // [n, k]
 
 at::Tensor dora_weight_norm_cuda(const at::Tensor& weight, const at::Tensor& lora_a,
                                  const at::Tensor& lora_b, double scaling) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const CudaDeviceGuard guard(weight);
   at::Tensor out = check_and_allocate_weight_norm(weight, lora_a, lora_b);
   const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
   const int64_t n = w.size(0), k = w.size(1), r = a.size(0);

@@ -17,7 +17,6 @@
 // outside [-1, G) fires a device-side assert, and is never used as an index (row_action).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +24,7 @@
 
 #include "grouped_host.h"
 #include "grouped_math.h"
+#include "../common/cuda_guard.h"
 
 namespace peftkern {
 namespace grouped {
@@ -222,21 +222,14 @@ struct CudaKernels {
 
 using CudaOps = Ops<CudaKernels>;
 
-// Device guard: launches and scratch allocations go to x's (t's) device and its current stream.
-// Only set for a CUDA tensor: a CPU tensor among CUDA ones reaches this kernel by dispatch and is
-// refused by the checks in Ops with a message naming it.
-std::optional<c10::Device> cuda_device(const at::Tensor& t) {
-  return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
-}
-
 at::Tensor lora_fwd(const at::Tensor& base_out, const at::Tensor& x, at::TensorList lora_a, at::TensorList lora_b,
                     c10::ArrayRef<double> scaling, const at::Tensor& row_adapter) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  const CudaDeviceGuard guard(x);
   return CudaOps::lora_fwd(base_out, x, lora_a, lora_b, scaling, row_adapter);
 }
 
 at::Tensor ia3_scale(const at::Tensor& t, const at::Tensor& scales, const at::Tensor& row_adapter) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(t));
+  const CudaDeviceGuard guard(t);
   return CudaOps::ia3_scale(t, scales, row_adapter);
 }
 

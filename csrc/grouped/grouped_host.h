@@ -70,13 +70,6 @@ struct LoraChunk {
   at::ScalarType weight_dtype(at::ScalarType x_dtype) const { return a.empty() ? x_dtype : a[0].scalar_type(); }
 };
 
-inline void check_like(const at::Tensor& t, const char* op, const char* name, const at::Tensor& ref,
-                       const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " is ", t.scalar_type(), " but ", ref_name,
-              " is ", ref.scalar_type(), " (cast them to one dtype first)");
-  check_device(t, op, name, ref, ref_name);
-}
-
 // row_adapter: int32, 1-D, one entry per row, on `ref`'s device.
 inline void check_row_adapter(const at::Tensor& row_adapter, const char* op, int64_t rows, const at::Tensor& ref,
                               const char* ref_name) {

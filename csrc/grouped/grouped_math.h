@@ -8,6 +8,7 @@
 
 #include "../common/accumulate.h"
 #include "../common/host_device.h"
+#include "../ia3/ia3_math.h"
 
 namespace peftkern {
 namespace grouped {
@@ -28,11 +29,11 @@ PK_HOST_DEVICE RowAction row_action(int32_t g, int64_t first, int64_t count, int
   return g >= first && g - first < count ? RowAction::kAdapter : RowAction::kSkip;
 }
 
-// IA³ scaling of one element: t·s computed in Acc, rounded once to T (PEFT's
-// `(t.to(float32) * l).to(t.dtype)`).
+// IA³ scaling of one element: t·s computed in Acc by the IA³ family's own math, rounded once to T
+// (PEFT's `(t.to(float32) * l).to(t.dtype)`).
 template <typename T, typename Acc>
 PK_HOST_DEVICE T ia3_scaled(T v, Acc s) {
-  return static_cast<T>(static_cast<Acc>(v) * s);
+  return static_cast<T>(ia3::scaled<Acc>(static_cast<Acc>(v), s));
 }
 
 // One output element of the LoRA expand step: base + Σ_j xa[j]·B[o, j], with the sum `lora`

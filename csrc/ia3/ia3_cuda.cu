@@ -8,13 +8,13 @@
 // itself) and stage 2 adds each column's partials in block order. Same result on every run.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 
 #include "ia3_host.h"
 #include "ia3_math.h"
+#include "../common/cuda_guard.h"
 
 namespace peftkern {
 namespace ia3 {
@@ -179,33 +179,27 @@ struct CudaKernels {
 
 using CudaOps = Ops<CudaKernels>;
 
-// Device guard around each op: the GEMMs and the launches run on the first tensor's device and
-// its current stream. (Only set for a CUDA tensor: a CPU tensor among CUDA ones reaches this
-// kernel by dispatch and is then refused by the checks in Ops with a message naming it.)
-std::optional<c10::Device> cuda_device(const at::Tensor& t) {
-  return t.is_cuda() ? std::optional<c10::Device>(t.device()) : std::nullopt;
-}
 at::Tensor input_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                      const at::Tensor& ia3_l) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  const CudaDeviceGuard guard(x);
   return CudaOps::input_fwd(x, weight, bias, ia3_l);
 }
 
 std::tuple<at::Tensor, at::Tensor> input_bwd(const at::Tensor& grad_out, const at::Tensor& x,
                                              const at::Tensor& weight, const at::Tensor& ia3_l) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  const CudaDeviceGuard guard(x);
   return CudaOps::input_bwd(grad_out, x, weight, ia3_l);
 }
 
 std::tuple<at::Tensor, at::Tensor> output_fwd(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& ia3_l) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(x));
+  const CudaDeviceGuard guard(x);
   return CudaOps::output_fwd(x, weight, bias, ia3_l);
 }
 
 std::tuple<at::Tensor, at::Tensor> output_bwd(const at::Tensor& grad_out, const at::Tensor& pre,
                                               const at::Tensor& weight, const at::Tensor& ia3_l) {
-  const c10::cuda::OptionalCUDAGuard guard(cuda_device(grad_out));
+  const CudaDeviceGuard guard(grad_out);
   return CudaOps::output_bwd(grad_out, pre, weight, ia3_l);
 }
 

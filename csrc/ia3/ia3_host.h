@@ -32,12 +32,6 @@
 namespace peftkern {
 namespace ia3 {
 
-inline void check_like_x(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
-              " but x is ", x.scalar_type(), " (cast the base layer or the input first)");
-  check_device(t, op, name, x, "x");
-}
-
 // Validates x [M, K], weight [N, K], ia3_l (`scaled` elements: K or N); returns (M, K, N).
 inline std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at::Tensor& x,
                                                          const at::Tensor& weight,
@@ -50,7 +44,7 @@ inline std::tuple<int64_t, int64_t, int64_t> check_args(const char* op, const at
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   TORCH_CHECK(weight.size(1) == k, op, ": weight is ", weight.sizes(), " but x has ", k,
               " features (expected [out_features, ", k, "])");
-  check_like_x(weight, op, "weight", x);
+  check_like(weight, op, "weight", x);
   check_dtype(ia3_l, op, "ia3_l", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   check_device(ia3_l, op, "ia3_l", x, "x");
   check_numel(ia3_l, op, "ia3_l", scale_input ? k : n);
@@ -66,7 +60,7 @@ inline void check_grad(const char* op, const char* name, const at::Tensor& t, in
                        int64_t n, const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 2 && t.size(0) == m && t.size(1) == n, op, ": ", name, " is ", t.sizes(),
               ", expected [", m, ", ", n, "]");
-  check_like_x(t, op, name, x);
+  check_like(t, op, name, x);
 }
 
 template <class Kernels>
@@ -77,7 +71,7 @@ struct Ops {
     constexpr const char* op = "ia3_input_linear_fwd";
     const auto [m, k, n] = check_args(op, x, weight, ia3_l, /*scale_input=*/true);
     if (bias) {
-      check_like_x(*bias, op, "bias", x);
+      check_like(*bias, op, "bias", x);
       check_numel(*bias, op, "bias", n);
     }
     at::Tensor xs = new_output({m, k}, x.options());
@@ -107,7 +101,7 @@ struct Ops {
     const auto [m, k, n] = check_args(op, x, weight, ia3_l, /*scale_input=*/false);
     at::Tensor bias_c;
     if (bias) {
-      check_like_x(*bias, op, "bias", x);
+      check_like(*bias, op, "bias", x);
       check_numel(*bias, op, "bias", n);
       bias_c = bias->reshape(-1).contiguous();
     }
@@ -129,7 +123,7 @@ struct Ops {
     TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(1) == weight.size(0), op, ": grad_out is ",
                 grad_out.sizes(), ", expected [tokens, ", weight.size(0), "]");
     const int64_t m = grad_out.size(0), n = weight.size(0);
-    check_like_x(weight, op, "weight", grad_out);
+    check_like(weight, op, "weight", grad_out, "grad_out");
     check_grad(op, "pre", pre, m, n, grad_out);
     check_dtype(ia3_l, op, "ia3_l", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
     check_device(ia3_l, op, "ia3_l", grad_out, "grad_out");

@@ -26,7 +26,7 @@ PK_HOST_DEVICE Acc scaled(Acc v, Acc l) {
 
 // One output element of the output-side epilogue: pre = T(acc + b), rounded to T first so the
 // saved pre-scale output is bit-for-bit what a separate `addmm` + `mul` would have produced
-// before the scaling. `has_bias` false: pre = acc.
+// before the scaling. No bias (bias == nullptr): pre = acc.
 template <typename T, typename Acc>
 PK_HOST_DEVICE T pre_scale_output(T acc, const T* bias, int64_t j) {
   return bias == nullptr ? acc : static_cast<T>(static_cast<Acc>(acc) + static_cast<Acc>(bias[j]));

@@ -29,12 +29,6 @@ namespace {
 constexpr const char* kFwd = "lora_linear_fwd";
 constexpr const char* kBwd = "lora_linear_bwd";
 
-void check_same(const at::Tensor& t, const char* op, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " is ", t.scalar_type(),
-              " but x is ", x.scalar_type(), " (cast the adapter or the input first)");
-  check_device(t, op, name, x, "x");
-}
-
 // Validates shapes; returns (M, K, N, r).
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_lora_args(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
@@ -49,9 +43,9 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_lora_args(
   TORCH_CHECK(lora_a.size(1) == k, op, ": lora_a is ", lora_a.sizes(), ", expected [r, ", k, "]");
   TORCH_CHECK(lora_b.size(0) == n && lora_b.size(1) == r, op, ": lora_b is ", lora_b.sizes(),
               ", expected [", n, ", ", r, "]");
-  check_same(weight, op, "weight", x);
-  check_same(lora_a, op, "lora_a", x);
-  check_same(lora_b, op, "lora_b", x);
+  check_like(weight, op, "weight", x);
+  check_like(lora_a, op, "lora_a", x);
+  check_like(lora_b, op, "lora_b", x);
   if (dropout_mask) {
     check_dtype(*dropout_mask, op, "dropout_mask", {at::kBool});
     TORCH_CHECK(dropout_mask->sizes() == x.sizes(), op, ": dropout_mask is ", dropout_mask->sizes(),
@@ -75,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
                                                    double keep_scale) {
   const auto [m, k, n, r] = check_lora_args(kFwd, x, weight, lora_a, lora_b, dropout_mask);
   if (bias) {
-    check_same(*bias, kFwd, "bias", x);
+    check_like(*bias, kFwd, "bias", x);
     check_numel(*bias, kFwd, "bias", n);
   }
   at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
@@ -92,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   const auto [m, k, n, r] = check_lora_args(kBwd, x, weight, lora_a, lora_b, dropout_mask);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kBwd,
               ": grad_out is ", grad_out.sizes(), ", expected [", m, ", ", n, "]");
-  check_same(grad_out, kBwd, "grad_out", x);
+  check_like(grad_out, kBwd, "grad_out", x);
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m && xa.size(1) == r, kBwd, ": xa is ", xa.sizes(),
               ", expected [", m, ", ", r, "]");
   // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [M, r] factors, not the big ones.

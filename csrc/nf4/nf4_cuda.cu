@@ -3,8 +3,8 @@
 // file only has to get the indexing right. Every kernel indexes with int64 and runs on the
 // current stream of the input's device; every launch is checked.
 #include "../common/dispatch.h"
+#include "../common/cuda_guard.h"
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
@@ -167,7 +167,7 @@ unsigned int grid_for(int64_t work_items, int64_t items_per_cta) {
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, int64_t blocksize) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  const CudaDeviceGuard guard(weight);
   auto [packed, absmax] = check_and_allocate_quantize(weight, blocksize);
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.numel();
@@ -202,7 +202,7 @@ void launch_dequantize(const at::Tensor& packed, const DequantArgs& args, ScaleO
 
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(packed.device());
+  const CudaDeviceGuard guard(packed);
   const DequantArgs args = check_dequantize(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
   launch_dequantize(packed, args, PlainAbsmax{absmax.const_data_ptr<float>()}, out);
@@ -215,7 +215,7 @@ at::Tensor nf4_dequantize_nested_cuda(const at::Tensor& packed, const at::Tensor
                                       const at::Tensor& nested_offset, int64_t blocksize,
                                       int64_t nested_blocksize, at::IntArrayRef shape,
                                       at::ScalarType dtype) {
-  const c10::cuda::CUDAGuard guard(packed.device());
+  const CudaDeviceGuard guard(packed);
   const DequantArgs args =
       check_dequantize_nested(packed, absmax_codes, nested_absmax, nested_code, nested_offset,
                               blocksize, nested_blocksize, shape, dtype);
@@ -231,7 +231,7 @@ at::Tensor nf4_dequantize_nested_cuda(const at::Tensor& packed, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& x,
                                                                 const at::Tensor& code,
                                                                 int64_t blocksize) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x);
   auto [codes, absmax] = check_and_allocate_quantize_8bit(x, code, blocksize);
   const at::Tensor xc = x.contiguous();
   const at::Tensor table = code.contiguous();
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
 
 at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                           const at::Tensor& code, int64_t blocksize) {
-  const c10::cuda::CUDAGuard guard(codes.device());
+  const CudaDeviceGuard guard(codes);
   at::Tensor out = check_and_allocate_dequantize_8bit(codes, absmax, code, blocksize);
   const at::Tensor q = codes.contiguous();
   const at::Tensor a = absmax.contiguous();

@@ -2,7 +2,7 @@
 // layer is bandwidth-bound. The 4-bit weight is read exactly once, 16 bytes per lane per load,
 // decoded in registers (never written to memory as a dequantized tile), dotted in fp32 with up
 // to kMaxTokens tokens; bias and the LoRA-B product are added in the same pass. Same checks
-// (qlora_host.h) and per-element math (common/blockwise_quant.h) as nf4_gemv_cpu.cpp.
+// (qlora_host.h) and per-element math (common/blockwise_quant.h) as qlora_cpu.cpp.
 //
 // Layout of the work: one warp per output row o (kWarpsPerCta rows per CTA); blockIdx.y picks a
 // chunk of kMaxTokens tokens, so more tokens re-read the weight (callers use this op for <= 8).
@@ -20,12 +20,12 @@
 // token's sum with shuffles, lane 0 adds the bias and stores out[t, o] in x's dtype.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
 
 #include "../common/dispatch.h"
+#include "../common/cuda_guard.h"
 #include "qlora_host.h"
 
 namespace peftkern {
@@ -168,7 +168,7 @@ at::Tensor nf4_lora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& xa,
                               const std::optional<at::Tensor>& lora_b, double scaling) {
-  const c10::cuda::CUDAGuard guard(x.device());
+  const CudaDeviceGuard guard(x);
   const GemvArgs args = check_nf4_lora_gemv(x, packed, absmax, nested_absmax, nested_code,
                                       nested_offset, blocksize, nested_blocksize, out_features,
                                       bias, xa, lora_b);
