@@ -5,6 +5,24 @@ import torch
 
 from peftkern import _ext
 
+from . import bnb_oracle
+
+
+def pytest_configure(config):
+    """bitsandbytes, where installed, computes by its format's definition on every machine
+    (tests/bnb_oracle.py): a test's verdict must not depend on the CPU that runs it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return
+    bnb_oracle.pin_to_reference()
+
+
+def pytest_report_header(config):
+    changed = [p for p in bnb_oracle.PINNED if p != "done"]
+    if changed:
+        return "bitsandbytes oracle pinned to its reference path: " + "; ".join(changed)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def poison_outputs():

@@ -20,6 +20,8 @@ import peftkern
 from peftkern.nf4 import NF4Weight
 from peftkern.ops import nf4 as nf4_ops
 
+from . import bnb_oracle
+
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -125,3 +127,26 @@ def test_linear4bit_weight_is_read_without_copy(generator):
     assert torch.equal(weight.dequantize(), F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     x = torch.randn(5, 70, generator=generator)
     torch.testing.assert_close(x @ weight.dequantize(torch.float32).t(), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not bnb_oracle.machine_takes_native_dequantize(),
+                    reason="bitsandbytes takes its native CPU dequantize_4bit on AVX512 CPUs only; this one reports "
+                    f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+@pytest.mark.parametrize("shape", [(40, 16), (40, 96)])
+def test_bitsandbytes_native_avx512_dequantize_defect_is_still_there(shape):
+    """Pins the bitsandbytes 0.50.2 defect that tests/bnb_oracle.py works around: its native CPU
+    NF4 dequantize is wrong for these shapes, while the pinned oracle equals the format's
+    definition. When a release fixes it, this fails: drop the dequantize pin then."""
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    weight = NF4Weight.from_bnb(packed, state)
+    nested = weight.nested
+    definition = nf4_ops.nf4_dequantize_nested_reference(
+        weight.packed, weight.absmax, nested.absmax, nested.code, nested.offset, weight.blocksize, nested.blocksize,
+        weight.shape, torch.float32,
+    )  # fmt: skip
+    assert (definition - w).abs().max() < 0.5  # NF4's own error
+    assert torch.equal(bnb_dequantize(packed, state), definition)  # the pinned oracle
+    native_error = (bnb_oracle.native_dequantize_4bit(packed, state) - definition).abs().max().item()
+    assert native_error > 1.0, f"bitsandbytes' native AVX-512 dequantize is right now ({native_error}): unpin it"
