@@ -1,7 +1,7 @@
 """Builds peftkern and its op library `peftkern._C`.
 
 A CUDA build when torch has CUDA and nvcc is found, else a CPU-only build (with a message that
-says why). Every knob is an environment variable, documented in README.md ("Build options"):
+says why). Every knob is an environment variable, documented in README.md ("Environment variables"):
 
   PEFTKERN_FORCE_CPU=1        build the CPU kernels only
   PEFTKERN_CUDA_ARCHS="8.0;9.0"  GPU architectures (else TORCH_CUDA_ARCH_LIST, else the visible

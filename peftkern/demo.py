@@ -169,13 +169,22 @@ def run_in_child(impl: str, args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="QLoRA fine-tuning demo (peftkern vs PEFT + bitsandbytes)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=str(CACHE / "demo-adapter"))
-    parser.add_argument("--no-compare", action="store_true", help="skip the PEFT + bitsandbytes runs")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="training steps of each run (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="sequences per step (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seq-len", type=int, default=64,
+                        help="tokens per sequence: random windows of the demo corpus (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="AdamW learning rate (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for the LoRA initialisation and the training windows, the same for "
+                             "every run (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--output-dir", default=str(CACHE / "demo-adapter"),
+                        help="where the trained adapter is saved in PEFT's format (default: %(default)s; "
+                             "the cache directory follows PEFTKERN_CACHE)")  # fmt: skip
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the PEFT + bitsandbytes runs and the throughput / memory table")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
