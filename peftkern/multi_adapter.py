@@ -13,11 +13,13 @@ Stricter than PEFT: only the first adapter may train base biases (`bias`) or `mo
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import types
 import warnings
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from . import mixed
@@ -179,29 +181,47 @@ def mixed_batch(model: nn.Module, record: PatchRecord, adapter_names, expandable
     return mixed.MixedBatch(adapter_names, expandable)
 
 
-_TOKENS = "_peftkern_mixed_tokens"
 _GENERATE = "_peftkern_inner_generate"
+# The tokens of the mixed batches that forward pre-hooks made current, innermost last, per thread
+# and per context: a forward in one thread never pops (or sees) another thread's batch.
+_HOOK_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar("peftkern_mixed_hook_tokens", default=())
+
+
+def _check_length(names, inputs) -> None:
+    """PEFT's check, once per call: one name per sequence of the input (input_ids or
+    inputs_embeds), also where no layer would read the names (an empty list, say)."""
+    batch = next((t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    if batch is not None and len(names) != batch:
+        raise ValueError("Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(names)} and {batch} respectively.")  # fmt: skip
 
 
 def _pre_forward(record: PatchRecord, model, args, kwargs):
     names = kwargs.pop("adapter_names", None)
-    tokens = model.__dict__.setdefault(_TOKENS, [])
-    tokens.append(None if names is None else mixed.push(mixed_batch(model, record, names, expandable=False)))
+    token = None
+    if names is not None:
+        batch = mixed_batch(model, record, names, expandable=False)
+        _check_length(names, (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]))
+        token = mixed.push(batch)
+    _HOOK_TOKENS.set((*_HOOK_TOKENS.get(), token))
     return args, kwargs
 
 
 def _post_forward(model, args, output):
-    tokens = model.__dict__.get(_TOKENS)
-    token = tokens.pop() if tokens else None
-    if token is not None:
-        mixed.pop(token)
+    tokens = _HOOK_TOKENS.get()
+    if tokens:
+        _HOOK_TOKENS.set(tokens[:-1])
+        if tokens[-1] is not None:
+            mixed.pop(tokens[-1])
 
 
 def _generate(record: PatchRecord, self, *args, adapter_names=None, **kwargs):
     inner = self.__dict__.get(_GENERATE) or types.MethodType(type(self).generate, self)
     if adapter_names is None:
         return inner(*args, **kwargs)
-    with mixed.using(mixed_batch(self, record, adapter_names, expandable=True)):
+    batch = mixed_batch(self, record, adapter_names, expandable=True)
+    _check_length(adapter_names, (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]))
+    with mixed.using(batch):
         return inner(*args, **kwargs)
 
 
@@ -226,7 +246,6 @@ def install(model: nn.Module, record: PatchRecord) -> None:
             model.__dict__.pop("generate", None)
             if previous is not None:
                 model.generate = model.__dict__.pop(_GENERATE)
-        model.__dict__.pop(_TOKENS, None)
 
     record.on_undo(undo)
 
