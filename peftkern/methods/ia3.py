@@ -289,9 +289,9 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
 
     def apply(record: PatchRecord) -> None:
         for name, module in matched:
-            if isinstance(module, IA3Linear):
-                module.add_adapter(adapter_name, config)
+            if isinstance(module, IA3Linear):  # the undo first: it also clears a half-made adapter
                 record.on_undo(functools.partial(module.delete_adapter, adapter_name))
+                module.add_adapter(adapter_name, config)
                 continue
             base = quantized_base(module, quantize)
             # with quantize, unpatch gives back the NF4 layer, not the dense one

@@ -77,10 +77,25 @@ class LoraConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        """Every field checked before anything changes (a TypeError / ValueError names it)."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise TypeError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        for name in ("lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"LoraConfig.{name} must be a number, got {value!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, str)
+                    or (isinstance(value, list) and all(isinstance(v, str) for v in value))):  # fmt: skip
+                raise TypeError(f"LoraConfig.{name} must be a list of module names or a regex string, got {value!r}")
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         init = self.init_lora_weights
@@ -454,9 +469,9 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             except ImportError:
                 pass
         for name, module in progress:
-            if isinstance(module, LoraLinear):
-                module.add_adapter(adapter_name, config.for_module(name))
+            if isinstance(module, LoraLinear):  # the undo first: it also clears a half-made adapter
                 record.on_undo(functools.partial(module.delete_adapter, adapter_name))
+                module.add_adapter(adapter_name, config.for_module(name))
                 continue
             base = quantized_base(module, quantize)
             # with quantize, unpatch gives back the NF4 layer, not the dense one
