@@ -6,7 +6,7 @@ says why). Every knob is an environment variable, documented in README.md ("Envi
   PEFTKERN_FORCE_CPU=1        build the CPU kernels only
   PEFTKERN_CUDA_ARCHS="8.0;9.0"  GPU architectures (else TORCH_CUDA_ARCH_LIST, else the visible
                               GPUs, else DEFAULT_CUDA_ARCHS)
-  CUDA_HOME                   the CUDA toolkit (else /usr/local/cuda, else torch's guess)
+  CUDA_HOME                   the CUDA toolkit (else CUDA_PATH, else /usr/local/cuda)
   MAX_JOBS                    parallel compile jobs (torch's BuildExtension reads it)
 """
 

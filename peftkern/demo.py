@@ -168,7 +168,7 @@ def run_in_child(impl: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning demo (peftkern vs PEFT + bitsandbytes)")
+    parser = argparse.ArgumentParser(prog="python -m peftkern.demo", description="QLoRA fine-tuning demo (peftkern vs PEFT + bitsandbytes)")
     parser.add_argument("--steps", type=int, default=40,
                         help="training steps of each run (default: %(default)s)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=4,

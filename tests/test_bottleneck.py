@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.activations import get_activation  # noqa: E402  (what AdapterHub calls)
 
 DECODERS = ["llama", "qwen2", "mistral", "gpt2"]
-# Per architecture: [(site, location, norm in front (pre-LN) or None (post-LN))], as the README says.
+# Per architecture: [(site, location, norm in front (pre-LN) or None (post-LN))], as docs/bottleneck.md says.
 SITES = {
     "llama": [("self_attn", "mh_adapter", "input_layernorm"), ("mlp", "output_adapter", "post_attention_layernorm")],
     "gpt2": [("attn", "mh_adapter", "ln_1"), ("mlp", "output_adapter", "ln_2")],

@@ -1,7 +1,7 @@
 """Bottleneck adapters with AdapterHub's (`adapters` package) config names and semantics:
 `SeqBnConfig` (Pfeiffer: after the FFN), `DoubleSeqBnConfig` (Houlsby: after attention and after
 the FFN), `ParBnConfig` (He et al.: parallel to the FFN). peft_type "BOTTLENECK" is ours: Hugging
-Face PEFT has no bottleneck adapters, so the checkpoint format is our own (README.md).
+Face PEFT has no bottleneck adapters, so the checkpoint format is our own (docs/bottleneck.md).
 
 Where an adapter sits ("site"): the output of a transformer sublayer h, with the residual
 input x of that sublayer block and, in post-LN models, the block's LayerNorm LN. AdapterHub's

@@ -50,7 +50,7 @@ class PromptLearningConfig:
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
-    task_type: str | None = None  # CAUSAL_LM only; None is filled with it (see README)
+    task_type: str | None = None  # CAUSAL_LM only; None is filled with it (docs/prefix-and-prompt.md)
     inference_mode: bool = False
 
     peft_type = ""  # set by subclasses (a class attribute, not a field)

@@ -116,7 +116,8 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
     """`lora_linear` with `weight` a `peftkern.NF4Weight` ([out, in]); computes in x's dtype.
     `dense`: the weight already dequantized into x's dtype, used by the forward only (backward
     always dequantizes again, so it is never kept). In inference with few tokens (decode) on a
-    GPU, the GEMV that reads the 4-bit weight once runs instead (LoRA-B and bias in its epilogue)."""
+    device with the kernel (CPU and CUDA), the GEMV that reads the 4-bit weight once runs instead
+    (LoRA-B and bias in its epilogue)."""
     x, bias, lora_a, lora_b = autocast_inputs(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
     x2, mask, keep_scale = prepare_dropout(x, dropout, training, "nf4_lora_linear")
     if use_gemv(x2, (bias, lora_a, lora_b), mask, dense):
