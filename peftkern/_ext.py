@@ -63,13 +63,36 @@ def op_exists(op: str) -> bool:
     return True
 
 
+def _devices(values) -> set[torch.device]:
+    devices = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            devices.add(value.device)
+        elif isinstance(value, (list, tuple)):
+            devices |= _devices(value)
+    return devices
+
+
 def register_fake(op: str):
     """torch.library.register_fake for `peftkern::<op>` when the library declares it; otherwise
     (no library, or one built before the op existed) a no-op, and the op's wrapper runs the
-    reference."""
-    if op_exists(op):
-        return torch.library.register_fake(f"peftkern::{op}")
-    return lambda fn: fn
+    reference. The fake refuses tensors on several devices: a real call that mixes meta tensors
+    with CPU ones is dispatched to the fake, which would otherwise return uninitialised memory."""
+    if not op_exists(op):
+        return lambda fn: fn
+
+    def register(fn):
+        def fake(*args, **kwargs):
+            devices = _devices((*args, *kwargs.values()))
+            if len(devices) > 1:
+                raise ValueError(f"peftkern::{op}: every tensor must be on one device, got "
+                                 f"{', '.join(sorted(map(str, devices)))}")  # fmt: skip
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(f"peftkern::{op}")(fake)
+        return fn
+
+    return register
 
 
 def has_cuda_kernels() -> bool:

@@ -165,14 +165,18 @@ def _row_adapter(op: str, row_adapter, rows: int, device) -> torch.Tensor:
     """row_adapter as the ops take it: int32, 1-D, one entry per row (any integer dtype or shape
     with `rows` elements is accepted and converted)."""
     if not isinstance(row_adapter, torch.Tensor):
-        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int32, device=device)
+        row_adapter = torch.as_tensor(row_adapter, dtype=torch.int64, device=device)
     if row_adapter.is_floating_point() or row_adapter.is_complex() or row_adapter.dtype == torch.bool:
         raise TypeError(f"{op}: row_adapter must be an integer tensor, got {row_adapter.dtype}")
     if row_adapter.numel() != rows:
         raise ValueError(f"{op}: row_adapter has {row_adapter.numel()} entries, expected one per row ({rows})")
     if row_adapter.device != device:
         raise ValueError(f"{op}: row_adapter is on {row_adapter.device} but the activations are on {device}")
-    return row_adapter.reshape(-1).to(torch.int32)
+    narrowed = row_adapter.reshape(-1).to(torch.int32)
+    if row_adapter.dtype != torch.int32 and not torch.equal(narrowed.to(row_adapter.dtype), row_adapter.reshape(-1)):
+        # int64 2**32 would wrap to 0 and select adapter 0: refuse instead (costs a sync; the layers pass int32)
+        raise ValueError(f"{op}: row_adapter holds values outside int32 (adapter indices are -1 .. adapters - 1)")
+    return narrowed
 
 
 def lora_grouped(
