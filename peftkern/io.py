@@ -78,7 +78,15 @@ def read_adapter(directory: str | Path):
         raise FileNotFoundError(
             f"{directory} has no {WEIGHTS_NAME}" + (f" (found {pickles}: peftkern loads safetensors only)" if pickles else "")
         )
-    raw = json.loads((directory / CONFIG_NAME).read_text())
+    try:
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory / CONFIG_NAME} must hold a JSON object, got {type(raw).__name__}")
+    # As PEFT loads a checkpoint (inference_mode = not is_trainable): nothing the config names is
+    # fetched or run (no tokenizer for a TEXT prompt init), a prefix projection stays folded.
+    raw = {**raw, "inference_mode": True}
     try:
         _, config = resolve_config(raw)
     except ValueError as error:

@@ -87,15 +87,25 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active adapter into its base weight (forward then runs the base alone)."""
-    for layer in PatchRecord.layers(model):
+    for layer in _mergeable_layers(model):
         layer.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for layer in PatchRecord.layers(model):
+    for layer in _mergeable_layers(model):
         layer.unmerge()
     return model
+
+
+def _mergeable_layers(model: nn.Module) -> list[AdapterLayer]:
+    """The adapter layers of a patched model; raises for an unpatched one, or one whose method
+    has no weights to merge into (prefix and prompt tuning), instead of doing nothing."""
+    record = PatchRecord.required(model)
+    layers = record.layers(model)
+    if not layers:
+        raise NotImplementedError(f"{record.method or 'these'} adapters cannot be merged: they add no weight to a layer")
+    return layers
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:

@@ -69,3 +69,45 @@ def test_add_adapter_failing_midway_leaves_no_half_adapter(monkeypatch):
     assert peftkern.list_adapters(model) == ["default"]
     peftkern.add_adapter(model, "b", LORA)
     assert peftkern.list_adapters(model) == ["default", "b"]
+
+
+def test_merge_and_unmerge_refuse_models_they_cannot_change():
+    with pytest.raises(RuntimeError, match="not patched by peftkern"):
+        peftkern.merge(tiny_llama())
+    with pytest.raises(RuntimeError, match="not patched by peftkern"):
+        peftkern.unmerge(tiny_llama())
+    prefixed = peftkern.patch(tiny_llama(), {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4})
+    with pytest.raises(NotImplementedError, match="PREFIX_TUNING adapters cannot be merged"):
+        peftkern.merge(prefixed)
+
+
+def test_a_malformed_adapter_config_names_the_file(tmp_path):
+    model = peftkern.patch(tiny_llama(), LORA)
+    peftkern.save_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"r": 4,')
+    with pytest.raises(ValueError, match="adapter_config.json is not valid JSON"):
+        peftkern.load_adapter(tiny_llama(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="adapter_config.json must hold a JSON object"):
+        peftkern.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_load_adapter_never_fetches_what_a_checkpoint_names(tmp_path, monkeypatch):
+    """A prompt-tuning checkpoint with a TEXT init, inference_mode false and a tokenizer name: as
+    PEFT loads it (inference mode), nothing it names is fetched or run; the saved prompt loads."""
+    import json
+
+    model = peftkern.patch(tiny_llama(), {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3})
+    peftkern.save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello", inference_mode=False,
+                  tokenizer_name_or_path="some-org/some-remote-tokenizer")  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError(f"load_adapter tried to load a tokenizer: {args}")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_fetch)
+    loaded = peftkern.load_adapter(tiny_llama(), tmp_path)
+    saved = model.state_dict()["prompt_encoder.default.embedding.weight"]
+    torch.testing.assert_close(loaded.state_dict()["prompt_encoder.default.embedding.weight"], saved)
