@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import peftkern
 from peftkern.methods.bottleneck import BottleneckLayer
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import batch, tiny_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import get_activation  # noqa: E402  (what AdapterHub calls)

@@ -11,7 +11,7 @@ import peftkern
 from peftkern.ops import dora as dora_ops
 
 from .conftest import requires_cuda
-from .test_lora_patch import TARGETS, batch, pair, tiny_model
+from .helpers import QLORA_TARGETS, TARGETS, batch, lora_pair, tiny_model
 
 ops = torch.ops.peftkern
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -56,13 +56,13 @@ def compare_with_peft(theirs, ours, inputs, rtol=1e-4):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dora_matches_peft(arch, generator):
-    theirs, ours = pair(arch, target_modules=TARGETS[arch], use_dora=True)
+    theirs, ours = lora_pair(arch, target_modules=TARGETS[arch], use_dora=True)
     compare_with_peft(theirs, ours, batch(generator))
 
 
 def test_dora_with_dropout_matches_peft_in_training(generator):
     """Both draw their dropout masks with torch's dropout, once per layer: same seed, same masks."""
-    theirs, ours = pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
+    theirs, ours = lora_pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
     theirs.train()
     ours.train()
     inputs = batch(generator)
@@ -74,8 +74,8 @@ def test_dora_with_dropout_matches_peft_in_training(generator):
 
 
 def test_dora_on_nf4_bases_matches_peft_with_bitsandbytes(generator):
-    from .test_qlora import TARGETS as QLORA_TARGETS
-    from .test_qlora import with_bnb_linear4bit
+    pytest.importorskip("bitsandbytes")
+    from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 
     peft = pytest.importorskip("peft")
     base = with_bnb_linear4bit(tiny_model("llama"), QLORA_TARGETS)

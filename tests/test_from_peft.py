@@ -13,7 +13,7 @@ from peftkern.methods.from_peft import PeftIA3Linear, PeftLoraLinear
 from peftkern.patch import patch_record
 
 from .conftest import requires_cuda
-from .test_lora_patch import TARGETS, batch, tiny_model
+from .helpers import TARGETS, batch, tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

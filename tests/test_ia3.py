@@ -13,7 +13,7 @@ from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 from peftkern.methods.ia3 import IA3Linear
 from peftkern.nf4 import NF4Linear
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import batch, tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

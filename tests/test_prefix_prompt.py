@@ -12,7 +12,7 @@ import torch
 import peftkern
 from peftkern.methods import prefix as prefix_method
 
-from .test_lora_patch import tiny_model
+from .helpers import tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -12,12 +12,11 @@ from peftkern.methods.lora import LoraLinear
 from peftkern.nf4 import NF4Linear
 from peftkern.ops import lora as lora_ops
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import QLORA_TARGETS as TARGETS
+from .helpers import batch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def test_nf4_lora_linear_matches_dense_and_stores_no_dense_weight(generator):
