@@ -9,7 +9,7 @@ import torch
 
 import peftkern
 
-from .helpers import TARGETS, batch, lora_pair, tiny_model
+from .helpers import TARGETS, assert_matches_peft, batch, lora_pair, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -33,8 +33,7 @@ def test_peftkern_checkpoint_loads_in_peft(kind, arch, tmp_path, generator):
     inputs = batch(generator)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-4, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -46,8 +45,7 @@ def test_peft_checkpoint_loads_in_peftkern(kind, tmp_path, generator):
     inputs = batch(generator)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-4, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5))
 
 
 def test_bad_checkpoints_give_clear_errors_and_leave_the_model_alone(tmp_path, generator):

@@ -9,7 +9,7 @@ import torch
 
 import peftkern
 
-from .helpers import TARGETS, TINY, batch, lora_pair, tiny_model
+from .helpers import TARGETS, TINY, assert_matches_peft, batch, lora_pair, tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -18,31 +18,9 @@ transformers = pytest.importorskip("transformers")
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_logits_loss_gradients_and_steps_match_peft(arch, use_rslora, generator):
     theirs, ours = lora_pair(arch, target_modules=TARGETS[arch], use_rslora=use_rslora)
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-5, atol=1e-6)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert their_grads.keys() == our_grads.keys()
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-    # a few optimizer steps keep the same loss curve
-    losses = {"theirs": [], "ours": []}
-    for label, model in (("theirs", theirs), ("ours", ours)):
-        model.zero_grad()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(4):
-            loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[label].append(loss.item())
-    assert losses["ours"][-1] < losses["ours"][0]
-    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
+    # the same logits, loss and gradients, and four optimizer steps keep the same loss curve
+    assert_matches_peft(theirs, ours, batch(generator), logits=(1e-5, 1e-5), loss=(1e-5, 1e-6), grads=(1e-4, 1e-6),
+                        steps=4, step_losses=(1e-4, 1e-5))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -244,14 +222,7 @@ def test_more_lora_options_match_peft(options, generator, tmp_path):
 
     ids = torch.randint(1, 96, (3, 11), generator=generator)
     labels = torch.randint(0, 3, (3,), generator=generator) if "task_type" in options else ids
-    out_theirs, out_ours = theirs(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n.removeprefix(prefix): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, parameter in ours.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_matches_peft(theirs, ours, {"input_ids": ids, "labels": labels}, logits=(1e-5, 1e-5), grads=(1e-4, 1e-6))
 
     from peft.utils import get_peft_model_state_dict
 
