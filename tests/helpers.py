@@ -1,6 +1,6 @@
 """What the test files share (fixtures and markers stay in conftest.py): tiny randomly initialised
 Hugging Face models built from configs, a token batch, a LoRA (PEFT model, peftkern model) pair,
-a few AdamW steps, and the PEFT-parity check (assert_matches_peft)."""
+a few AdamW steps, the PEFT-parity check (assert_matches_peft) and the torch.compile one."""
 
 import copy
 from contextlib import nullcontext
@@ -132,3 +132,16 @@ def assert_matches_peft(theirs, ours, inputs, *, logits=None, loss=None, grads=N
                                    rtol=step_losses[0], atol=step_losses[1])  # fmt: skip
     return their_grads, our_grads
 
+
+def assert_compiled_matches_eager(model, inputs):
+    """torch.compile (aot_eager) of a patched model gives the eager loss and gradients."""
+    torch._dynamo.reset()
+    want = model(**inputs).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    got = torch.compile(model, backend="aot_eager")(**inputs).loss
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
