@@ -15,7 +15,7 @@ import peftkern
 from peftkern.methods.bottleneck import BottleneckLayer
 from peftkern.record import PatchRecord
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import batch, tiny_model, train_steps
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import get_activation  # noqa: E402  (what AdapterHub calls)
@@ -257,15 +257,7 @@ def test_save_load_round_trip(arch, tmp_path, generator):
 
 def test_training_steps_reduce_the_loss(generator):
     model = peftkern.patch(tiny_model("llama"), peftkern.DoubleSeqBnConfig(reduction_factor=4, scaling="learned"))
-    inputs = batch(generator)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(**inputs).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch(generator), 5)
     assert losses[-1] < losses[0]
 
 

@@ -9,7 +9,7 @@ import torch
 
 import peftkern
 
-from .test_lora_patch import TARGETS, batch, pair, tiny_model
+from .helpers import TARGETS, assert_matches_peft, batch, lora_pair, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -23,7 +23,7 @@ CONFIGS = {
 @pytest.mark.parametrize("kind", list(CONFIGS))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_peftkern_checkpoint_loads_in_peft(kind, arch, tmp_path, generator):
-    _, ours = pair(arch, target_modules=TARGETS[arch], task_type="CAUSAL_LM", **CONFIGS[kind])
+    _, ours = lora_pair(arch, target_modules=TARGETS[arch], task_type="CAUSAL_LM", **CONFIGS[kind])
     with torch.no_grad():  # make B nonzero and distinct so the test sees every tensor
         for name, p in ours.named_parameters():
             if p.requires_grad:
@@ -33,8 +33,7 @@ def test_peftkern_checkpoint_loads_in_peft(kind, arch, tmp_path, generator):
     inputs = batch(generator)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-4, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5))
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -46,12 +45,11 @@ def test_peft_checkpoint_loads_in_peftkern(kind, tmp_path, generator):
     inputs = batch(generator)
     ours.eval()
     theirs.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=1e-4, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5))
 
 
 def test_bad_checkpoints_give_clear_errors_and_leave_the_model_alone(tmp_path, generator):
-    _, ours = pair("llama", target_modules=["q_proj", "v_proj"])
+    _, ours = lora_pair("llama", target_modules=["q_proj", "v_proj"])
     good = tmp_path / "good"
     peftkern.save_adapter(ours, good)
 

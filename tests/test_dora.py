@@ -11,7 +11,7 @@ import peftkern
 from peftkern.ops import dora as dora_ops
 
 from .conftest import requires_cuda
-from .test_lora_patch import TARGETS, batch, pair, tiny_model
+from .helpers import QLORA_TARGETS, TARGETS, assert_matches_peft, batch, lora_pair, tiny_model
 
 ops = torch.ops.peftkern
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -42,27 +42,20 @@ def test_weight_norm_opcheck_and_errors(generator):
         ops.dora_weight_norm(w, a.double(), b, 1.0)
 
 
-def compare_with_peft(theirs, ours, inputs, rtol=1e-4):
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=rtol, atol=1e-5)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert their.keys() == our.keys() and any("lora_magnitude_vector" in n for n in our)
-    for name, grad in our.items():
-        torch.testing.assert_close(grad, their[name], rtol=rtol, atol=1e-6, msg=name)
+def compare_with_peft(theirs, ours, inputs):
+    _, our_grads = assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5), grads=(1e-4, 1e-6))
+    assert any("lora_magnitude_vector" in n for n in our_grads)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_dora_matches_peft(arch, generator):
-    theirs, ours = pair(arch, target_modules=TARGETS[arch], use_dora=True)
+    theirs, ours = lora_pair(arch, target_modules=TARGETS[arch], use_dora=True)
     compare_with_peft(theirs, ours, batch(generator))
 
 
 def test_dora_with_dropout_matches_peft_in_training(generator):
     """Both draw their dropout masks with torch's dropout, once per layer: same seed, same masks."""
-    theirs, ours = pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
+    theirs, ours = lora_pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
     theirs.train()
     ours.train()
     inputs = batch(generator)
@@ -74,8 +67,8 @@ def test_dora_with_dropout_matches_peft_in_training(generator):
 
 
 def test_dora_on_nf4_bases_matches_peft_with_bitsandbytes(generator):
-    from .test_qlora import TARGETS as QLORA_TARGETS
-    from .test_qlora import with_bnb_linear4bit
+    pytest.importorskip("bitsandbytes")
+    from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 
     peft = pytest.importorskip("peft")
     base = with_bnb_linear4bit(tiny_model("llama"), QLORA_TARGETS)

@@ -13,7 +13,7 @@ from peftkern.methods.from_peft import PeftIA3Linear, PeftLoraLinear
 from peftkern.record import PatchRecord
 
 from .conftest import requires_cuda
-from .test_lora_patch import TARGETS, batch, tiny_model
+from .helpers import TARGETS, batch, tiny_model, train_steps
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -112,19 +112,10 @@ def test_optimizer_made_before_patch_keeps_training_and_save_pretrained_roundtri
 
     opt, twin_opt = optimizer(model), optimizer(twin)
     for m, o in ((model, opt), (twin, twin_opt)):  # one step before patching: AdamW has state
-        m(**inputs).loss.backward()
-        o.step()
-        o.zero_grad()
+        train_steps(m, inputs, 1, o)
 
     peftkern.patch(model)
-    losses, twin_losses = [], []
-    for _ in range(3):
-        for m, o, record in ((model, opt, losses), (twin, twin_opt, twin_losses)):
-            loss = m(**inputs).loss
-            loss.backward()
-            o.step()
-            o.zero_grad()
-            record.append(loss.item())
+    losses, twin_losses = train_steps(model, inputs, 3, opt), train_steps(twin, inputs, 3, twin_opt)
     assert losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(twin_losses), rtol=1e-5, atol=1e-6)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}

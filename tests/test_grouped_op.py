@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkern import _ext
-from peftkern.check import GROUPED_SHAPES, grouped_errors, random_grouped_inputs
+from peftkern.testing import GROUPED_SHAPES, grouped_errors, random_grouped_inputs
 from peftkern.ops import grouped as grouped_ops
 from peftkern.ops.common import acc_dtype
 

@@ -13,7 +13,7 @@ from peftkern.demo import to_bnb_4bit as with_bnb_linear4bit
 from peftkern.methods.ia3 import IA3Linear
 from peftkern.nf4 import NF4Linear
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import assert_compiled_matches_eager, assert_matches_peft, batch, tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -54,38 +54,13 @@ def pair(arch, base=None, **config):
     return theirs, ours
 
 
-def grads(model, peft_model):
-    prefix = PREFIX if peft_model else ""
-    return {n.removeprefix(prefix): p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("explicit", [False, True], ids=["defaults", "explicit"])
 def test_logits_loss_gradients_and_steps_match_peft(arch, explicit, generator):
     theirs, ours = pair(arch, **(EXPLICIT[arch] if explicit else {}))
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-5, atol=1e-6)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads, our_grads = grads(theirs, True), grads(ours, False)
-    assert their_grads.keys() == our_grads.keys() and all(".ia3_l." in n for n in our_grads)
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-    losses = {"theirs": [], "ours": []}
-    for label, model in (("theirs", theirs), ("ours", ours)):
-        model.zero_grad()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(4):
-            loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[label].append(loss.item())
-    assert losses["ours"][-1] < losses["ours"][0]
-    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
+    _, our_grads = assert_matches_peft(theirs, ours, batch(generator), logits=(1e-5, 1e-5), loss=(1e-5, 1e-6),
+                                       grads=(1e-4, 1e-6), steps=4, step_losses=(1e-4, 1e-5))  # fmt: skip
+    assert all(".ia3_l." in n for n in our_grads)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -95,30 +70,17 @@ def test_bfloat16_model_matches_peft(arch, generator):
     in our epilogue instead of addmm (one bf16 rounding apart at most)."""
     theirs, ours = pair(arch, base=tiny_model(arch).to(torch.bfloat16), **EXPLICIT[arch])
     assert {p.dtype for n, p in ours.named_parameters() if p.requires_grad} == {torch.float32}
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-2, atol=1e-2)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads, our_grads = grads(theirs, True), grads(ours, False)
-    for name in our_grads:
-        scale = their_grads[name].abs().max()
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=0, atol=5e-2 * scale.item(), msg=name)
+    assert_matches_peft(theirs, ours, batch(generator), logits=(2e-2, 2e-2), loss=(1e-2, 1e-2), grads_of_max=5e-2)
 
 
 def test_autocast_matches_peft(generator):
     theirs, ours = pair("llama", **EXPLICIT["llama"])
-    inputs = batch(generator)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=2e-2, atol=2e-2)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads, our_grads = grads(theirs, True), grads(ours, False)
-    for name in our_grads:
-        scale = their_grads[name].abs().max()
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=0, atol=5e-2 * scale.item(), msg=name)
+
+    def forward_in_bf16(model, inputs):  # the forward under autocast, the backward after it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**inputs)
+
+    assert_matches_peft(theirs, ours, batch(generator), logits=(2e-2, 2e-2), grads_of_max=5e-2, forward=forward_in_bf16)
 
 
 @pytest.mark.parametrize(
@@ -308,15 +270,7 @@ def test_nf4_bases_match_peft_with_bitsandbytes(generator):
     base.is_loaded_in_4bit = True  # what transformers sets; PEFT picks its Linear4bit layer by it
     theirs, ours = pair("llama", base=base, target_modules=targets, feedforward_modules=["down_proj"])
     assert sum(isinstance(m, IA3Linear) and m.quantized for m in ours.modules()) == 8
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-5)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads, our_grads = grads(theirs, True), grads(ours, False)
-    assert their_grads.keys() == our_grads.keys()
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+    assert_matches_peft(theirs, ours, batch(generator), logits=(1e-4, 1e-5), grads=(1e-3, 1e-6))
     with pytest.raises(NotImplementedError, match="re-quantize"):
         peftkern.merge(ours)
 
@@ -361,15 +315,5 @@ def test_quantize_nf4_option(generator):
 
 
 def test_torch_compile_patched_model(generator):
-    torch._dynamo.reset()
     _, model = pair("qwen2", **EXPLICIT["qwen2"])  # output scaling with biases, input scaling
-    inputs = batch(generator)
-    want = model(**inputs).loss
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    got = torch.compile(model, backend="aot_eager")(**inputs).loss
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_compiled_matches_eager(model, batch(generator))

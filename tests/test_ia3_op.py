@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peftkern import _ext
-from peftkern.check import IA3_SHAPES, ia3_linear_errors, random_ia3_inputs
+from peftkern.testing import IA3_SHAPES, ia3_linear_errors, random_ia3_inputs
 from peftkern.nf4 import NF4Weight
 from peftkern.ops import ia3 as ia3_ops
 

@@ -4,7 +4,7 @@ through plain PyTorch), gradcheck in float64, opcheck, torch.compile, bad input.
 import pytest
 import torch
 
-from peftkern.check import LORA_SHAPES, lora_linear_errors, random_lora_inputs
+from peftkern.testing import LORA_SHAPES, lora_linear_errors, random_lora_inputs
 from peftkern.ops import lora as lora_ops
 
 from .conftest import requires_cuda
@@ -20,7 +20,7 @@ def make_inputs(m, k, n, r, dtype, generator, device="cpu", bias=True, dropout=F
 
 def check_output_and_gradients(x, w, b, a, bb, mask, keep, scaling, generator):
     """Output and gradients for x, A, B within the dtype's rounding tolerance of the float64
-    reference (see peftkern.check.lora_linear_errors for the bound)."""
+    reference (see peftkern.testing.lora_linear_errors for the bound)."""
     errors = lora_linear_errors(x, w, b, a, bb, mask, keep, scaling, generator)
     assert all(e <= 1.0 for e in errors.values()), errors
 

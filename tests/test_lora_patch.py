@@ -9,85 +9,18 @@ import torch
 
 import peftkern
 
+from .helpers import TARGETS, TINY, assert_compiled_matches_eager, assert_matches_peft, batch, lora_pair, tiny_model
+
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-
-
-def tiny_model(arch: str):
-    torch.manual_seed(0)
-    if arch == "gpt2":
-        config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        return transformers.GPT2LMHeadModel(config)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
-    return model_cls(config_cls(**TINY, num_key_value_heads=2))
-
-
-TARGETS = {
-    "llama": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "gate_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-}
-
-
-def pair(arch, **config):
-    """(PEFT model, peftkern-patched model) from one base, with PEFT's adapter weights copied
-    into ours (random A and B: init_lora_weights=False)."""
-    base = tiny_model(arch)
-    config = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, **config}
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config))
-    ours = peftkern.patch(copy.deepcopy(base), config)
-    prefix = "base_model.model."
-    their_lora = {k[len(prefix):]: v for k, v in theirs.state_dict().items() if "lora_" in k}
-    our_lora = {k: v for k, v in ours.state_dict().items() if "lora_" in k}
-    assert their_lora.keys() == our_lora.keys()  # same modules, same names
-    with torch.no_grad():
-        for key, value in their_lora.items():
-            our_lora[key].copy_(value)
-    return theirs, ours
-
-
-def batch(generator):
-    ids = torch.randint(0, 96, (3, 11), generator=generator)
-    return {"input_ids": ids, "labels": ids.clone()}
-
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_logits_loss_gradients_and_steps_match_peft(arch, use_rslora, generator):
-    theirs, ours = pair(arch, target_modules=TARGETS[arch], use_rslora=use_rslora)
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-5, atol=1e-6)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert their_grads.keys() == our_grads.keys()
-    for name in our_grads:
-        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-
-    # a few optimizer steps keep the same loss curve
-    losses = {"theirs": [], "ours": []}
-    for label, model in (("theirs", theirs), ("ours", ours)):
-        model.zero_grad()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for _ in range(4):
-            loss = model(**inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[label].append(loss.item())
-    assert losses["ours"][-1] < losses["ours"][0]
-    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
+    theirs, ours = lora_pair(arch, target_modules=TARGETS[arch], use_rslora=use_rslora)
+    # the same logits, loss and gradients, and four optimizer steps keep the same loss curve
+    assert_matches_peft(theirs, ours, batch(generator), logits=(1e-5, 1e-5), loss=(1e-5, 1e-6), grads=(1e-4, 1e-6),
+                        steps=4, step_losses=(1e-4, 1e-5))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -112,7 +45,7 @@ def test_same_targets_as_peft(config):
 
 
 def test_trainable_parameters_are_exactly_the_adapters(capsys):
-    theirs, ours = pair("llama", target_modules=["q_proj", "v_proj"])
+    theirs, ours = lora_pair("llama", target_modules=["q_proj", "v_proj"])
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
         n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad
     }
@@ -140,7 +73,7 @@ def test_unpatch_restores_the_model_exactly(generator):
 
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {"use_dora": True}), ("llama", {"use_dora": True})])
 def test_merge_unmerge_and_merge_and_unload(arch, extra, generator):
-    _, model = pair(arch, target_modules=TARGETS[arch][:2], **extra)
+    _, model = lora_pair(arch, target_modules=TARGETS[arch][:2], **extra)
     inputs = batch(generator)
     model.eval()
     with torch.no_grad():
@@ -155,7 +88,7 @@ def test_merge_unmerge_and_merge_and_unload(arch, extra, generator):
 
 
 def test_dropout_is_active_in_train_mode_only(generator):
-    _, model = pair("llama", target_modules=["q_proj"], lora_dropout=0.5)
+    _, model = lora_pair("llama", target_modules=["q_proj"], lora_dropout=0.5)
     inputs = batch(generator)
     model.eval()
     with torch.no_grad():
@@ -197,7 +130,7 @@ def test_accepts_peft_config_objects():
 
 
 def test_autocast_bf16_as_accurate_as_peft(generator):
-    theirs, ours = pair("llama", target_modules=TARGETS["llama"])
+    theirs, ours = lora_pair("llama", target_modules=TARGETS["llama"])
     inputs = batch(generator)
     with torch.no_grad():
         exact = ours(**inputs).logits  # float32
@@ -215,7 +148,7 @@ def test_autocast_bf16_as_accurate_as_peft(generator):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(generator):
-    _, plain = pair("llama", target_modules=TARGETS["llama"], lora_dropout=0.1)
+    _, plain = lora_pair("llama", target_modules=TARGETS["llama"], lora_dropout=0.1)
     checkpointed = copy.deepcopy(plain)
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = batch(generator)
@@ -231,18 +164,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(generator):
 
 
 def test_torch_compile_patched_model(generator):
-    torch._dynamo.reset()
-    _, model = pair("llama", target_modules=TARGETS["llama"])
-    inputs = batch(generator)
-    want = model(**inputs).loss
-    want.backward()
-    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    got = torch.compile(model, backend="aot_eager")(**inputs).loss
-    got.backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for name, grad in want_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    _, model = lora_pair("llama", target_modules=TARGETS["llama"])
+    assert_compiled_matches_eager(model, batch(generator))
 
 
 def classifier_model():
@@ -289,14 +212,7 @@ def test_more_lora_options_match_peft(options, generator, tmp_path):
 
     ids = torch.randint(1, 96, (3, 11), generator=generator)
     labels = torch.randint(0, 3, (3,), generator=generator) if "task_type" in options else ids
-    out_theirs, out_ours = theirs(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n.removeprefix(prefix): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, parameter in ours.named_parameters():
-        if parameter.requires_grad:
-            torch.testing.assert_close(parameter.grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_matches_peft(theirs, ours, {"input_ids": ids, "labels": labels}, logits=(1e-5, 1e-5), grads=(1e-4, 1e-6))
 
     from peft.utils import get_peft_model_state_dict
 

@@ -13,7 +13,7 @@ import peftkern
 from peftkern.methods import prefix as prefix_method
 from peftkern.record import PatchRecord
 
-from .test_lora_patch import tiny_model
+from .helpers import assert_matches_peft, tiny_model
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -66,24 +66,20 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+def quiet_forward(model, inputs):
+    return quiet(model, **inputs)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("left", [True, False], ids=["left-pad", "right-pad"])
 def test_logits_loss_and_gradients_match_peft(arch, kind, left, generator):
     method, extra = KINDS[kind]
     theirs, ours = pair(arch, method, **extra)
-    inputs = padded_batch(generator, left=left)
-    out_theirs, out_ours = quiet(theirs, **inputs), quiet(ours, **inputs)
-    assert out_ours.logits.shape == out_theirs.logits.shape
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_ours.loss, out_theirs.loss, rtol=1e-5, atol=1e-6)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    _, our_grads = assert_matches_peft(theirs, ours, padded_batch(generator, left=left), logits=(1e-5, 1e-5),
+                                       loss=(1e-5, 1e-6), grads=(1e-4, 1e-6), forward=quiet_forward)  # fmt: skip
     for name, grad in our_grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -137,19 +133,7 @@ def test_bf16_matches_peft(kind, generator):
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_training_steps_follow_peft(method, generator):
     theirs, ours = pair("llama", method)
-    inputs = padded_batch(generator)
-    losses = {}
-    for label, model in (("theirs", theirs), ("ours", ours)):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        losses[label] = []
-        for _ in range(4):
-            loss = quiet(model, **inputs).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[label].append(loss.item())
-    assert losses["ours"][-1] < losses["ours"][0]
-    torch.testing.assert_close(torch.tensor(losses["ours"]), torch.tensor(losses["theirs"]), rtol=1e-4, atol=1e-5)
+    assert_matches_peft(theirs, ours, padded_batch(generator), steps=4, step_losses=(1e-4, 1e-5), forward=quiet_forward)
 
 
 def test_prefix_shapes_gqa_and_trainable_parameters(capsys):
@@ -227,9 +211,7 @@ def test_peftkern_checkpoint_loads_in_peft(arch, kind, tmp_path, generator):
     torch.testing.assert_close(saved["prompt_embeddings"], want, rtol=1e-6, atol=1e-6)
     inputs = padded_batch(generator)
     ours.eval()
-    with torch.no_grad():
-        out_ours, out_theirs = quiet(ours, **inputs), quiet(theirs, **inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-5, 1e-5), forward=quiet_forward)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -241,9 +223,7 @@ def test_peft_checkpoint_loads_in_peftkern(kind, tmp_path, generator):
     inputs = padded_batch(generator)
     theirs.eval()
     ours.eval()
-    with torch.no_grad():
-        out_ours, out_theirs = quiet(ours, **inputs), quiet(theirs, **inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-5, atol=1e-5)
+    assert_matches_peft(theirs, ours, inputs, logits=(1e-5, 1e-5), forward=quiet_forward)
     # and it round-trips through peftkern unchanged
     peftkern.save_adapter(ours, tmp_path / "again")
     from safetensors.torch import load_file

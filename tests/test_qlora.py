@@ -13,12 +13,11 @@ from peftkern.nf4 import NF4Linear
 from peftkern.ops import lora as lora_ops
 from peftkern.ops import qlora as qlora_ops
 
-from .test_lora_patch import batch, tiny_model
+from .helpers import QLORA_TARGETS as TARGETS
+from .helpers import assert_matches_peft, batch, tiny_model
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
-
-TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 def test_nf4_lora_linear_matches_dense_and_stores_no_dense_weight(generator):
@@ -55,16 +54,7 @@ def test_matches_peft_with_bitsandbytes(generator):
             our_lora[key].copy_(value)
     assert sum(isinstance(m, LoraLinear) and m.quantized for m in ours.modules()) == 4 * 2
 
-    inputs = batch(generator)
-    out_theirs, out_ours = theirs(**inputs), ours(**inputs)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, rtol=1e-4, atol=1e-5)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    their_grads = {n.removeprefix(prefix): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert their_grads.keys() == our_grads.keys()
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_matches_peft(theirs, ours, batch(generator), logits=(1e-4, 1e-5), grads=(1e-4, 1e-6))
 
 
 def test_quantize_nf4_option(generator):

@@ -1,0 +1,446 @@
+"""What the op tests and `python -m peftkern.check` share: per-dtype tolerances, the shapes each
+op family is checked on, random-input builders, the error judges (worst error / allowed error of
+an op's outputs and gradients against its float64 reference), and one check per family (every
+case on one device, as Result rows), registered in CHECKS. The command line lives in check.py.
+
+Every output is poisoned (NaN / 0xA5) before the kernel writes it, so unwritten elements fail
+(check.py turns poisoning on, tests/conftest.py does for the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import adapter as adapter_ops
+from .ops import dora as dora_ops
+from .ops import grouped as grouped_ops
+from .ops import ia3 as ia3_ops
+from .ops import lora as lora_ops
+from .nf4 import NF4Weight
+from .ops import nf4 as nf4_ops
+from .ops import qlora as qlora_ops
+from .ops.common import acc_dtype
+
+# Odd sizes, a partial last block, sizes below one block, empty, and one 2-D weight shaped like
+# a real projection.
+SHAPES = [(1,), (63,), (3, 5), (257, 129), (1000, 33), (0, 7), (2048, 64)]
+BLOCKSIZES = [32, 64, 256, 4096]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@dataclass
+class Result:
+    op: str
+    device: str
+    dtype: str
+    shape: tuple
+    blocksize: int
+    max_error: float
+    passed: bool
+
+
+def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest |got - want| (inf on a shape mismatch or a NaN where the reference has none)."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return float("inf")
+    if got.numel() == 0:
+        return 0.0
+    diff = (got.double() - want.double()).abs()
+    return float("inf") if torch.isnan(diff).any() else diff.max().item()
+
+
+def _scaled_errors(errors, names, ours_list, exact_list, bound_list, tolerance, floor):
+    """errors[name] = the worst |ours - exact| / (tolerance·bound + floor) of each output (inf for a
+    wrong shape or a NaN); returns errors."""
+    for name, ours, exact_value, bound in zip(names, ours_list, exact_list, bound_list):
+        ours = ours.detach().cpu().double()
+        if ours.shape != exact_value.shape or torch.isnan(ours).any():
+            errors[name] = float("inf")
+        elif ours.numel() == 0:
+            errors[name] = 0.0
+        else:
+            errors[name] = ((ours - exact_value.detach()).abs() / (tolerance * bound.detach() + floor)).max().item()
+    return errors
+
+
+def _exact(results: list, op, device, dtype, shape, bs, pairs) -> None:
+    """NF4 ops are exact: same float32 arithmetic and rounding as the reference, so error 0."""
+    error = max(_max_error(got, want) for got, want in pairs)
+    results.append(Result(op, device, str(dtype).removeprefix("torch."), tuple(shape), bs, error, error == 0.0))
+
+
+def check_nf4(device: str, generator: torch.Generator) -> list[Result]:
+    results: list[Result] = []
+    code8 = nf4_ops.dynamic_code_8bit(device)
+    ops = torch.ops.peftkern
+    for dtype in DTYPES:
+        for shape in SHAPES:
+            for bs in BLOCKSIZES:
+                w = torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+                packed, absmax = ops.nf4_quantize(w, bs)
+                ref_packed, ref_absmax = nf4_ops.nf4_quantize_reference(w, bs)
+                _exact(results, "nf4_quantize", device, dtype, shape, bs, [(packed, ref_packed), (absmax, ref_absmax)])
+
+                out = ops.nf4_dequantize(packed, absmax, bs, list(shape), dtype)
+                ref = nf4_ops.nf4_dequantize_reference(ref_packed, ref_absmax, bs, shape, dtype)
+                _exact(results, "nf4_dequantize", device, dtype, shape, bs, [(out, ref)])
+
+                offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
+                codes, nested = ops.quantize_blockwise_8bit(absmax - offset, code8, 256)
+                ref_codes, ref_nested = nf4_ops.quantize_blockwise_8bit_reference(absmax - offset, code8, 256)
+                _exact(
+                    results, "quantize_blockwise_8bit", device, dtype, shape, 256,
+                    [(codes, ref_codes), (nested, ref_nested)],
+                )  # fmt: skip
+                values = ops.dequantize_blockwise_8bit(codes, nested, code8, 256)
+                ref_values = nf4_ops.dequantize_blockwise_8bit_reference(codes, nested, code8, 256)
+                _exact(results, "dequantize_blockwise_8bit", device, dtype, shape, 256, [(values, ref_values)])
+
+                args = (packed, codes, nested, code8, offset.reshape(()), bs, 256)
+                out = ops.nf4_dequantize_nested(*args, list(shape), dtype)
+                ref = nf4_ops.nf4_dequantize_nested_reference(*args, shape, dtype)
+                _exact(results, "nf4_dequantize_nested", device, dtype, shape, bs, [(out, ref)])
+    return results
+
+
+# Rounding tolerance per dtype, relative to the magnitude of the terms summed (see below).
+GEMM_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1.6e-2, torch.float64: 1e-10}
+LORA_SHAPES = [(1, 7, 5, 2), (13, 33, 17, 4), (64, 96, 80, 16), (3, 5, 4, 8), (9, 1, 3, 1)]  # (tokens, in, out, r)
+
+
+def lora_linear_errors(x, w, b, a, bb, mask, keep_scale, scaling, generator) -> dict[str, float]:
+    """Worst error / allowed error of lora_linear_fwd's output and of its gradients for x, A, B
+    (pass: <= 1). Allowed: tolerance(dtype) * the same computation on absolute values in float64,
+    i.e. the sum of |terms| that bounds a GEMM's rounding error, element by element; so a result
+    that cancels to almost nothing is judged on its terms, not on itself. NaN gives inf."""
+    x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+    out, _ = torch.ops.peftkern.lora_linear_fwd(x, w, b, a, bb, scaling, mask, keep_scale)
+
+    def reference64(transform):
+        leaves = [transform(t.detach().double().cpu()).requires_grad_() if t is not None else None
+                  for t in (x, w, b, a, bb)]  # fmt: skip
+        cpu_mask = mask.cpu() if mask is not None else None
+        return lora_ops.lora_linear_reference(*leaves, scaling, cpu_mask, keep_scale), leaves
+
+    exact, leaves = reference64(lambda t: t)
+    magnitude, abs_leaves = reference64(torch.abs)
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)  # one rounded g for all three
+    got = torch.autograd.grad(out, (x, a, bb), g.to(out.device))
+    want = torch.autograd.grad(exact, [leaves[i] for i in (0, 3, 4)], g.double())
+    bounds = torch.autograd.grad(magnitude, [abs_leaves[i] for i in (0, 3, 4)], g.double().abs())
+
+    tolerance = GEMM_TOLERANCE[out.dtype]
+    names = ("out", "grad_x", "grad_a", "grad_b")
+    return _scaled_errors({}, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, 1e-300)
+
+
+def random_lora_inputs(shape, dtype, device, generator, bias=True, dropout=False):
+    m, k, n, r = shape
+
+    def rand(*size):
+        t = torch.randn(size, generator=generator, dtype=torch.float64) / max(size[-1], 1) ** 0.5
+        return t.to(device=device, dtype=dtype)
+
+    mask = (torch.rand(m, k, generator=generator) > 0.3).to(device) if dropout else None
+    return rand(m, k), rand(n, k), rand(n) if bias else None, rand(r, k), rand(n, r), mask
+
+
+def check_lora(device: str, generator: torch.Generator) -> list[Result]:
+    results = []
+    for dtype in DTYPES:
+        for shape in LORA_SHAPES:
+            for dropout in (False, True):
+                x, w, b, a, bb, mask = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
+                errors = lora_linear_errors(x, w, b, a, bb, mask, 1 / 0.7 if dropout else 1.0, 0.75, generator)
+                worst = max(errors.values())
+                results.append(Result("lora_linear_fwd+bwd", device, str(dtype).removeprefix("torch."), shape,
+                                      0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
+def check_dora(device: str, generator: torch.Generator) -> list[Result]:
+    """dora_weight_norm against its float32/float64 reference: relative error per row."""
+    results = []
+    for dtype in DTYPES:
+        for n, k, r in [(1, 1, 1), (17, 33, 4), (96, 257, 16), (0, 8, 2)]:
+            w, a, b = (torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in ((n, k), (r, k), (n, r)))
+            got = torch.ops.peftkern.dora_weight_norm(w, a, b, 0.7).double().cpu()
+            want = dora_ops.dora_weight_norm_reference(w.cpu().double(), a.cpu().double(), b.cpu().double(), 0.7)
+            error = ((got - want).abs() / want.clamp_min(1e-30)).max().item() if n else 0.0
+            error = float("inf") if torch.isnan(got).any() else error
+            # one rounding to the output dtype (float32 accumulation inside)
+            allowed = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+            results.append(Result("dora_weight_norm", device, str(dtype).removeprefix("torch."), (n, k, r), 0,
+                                  error, error <= allowed))  # fmt: skip
+    return results
+
+
+def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
+    """nf4_lora_gemv (the QLoRA decode path) against its float32 reference: max error relative
+    to the output's scale. Shapes: rows straddling blocks and bytes (odd in), aligned rows (the
+    CUDA vector path), 1 to 11 tokens."""
+    results = []
+    for dtype in DTYPES:
+        for n, k, tokens, blocksize, nested in [(37, 45, 1, 64, True), (64, 96, 3, 128, False), (130, 256, 8, 64, True),
+                                                 (96, 2048, 11, 64, True), (0, 64, 2, 64, True)]:  # fmt: skip
+            w = torch.randn(n, k, generator=generator).to(device) * 0.05
+            weight = NF4Weight.quantize(w, blocksize, double_quant=nested)
+            x, bias, xa, lora_b = (torch.randn(s, generator=generator).to(device, dtype)
+                                   for s in ((tokens, k), (n,), (tokens, 4), (n, 4)))  # fmt: skip
+            got = torch.ops.peftkern.nf4_lora_gemv(
+                x, weight.packed, weight.absmax, *(
+                    (weight.nested.absmax, weight.nested.code, weight.nested.offset.reshape(1)) if nested
+                    else (None, None, None)), blocksize, 256 if nested else 0, n, bias, xa, lora_b, 0.5)  # fmt: skip
+            want = qlora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5)
+            scale = want.double().abs().max().item() if want.numel() else 1.0
+            error = _max_error(got, want) / max(scale, 1e-30)
+            allowed = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+            results.append(Result("nf4_lora_gemv", device, str(dtype).removeprefix("torch."), (n, k, tokens),
+                                  blocksize, error, error <= allowed))  # fmt: skip
+    return results
+
+
+# --- IA³ -----------------------------------------------------------------------------------------
+IA3_SHAPES = [(1, 7, 5), (13, 33, 17), (200, 96, 80), (3, 1, 4), (0, 6, 5), (129, 64, 1)]  # (tokens, in, out)
+
+
+def random_ia3_inputs(shape, dtype, device, generator, scale_input, bias=True, l_dtype=torch.float32):
+    """x [M, K], W [N, K], b [N], and l near 1 (PEFT's init plus a learned deviation), shaped as
+    PEFT's ([1, K] input side, [N, 1] output side); l in float32 unless dtype is float64."""
+    m, k, n = shape
+
+    def rand(*size):
+        t = torch.randn(size, generator=generator, dtype=torch.float64) / max(size[-1], 1) ** 0.5
+        return t.to(device=device, dtype=dtype)
+
+    l_shape = (1, k) if scale_input else (n, 1)
+    l = 1 + 0.5 * torch.randn(l_shape, generator=generator, dtype=torch.float64)
+    l_dtype = torch.float64 if dtype == torch.float64 else l_dtype
+    return rand(m, k), rand(n, k), rand(n) if bias else None, l.to(device=device, dtype=l_dtype)
+
+
+def ia3_linear_errors(x, w, b, l, scale_input, generator) -> dict[str, float]:
+    """Worst error / allowed error of the compiled IA³ op's output and of its gradients for x and
+    l (pass: <= 1), judged as lora_linear_errors: against the float64 reference, allowed
+    GEMM_TOLERANCE[dtype] times the same computation on absolute values (a bound on the rounding
+    of every sum), element by element. NaN gives inf."""
+    x, l = x.detach().requires_grad_(), l.detach().requires_grad_()
+    op = torch.ops.peftkern.ia3_input_linear_fwd if scale_input else torch.ops.peftkern.ia3_output_linear_fwd
+    out = op(x, w, b, l)
+    out = out if scale_input else out[0]
+
+    def reference64(transform):
+        leaves = [transform(t.detach().double().cpu()).requires_grad_() if t is not None else None for t in (x, w, b, l)]
+        return ia3_ops.ia3_linear_reference(*leaves, scale_input), leaves
+
+    exact, leaves = reference64(lambda t: t)
+    magnitude, abs_leaves = reference64(torch.abs)
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    got = torch.autograd.grad(out, (x, l), g.to(out.device))
+    want = torch.autograd.grad(exact, [leaves[0], leaves[3]], g.double())
+    bounds = torch.autograd.grad(magnitude, [abs_leaves[0], abs_leaves[3]], g.double().abs())
+    tolerance = GEMM_TOLERANCE[out.dtype]
+    # Plus the smallest normal number: a product that lands among float16's subnormals is
+    # rounded to an absolute spacing (6e-8), not a relative one.
+    floor = torch.finfo(out.dtype).tiny
+    names = ("out", "grad_x", "grad_l")
+    return _scaled_errors({}, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
+
+
+def check_ia3(device: str, generator: torch.Generator) -> list[Result]:
+    """Both IA³ ops (input and output scaling), forward and backward, against the reference."""
+    results = []
+    for dtype in DTYPES:
+        for shape in IA3_SHAPES:
+            for scale_input in (True, False):
+                x, w, b, l = random_ia3_inputs(shape, dtype, device, generator, scale_input)
+                worst = max(ia3_linear_errors(x, w, b, l, scale_input, generator).values())
+                name = "ia3_input_linear_fwd+bwd" if scale_input else "ia3_output_linear_fwd+bwd"
+                results.append(Result(name, device, str(dtype).removeprefix("torch."), shape, 0, worst, worst <= 1.0))
+    return results
+
+
+# --- Bottleneck adapter (adapter_bottleneck_fwd + bwd) --------------------------------------------
+ADAPTER_SHAPES = [(1, 32, 2), (13, 33, 5), (64, 96, 6), (5, 6, 11), (0, 24, 4)]  # (tokens, hidden, bottleneck)
+
+
+def adapter_errors(x, residual, params, scale, scaling, code, generator) -> dict[str, float]:
+    """Worst error / allowed error of adapter_bottleneck_fwd's output and of every gradient
+    (pass: <= 1), against the float64 reference. Allowed: tolerance(dtype) * (the same
+    computation on |values| + 1), the magnitude of the terms a GEMM sums, element by element.
+    For relu the reference takes the side of the kink the stored pre-activation took (a value
+    within rounding of 0 may fall on either side in low precision)."""
+    leaves = [t.detach().requires_grad_() for t in (x, residual, *params)] + (
+        [scale.detach().requires_grad_()] if scale is not None else [])  # fmt: skip
+    out, pre = torch.ops.peftkern.adapter_bottleneck_fwd(*leaves[:6], scaling, leaves[6] if scale is not None else None,
+                                                         code)  # fmt: skip
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    got = torch.autograd.grad(out, leaves, g.to(out.device))  # an empty batch too: zero gradients
+
+    def reference64(transform, activation):
+        ls = [transform(t.detach().double().cpu()).requires_grad_() for t in leaves]
+        sc = ls[6] if scale is not None else None
+        if activation is None:  # magnitudes: |act(z)| <= |z| for all four activations
+            z = torch.nn.functional.linear(ls[0], ls[2], ls[3])
+            y = torch.nn.functional.linear(z, ls[4], ls[5]) * abs(scaling) * (sc.reshape(()) if sc is not None else 1)
+            return ls[1] + y, ls
+        if activation == 0:  # relu: the side of the kink the kernel's stored pre-activation took
+            z = torch.nn.functional.linear(ls[0], ls[2], ls[3]) * (pre.detach().cpu() > 0)
+            y = torch.nn.functional.linear(z, ls[4], ls[5]) * (scaling * (sc.reshape(()) if sc is not None else 1))
+            return ls[1] + y, ls
+        return adapter_ops.adapter_bottleneck_reference(*ls[:6], scaling, sc, activation), ls
+
+    exact, ls = reference64(lambda t: t, code)
+    magnitude, abs_ls = reference64(torch.abs, None)
+    want = torch.autograd.grad(exact, ls, g.double())
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs() + 1.0)
+    tolerance = GEMM_TOLERANCE[out.dtype] * 2  # two chained GEMMs
+    names = ("grad_x", "grad_residual", "grad_w_down", "grad_b_down", "grad_w_up", "grad_b_up", "grad_scale")
+    # allowed: tolerance·(bound + 1), an absolute floor of one tolerance for terms near zero
+    bounds_plus_one = [b.detach() + 1.0 for b in (magnitude, *bounds)]
+    return _scaled_errors({}, ("out", *names), (out, *got), (exact, *want), bounds_plus_one, tolerance, 0.0)
+
+
+def check_adapter(device: str, generator: torch.Generator) -> list[Result]:
+    results = []
+    for dtype in DTYPES:
+        for m, d, r in ADAPTER_SHAPES:
+            for activation in ("relu", "gelu", "gelu_new", "silu"):
+                for learned in (False, True):
+
+                    def rand(*size, gain=1.0):
+                        t = torch.randn(size, generator=generator, dtype=torch.float64) * gain / max(size[-1], 1) ** 0.5
+                        return t.to(device=device, dtype=dtype)
+
+                    x, residual = rand(m, d, gain=d**0.5), rand(m, d, gain=d**0.5)
+                    params = [rand(r, d), rand(r, gain=r**0.5), rand(d, r), rand(d, gain=d**0.5)]
+                    scale = torch.tensor([0.8], dtype=dtype, device=device) if learned else None
+                    errors = adapter_errors(x, residual, params, scale, 1.5, adapter_ops.activation_code(activation),
+                                            generator)  # fmt: skip
+                    worst = max(errors.values(), default=0.0)
+                    results.append(Result(f"adapter_bottleneck {activation}", device, str(dtype).removeprefix("torch."),
+                                          (m, d, r), 0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
+# --- Grouped (mixed-adapter) inference: lora_grouped_fwd, ia3_grouped_scale ----------------------
+# (tokens, in, out, adapters, max rank): one row, odd sizes, G = 0 (every row -1), 1, 3, 8 and 40
+# (more than the 32 adapters of one kernel call: two chunks), rank 0, no rows. On CPU, the small
+# cases take the row-by-row kernel (< 8 rows per adapter), the 300-row case (and usually the
+# 37-row one: the row mix is random) the per-adapter GEMMs.
+GROUPED_SHAPES = [(1, 7, 5, 1, 2), (13, 33, 17, 3, 4), (9, 5, 3, 0, 2), (0, 6, 5, 2, 3), (10, 8, 6, 2, 0),
+                  (37, 24, 40, 3, 5), (64, 96, 80, 8, 16), (300, 48, 40, 2, 8), (90, 12, 10, 40, 3)]  # fmt: skip
+
+
+def random_grouped_inputs(shape, dtype, device, generator, strided=False, weight_dtype=None):
+    """base_out [T, N], x [T, K]; G adapters as lists: lora_a[g] [r_g, K], lora_b[g] [N, r_g] of
+    weight_dtype (default: dtype) with a random rank r_g in [1, R] (the last of three or more: rank
+    0), scaling G floats; row_adapter int32 [T] in [-1, G) (mixed and interleaved, -1 rows
+    included); IA³ scales [G, N] near 1 (float32, float64 for float64). strided: x and base_out
+    are column-strided views."""
+    t, k, n, g, r = shape
+    weight_dtype = weight_dtype or dtype
+
+    def rand(*size, fan, to=dtype):
+        return (torch.randn(size, generator=generator, dtype=torch.float64) / max(fan, 1) ** 0.5).to(to)
+
+    x, base_out = rand(t, 2 * k if strided else k, fan=1), rand(t, 2 * n if strided else n, fan=1)
+    if strided:
+        x, base_out = x[:, ::2], base_out[:, ::2]
+    ranks = torch.randint(1, r + 1, (g,), generator=generator).tolist() if r > 0 else [0] * g
+    if g >= 3:
+        ranks[-1] = 0
+    lora_a = [rand(rank, k, fan=k, to=weight_dtype).to(device) for rank in ranks]
+    lora_b = [rand(n, rank, fan=max(rank, 1), to=weight_dtype).to(device) for rank in ranks]
+    scaling = (0.5 + 2 * torch.rand(g, generator=generator, dtype=torch.float64)).tolist()
+    row_adapter = torch.randint(-1, g, (t,), generator=generator, dtype=torch.int32)
+    scales = (1 + 0.5 * torch.randn(g, n, generator=generator, dtype=torch.float64)).to(acc_dtype(dtype))
+    to = lambda v: v.to(device)  # noqa: E731
+    return to(base_out), to(x), lora_a, lora_b, scaling, to(row_adapter), to(scales)
+
+
+def grouped_errors(base_out, x, lora_a, lora_b, scaling, row_adapter, scales, generator) -> dict[str, float]:
+    """Worst error / allowed error (pass: <= 1) of both compiled grouped ops and of the gradients
+    their autograd formulas give (lora: base_out, x, every lora_a[g] and lora_b[g]; ia3: t, scales),
+    judged as lora_linear_errors: against the float64 reference, allowed GEMM_TOLERANCE[x's dtype]
+    times the same computation on absolute values, element by element (plus the smallest normal
+    number)."""
+    dtype, adapters = x.dtype, len(lora_a)
+    leaves = [t.detach().requires_grad_() for t in (base_out, x, *lora_a, *lora_b)]
+
+    def split(ls):  # base_out, x, lora_a list, lora_b list
+        return ls[0], ls[1], ls[2 : 2 + adapters], ls[2 + adapters :]
+
+    out = torch.ops.peftkern.lora_grouped_fwd(*split(leaves), scaling, row_adapter)
+    g = torch.randn(out.shape, generator=generator).to(dtype)
+    got = torch.autograd.grad(out, leaves, g.to(out.device), materialize_grads=True)
+
+    ra = row_adapter.cpu()
+
+    def lora64(transform):
+        ls = [transform(t.detach().double().cpu()).requires_grad_() for t in leaves]
+        scales64 = [abs(s) for s in scaling] if transform is torch.abs else scaling
+        return grouped_ops.lora_grouped_reference(*split(ls), scales64, ra), ls
+
+    exact, ls = lora64(lambda t: t)
+    magnitude, abs_ls = lora64(torch.abs)
+    want = torch.autograd.grad(exact, ls, g.double(), materialize_grads=True)  # G = 0: x unused
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs(), materialize_grads=True)
+    tolerance, floor = GEMM_TOLERANCE[dtype], torch.finfo(dtype).tiny
+    names = ("lora out", "lora grad_base", "lora grad_x", *(f"lora grad_a[{i}]" for i in range(adapters)),
+             *(f"lora grad_b[{i}]" for i in range(adapters)))  # fmt: skip
+    errors: dict[str, float] = {}
+    _scaled_errors(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
+
+    # IA³ over base_out's [T, N]: t ⊙ scales[g].
+    t, s = base_out.detach().requires_grad_(), scales.detach().requires_grad_()
+    out = torch.ops.peftkern.ia3_grouped_scale(t, s, row_adapter)
+    got = torch.autograd.grad(out, (t, s), g.to(out.device))
+
+    def ia3_64(transform):
+        ls = [transform(v.detach().double().cpu()).requires_grad_() for v in (t, s)]
+        return grouped_ops.ia3_grouped_scale_reference(*ls, ra), ls
+
+    exact, ls = ia3_64(lambda v: v)
+    magnitude, abs_ls = ia3_64(torch.abs)
+    want = torch.autograd.grad(exact, ls, g.double())
+    bounds = torch.autograd.grad(magnitude, abs_ls, g.double().abs())
+    names = ("ia3 out", "ia3 grad_t", "ia3 grad_scales")
+    return _scaled_errors(errors, names, (out, *got), (exact, *want), (magnitude, *bounds), tolerance, floor)
+
+
+def check_grouped(device: str, generator: torch.Generator) -> list[Result]:
+    """lora_grouped_fwd and ia3_grouped_scale (forward and autograd) against the reference; for
+    half activations also with float32 adapters (PEFT's usual mix)."""
+    results = []
+    for dtype in DTYPES:
+        weight_dtypes = [dtype] + ([torch.float32] if dtype in (torch.float16, torch.bfloat16) else [])
+        for weight_dtype in weight_dtypes:
+            for shape in GROUPED_SHAPES:
+                for strided in (False, True):
+                    inputs = random_grouped_inputs(shape, dtype, device, generator, strided, weight_dtype)
+                    errors = grouped_errors(*inputs, generator)
+                    for op in ("lora_grouped_fwd", "ia3_grouped_scale"):
+                        if op != "lora_grouped_fwd" and weight_dtype != dtype:
+                            continue  # the IA³ op has no adapter dtype of its own: checked once
+                        prefix = op.split("_")[0] + " "
+                        worst = max(e for name, e in errors.items() if name.startswith(prefix))
+                        name = f"{op}+bwd" + (" f32 w" if weight_dtype != dtype else "")
+                        results.append(Result(name, device, str(dtype).removeprefix("torch."), shape, 0, worst,
+                                              worst <= 1.0))  # fmt: skip
+    return results
+
+
+# The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
+# generator) -> list[Result].
+CHECKS = {
+    "nf4": check_nf4,
+    "lora": check_lora,
+    "dora": check_dora,
+    "qlora_gemv": check_qlora_gemv,
+    "ia3": check_ia3,
+    "adapter": check_adapter,
+    "grouped": check_grouped,
+}
