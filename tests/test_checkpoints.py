@@ -77,7 +77,13 @@ def test_bad_checkpoints_give_clear_errors_and_leave_the_model_alone(tmp_path, g
         (broken("shape", edit_tensors=lambda t: t.update({first_key(t): torch.zeros(3, 3)})), ValueError, "shape"),
         (broken("type", edit_config=lambda c: c.update(peft_type="POLY")), ValueError, "POLY"),
         # a supported method whose tensors do not match: refused before anything is written
-        (broken("other method", edit_config=lambda c: c.update(peft_type="IA3")), KeyError, "does not fit"),
+        (broken("other method", edit_config=lambda c: [c.clear(), c.update(peft_type="IA3", target_modules=["q_proj"],
+                                                                             feedforward_modules=[])]),
+         KeyError, "does not fit"),  # fmt: skip
+        # another method's fields under a peft_type: refused naming the field (a typo likewise)
+        (broken("other fields", edit_config=lambda c: c.update(peft_type="IA3")), ValueError, "IA3Config has no field"),
+        (broken("typo", edit_config=lambda c: c.update(lora_alphaa=3)), ValueError, "did you mean 'lora_alpha'"),
+        (broken("unsupported", edit_config=lambda c: c.update(use_qalora=True)), NotImplementedError, "use_qalora"),
         (broken("pickle", pickle=True), FileNotFoundError, "safetensors only"),
     ]
     for directory, error, message in cases:

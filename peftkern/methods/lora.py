@@ -66,8 +66,9 @@ class LoraConfig:
 
     @classmethod
     def from_any(cls, config) -> "LoraConfig":
-        """From a peftkern LoraConfig, a `peft.LoraConfig`, or a plain dict. Fields peftkern does
-        not know are ignored only when they hold PEFT's default (checked in validate())."""
+        """From a peftkern LoraConfig, a `peft.LoraConfig`, or a plain dict. PEFT fields peftkern
+        does not implement are accepted only at PEFT's default, unknown keys refused
+        (`peftkern.methods.config_fields`)."""
         if isinstance(config, cls):
             return dataclasses.replace(config)  # a copy: patching fills in defaults
         values = config_fields(config, cls, "a LoraConfig, a peft.LoraConfig or a dict")

@@ -58,7 +58,7 @@ class PromptLearningConfig:
     @classmethod
     def from_any(cls, config):
         """From a peftkern config of this class, the matching `peft` config object, or a dict of
-        PEFT's field names (fields peftkern does not know are ignored, as PEFT ignores extras)."""
+        PEFT's field names (unknown keys are refused: `peftkern.methods.config_fields`)."""
         if isinstance(config, cls):
             return dataclasses.replace(config)  # a copy: patching fills in fields
         values = config_fields(config, cls, f"a {cls.__name__}, a peft.{cls.__name__} or a dict")
