@@ -85,10 +85,13 @@ def unpatch(model: nn.Module) -> nn.Module:
     return _restore(model, record)
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every active adapter into its base weight (forward then runs the base alone)."""
+def merge(model: nn.Module, keep_original: bool = True) -> nn.Module:
+    """Fold every active adapter into its base weight (forward then runs the base alone). The
+    weights from before are kept on the CPU (`keep_original`), so unmerge and unpatch restore
+    them bit for bit; pass False to save that memory, and unmerge then subtracts / divides the
+    adapter back out, which rounds (as PEFT's unmerge)."""
     for layer in _mergeable_layers(model):
-        layer.merge()
+        layer.merge(keep_original)
     return model
 
 
@@ -113,7 +116,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     record = PatchRecord.required(model)
     if record.from_peft:
         raise TypeError("this is a patched peft.PeftModel: peftkern.unpatch(model), then model.merge_and_unload()")
-    merge(model)
+    merge(model, keep_original=False)  # the merged weights stay: nothing to restore later
     unloaded = []
     for parent_name, attr, _ in record.swaps:
         current = getattr(model.get_submodule(parent_name) if parent_name else model, attr)

@@ -188,14 +188,17 @@ class IA3Linear(MultiAdapterLayer):
             )
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, keep_original: bool = True) -> None:
         """W <- W ⊙ l (rows for output scaling, columns for input scaling); for output scaling
         also b <- b ⊙ l. With input scaling the bias is left alone: (x ⊙ l)·Wᵀ + b has an
-        unscaled bias, exactly as PEFT merges."""
+        unscaled bias, exactly as PEFT merges. What it overwrites is kept (on the CPU) so that
+        unmerge restores it exactly."""
         if self.merged or self.active_adapter not in self.ia3_l:
             return
         self._refuse_quantized_merge()
         name, base = self.active_adapter, self.base_layer
+        if keep_original:
+            self._keep_before_merge(base.weight, None if self.is_feedforward else base.bias)
         base.weight.copy_((base.weight * self._scale_in_weight_layout(name)).to(base.weight.dtype))
         if not self.is_feedforward and base.bias is not None:
             base.bias.copy_((base.bias * self.ia3_l[name].detach().reshape(base.bias.shape)).to(base.bias.dtype))
@@ -203,8 +206,12 @@ class IA3Linear(MultiAdapterLayer):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Divides back, by l + 1e-8 as PEFT does (inexact where l is near 0, as in PEFT)."""
+        """Restores the weights from before the merge exactly (PEFT divides back by l + 1e-8,
+        which rounds; that remains the path for a merge that kept nothing)."""
         if not self.merged:
+            return
+        if self._restore_before_merge():
+            self.merged = False
             return
         name, base = self.active_adapter, self.base_layer
         base.weight.copy_((base.weight / (self._scale_in_weight_layout(name) + 1e-8)).to(base.weight.dtype))

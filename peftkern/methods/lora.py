@@ -289,8 +289,9 @@ class LoraLinear(MultiAdapterLayer):
         return factor.view(1, -1) if self.fan_in_fan_out else factor.view(-1, 1)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W + s·BA (LoRA), or W <- m/||W + s·BA|| ⊙ (W + s·BA) (DoRA), as PEFT merges.
+    def merge(self, keep_original: bool = True) -> None:
+        """W <- W + s·BA (LoRA), or W <- m/||W + s·BA|| ⊙ (W + s·BA) (DoRA), as PEFT merges; the
+        weight from before is kept (on the CPU) so that unmerge restores it exactly.
 
         An NF4 base is not re-quantized (that would be lossy): it is set aside and replaced by a
         dense nn.Linear in the weight's original dtype (bf16/fp16/fp32) holding the merged weight;
@@ -307,6 +308,8 @@ class LoraLinear(MultiAdapterLayer):
             dense.requires_grad_(False)
             self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
             self.quantized = False
+        elif keep_original:
+            self._keep_before_merge(self.base_layer.weight)
         name, weight = self.active_adapter, self.base_layer.weight
         factor = self._dora_factor(name)
         weight += self.delta_weight(name).to(weight.dtype)
@@ -324,7 +327,11 @@ class LoraLinear(MultiAdapterLayer):
             self.quantized, self.merged = True, False
             self._merged_dora_factor = None
             return
-        weight = self.base_layer.weight
+        if self._restore_before_merge():
+            self._merged_dora_factor = None
+            self.merged = False
+            return
+        weight = self.base_layer.weight  # merged without keeping the original: undo the arithmetic
         factor = getattr(self, "_merged_dora_factor", None)
         if factor is not None:
             weight /= factor

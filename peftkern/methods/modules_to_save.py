@@ -60,7 +60,7 @@ class ModulesToSave(AdapterLayer):
         except AttributeError:  # model code reads e.g. `lm_head.weight`: the module in use answers
             return getattr(self._in_use(), name)
 
-    def merge(self) -> None:  # nothing to fold: the copy is the module
+    def merge(self, keep_original: bool = True) -> None:  # nothing to fold: the copy is the module
         pass
 
     def unloaded(self) -> nn.Module:
