@@ -67,7 +67,9 @@ PK_HOST_DEVICE int nf4_encode(float scaled) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int k = 0; k < kNf4Codes - 1; ++k) code += scaled > nf4_threshold(k) ? 1 : 0;
+  // !(s <= t) rather than s > t: a NaN passes every threshold and takes the last code (15), as
+  // torch.bucketize places NaN in the reference and as bitsandbytes stores it.
+  for (int k = 0; k < kNf4Codes - 1; ++k) code += !(scaled <= nf4_threshold(k)) ? 1 : 0;
   return code;
 }
 
@@ -78,7 +80,7 @@ PK_HOST_DEVICE int code8_encode(float scaled, const float* code) {
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
     const float threshold = mul_rn(add_rn(code[mid], code[mid + 1]), 0.5f);
-    if (threshold < scaled) {
+    if (!(scaled <= threshold)) {  // a NaN goes up, to the last code, as in the reference
       lo = mid + 1;
     } else {
       hi = mid;
@@ -95,8 +97,9 @@ struct BlockNormalizer {
   bool is_tail;
 
   PK_HOST_DEVICE BlockNormalizer(float absmax, bool tail)
-      : absmax_clamped(absmax > kMinAbsmax ? absmax : kMinAbsmax),
-        inverse(rcp_rn(absmax > kMinAbsmax ? absmax : kMinAbsmax)),
+      // absmax < kMinAbsmax, not !(absmax > kMinAbsmax): a NaN absmax stays NaN, as torch.clamp keeps it
+      : absmax_clamped(absmax < kMinAbsmax ? kMinAbsmax : absmax),
+        inverse(rcp_rn(absmax < kMinAbsmax ? kMinAbsmax : absmax)),
         is_tail(tail) {}
 
   PK_HOST_DEVICE float operator()(float x) const {

@@ -49,6 +49,10 @@ PK_HOST_DEVICE float rcp_rn(float a) {
 #endif
 }
 
-PK_HOST_DEVICE float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }
+PK_HOST_DEVICE float clamp_unit(float x) { return x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x); }  // NaN stays NaN
+
+// max(|a|, ...) as torch.amax computes it: a NaN anywhere makes the result NaN (fmaxf and
+// std::max would drop it). `m` is the running maximum, `v` the next value.
+PK_HOST_DEVICE float max_propagating_nan(float m, float v) { return (v > m || v != v) ? v : m; }
 
 }  // namespace peftkern

@@ -26,7 +26,7 @@ int64_t grain_in_blocks(int64_t blocksize) { return std::max<int64_t>(1, 65536 /
 template <typename T>
 float block_absmax(const T* x, int64_t len) {
   float m = 0.0f;
-  for (int64_t i = 0; i < len; ++i) m = std::max(m, std::fabs(static_cast<float>(x[i])));
+  for (int64_t i = 0; i < len; ++i) m = max_propagating_nan(m, std::fabs(static_cast<float>(x[i])));
   return m;
 }
 

@@ -24,7 +24,7 @@ constexpr int kElemsPerThread = 8;  // dequantize: 4 packed bytes -> 8 outputs p
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    v = max_propagating_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   return v;
 }
@@ -46,7 +46,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ weight,  // [n]
   const T* x = weight + start;
 
   float m = 0.0f;
-  for (int64_t i = lane; i < len; i += kWarp) m = fmaxf(m, fabsf(static_cast<float>(x[i])));
+  for (int64_t i = lane; i < len; i += kWarp) m = max_propagating_nan(m, fabsf(static_cast<float>(x[i])));
   const float raw_absmax = warp_max(m);
   const BlockNormalizer normalize(raw_absmax, n % blocksize != 0 && b == blocks - 1);
   if (lane == 0) absmax[b] = normalize.stored_absmax(raw_absmax);
@@ -139,7 +139,7 @@ __global__ void quantize_8bit_kernel(const T* __restrict__ x,        // [n]
 
   float m = 0.0f;
   for (int64_t i = lane; i < len; i += kWarp) {
-    m = fmaxf(m, fabsf(static_cast<float>(x[start + i])));
+    m = max_propagating_nan(m, fabsf(static_cast<float>(x[start + i])));
   }
   const float raw_absmax = warp_max(m);
   const BlockNormalizer normalize(raw_absmax, n % blocksize != 0 && b == blocks - 1);
