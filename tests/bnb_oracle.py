@@ -1,11 +1,11 @@
 """bitsandbytes as a test oracle, with the same verdict on every x86-64 CPU.
 
 bitsandbytes 0.50.2 picks its CPU kernels by machine, and two of them do not compute what its
-format defines (measured, see DESIGN.md "Testing against bitsandbytes"):
-- on CPUs where torch reports the AVX512 capability, `dequantize_4bit` runs a native kernel that
-  is wrong for some shapes (rows shorter than a quantization block, or not a whole number of
-  blocks, e.g. [40, 16] or [40, 96] with blocksize 64: errors of 1.5-2.0 where NF4's own error is
-  0.36); on other CPUs it runs its reference backend, which is right;
+format defines (measured; DESIGN.md, Testing):
+- `dequantize_4bit` on the CPU runs bitsandbytes' native library, whose AVX-512 code (picked by
+  CPUID on AVX-512 CPUs) is wrong for some shapes (rows shorter than a quantization block, or not
+  a whole number of blocks, e.g. [40, 16] or [40, 96] with blocksize 64: errors of 1.5-2.0 where
+  NF4's own error is 0.36); its code for other CPUs is right (measured there earlier: DESIGN.md);
 - on AVX-512-BF16 CPUs, `Linear4bit` in inference repacks its weight for a bfloat16 kernel
   (`packing_format_for_cpu`), which differs from `x·deq(W)ᵀ` by up to 0.17 on a SmolLM2 layer.
 
@@ -24,14 +24,25 @@ _DEFAULT_BACKEND = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplici
 PINNED: list[str] = []  # what pin_to_reference changed on this machine, for the session header
 
 
-def machine_takes_native_dequantize() -> bool:
-    """Whether bitsandbytes' CPU backend picks its native dequantize_4bit here (AVX512 machines)."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+def cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (CPUID, as bitsandbytes' native library decides; torch's
+    ATEN_CPU_CAPABILITY override does not change what that library runs)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return " avx512f" in cpuinfo.read()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def has_native_cpu_dequantize() -> bool:
+    """Whether bitsandbytes registered its native CPU dequantize_4bit (it does wherever its CPU
+    library loads; the library then picks AVX-512 or AVX2 code by CPUID)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", "CPU")
 
 
 def native_dequantize_4bit(packed: torch.Tensor, state) -> torch.Tensor:
-    """bitsandbytes' native CPU NF4 dequantize (libbitsandbytes_cpu), as its CPU backend calls it
-    on AVX512 machines, bypassing the pin: float32, 2-D states, the absmax already decoded."""
+    """bitsandbytes' native CPU NF4 dequantize (libbitsandbytes_cpu), as its CPU backend calls it,
+    bypassing the pin: float32, 2-D states, the absmax already decoded."""
     import ctypes
 
     from bitsandbytes.cextension import lib
@@ -62,9 +73,9 @@ def pin_to_reference() -> None:
     import bitsandbytes  # noqa: F401  (registers its kernels)
     import bitsandbytes.nn.modules as bnb_modules
 
-    if machine_takes_native_dequantize():
+    if has_native_cpu_dequantize():  # on every machine, so that every machine runs the same oracle
         torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", _reference_dequantize_4bit)
-        PINNED.append("dequantize_4bit -> its reference backend (this CPU has AVX512)")
+        PINNED.append("dequantize_4bit -> its reference backend")
     if bnb_modules.has_avx512bf16():
         # Linear4bit reads this name at construction: no bfloat16 repacking in inference.
         bnb_modules.has_avx512bf16 = lambda: False
