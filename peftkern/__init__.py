@@ -6,7 +6,8 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 
 from ._ext import build_info, has_cuda_kernels
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
-from .io import load_adapter, save_adapter
+from .io import save_adapter
+from .load import load_adapter
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig

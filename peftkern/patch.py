@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from . import multi_adapter
+from . import hf_integration, multi_adapter
 from .methods import AdapterLayer, from_peft, resolve_config
 from .nf4 import NF4Linear
 from .record import PatchRecord
@@ -53,6 +53,7 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
         plan(record)
         if config.peft_type in MULTI_ADAPTER_METHODS:  # model(..., adapter_names=[...]) and generate(...)
             multi_adapter.install(model, record)
+        hf_integration.install(model, record)  # Trainer, save_pretrained, gradient checkpointing
 
     record = PatchRecord(model, method=config.peft_type, config=config, adapter_name=adapter_name)
     return _apply_recorded(model, record, apply, freeze=True)

@@ -1,0 +1,56 @@
+"""`peftkern.load_adapter`: patch a model from a PEFT-format checkpoint (`peftkern.io` reads it),
+or add it as another adapter to a patched model. Above `patch` and `multi_adapter` in the
+import order: it uses both."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import multi_adapter
+from .io import adapter_config, adapter_state_dict, read_adapter
+from .methods import method_module
+from .patch import patch, unpatch
+from .record import PatchRecord
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default", **options):
+    """Load a PEFT-format checkpoint: patches an unpatched model with the saved config first, or
+    adds it as another adapter to a patched model that has none named `adapter_name` (not made
+    active, as PEFT's load_adapter), then copies the tensors. Every key and shape is checked
+    before any tensor is written; on a mismatch the model is left as it was (a patch or an
+    adapter added here is undone)."""
+    config, tensors = read_adapter(directory)
+    record = PatchRecord.of(model)
+    undo = None
+    if record is None:
+        patch(model, config, adapter_name=adapter_name, **options)
+        undo = lambda: unpatch(model)  # noqa: E731
+    elif adapter_name not in record.adapters and not record.from_peft:
+        if options:
+            raise TypeError(f"load_adapter options {sorted(options)} apply only when it patches an unpatched model")
+        method, checked = multi_adapter.checked_new_adapter(model, adapter_name, config)
+        changes = multi_adapter.apply_new_adapter(model, method, checked, adapter_name)
+        undo = lambda: multi_adapter.retract_adapter(model, adapter_name, changes)  # noqa: E731
+    try:
+        expected = adapter_state_dict(model, adapter_name)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"adapter checkpoint does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, target in expected.items():
+            if tensors[key].shape != target.shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)}, model {tuple(target.shape)}")
+        check_loadable = getattr(method_module(adapter_config(model, adapter_name).peft_type), "check_loadable", None)
+        if check_loadable is not None:  # a method whose saved tensors are computed (folded) may refuse
+            check_loadable(model, adapter_name)
+    except Exception:
+        if undo is not None:
+            undo()
+        raise
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+    return model
