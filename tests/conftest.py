@@ -1,3 +1,4 @@
+import os
 import secrets
 
 import pytest
@@ -34,9 +35,9 @@ def poison_outputs():
 
 @pytest.fixture
 def generator(request):
-    """Fresh random inputs on every run; the seed is printed (pytest shows it on failure) so a
-    failure can be replayed."""
-    seed = secrets.randbelow(2**31)
+    """Fresh random inputs on every run; the seed is printed (pytest shows it on failure), and
+    PEFTKERN_TEST_SEED=<seed> replays a failure with the same inputs."""
+    seed = int(os.environ["PEFTKERN_TEST_SEED"]) if os.environ.get("PEFTKERN_TEST_SEED") else secrets.randbelow(2**31)
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)

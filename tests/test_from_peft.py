@@ -119,9 +119,12 @@ def test_optimizer_made_before_patch_keeps_training_and_save_pretrained_roundtri
     assert losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(twin_losses), rtol=1e-5, atol=1e-6)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # AdamW (lr 1e-2) normalises each gradient element: an element whose gradient is near zero
+    # moves by up to lr times the relative difference of the two paths' gradients. Seen: 2.5e-6 on
+    # a GPT-2 DoRA lora_A element (PEFTKERN_TEST_SEED=559581750, before this session's changes too).
     for name, p in twin.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-6, msg=name)
+            torch.testing.assert_close(trained[name], p, rtol=1e-5, atol=1e-5, msg=name)
 
     # PEFT saves what peftkern trained, with PEFT's keys; it loads into a fresh base
     model.save_pretrained(tmp_path / "ours")
@@ -132,7 +135,7 @@ def test_optimizer_made_before_patch_keeps_training_and_save_pretrained_roundtri
     theirs_sd = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
     assert ours_sd.keys() == theirs_sd.keys() and ours_sd
     for key in ours_sd:
-        torch.testing.assert_close(ours_sd[key], theirs_sd[key], rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(ours_sd[key], theirs_sd[key], rtol=1e-5, atol=1e-5, msg=key)  # as above
     fresh = bnb_base(arch) if kind == "qlora" else tiny_model(arch)
     reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "ours")
     model.eval()
