@@ -434,3 +434,31 @@ def test_cuda_bf16_matches_peft(kind, generator):
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     with torch.no_grad():
         assert torch.equal(quiet(ours.generate, **inputs, **settings), quiet(theirs.generate, **inputs, **settings))
+
+
+@pytest.mark.parametrize("multi_query, new_arch, cached_heads", [(True, False, 1), (False, False, 4), (True, True, 4)])
+def test_prefix_tuning_on_falcon_sizes_the_prefix_for_the_heads_it_caches(multi_query, new_arch, cached_heads,
+                                                                          generator, tmp_path):  # fmt: skip
+    """Falcon caches 1 KV head with multi-query attention, every query head with the new decoder
+    architecture, else num_kv_heads: patching sizes the prefix for that, and a PEFT checkpoint
+    made for it loads with load_adapter and gives PEFT's logits (it failed in the forward)."""
+    config = transformers.FalconConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_kv_heads=2 if new_arch else None, multi_query=multi_query,
+                                       new_decoder_architecture=new_arch)  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.FalconForCausalLM(config).eval()
+    ids = torch.randint(0, 96, (2, 5), generator=generator)
+    ours = peftkern.patch(copy.deepcopy(base), {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3})
+    assert (PatchRecord.of(ours).config.num_attention_heads, PatchRecord.of(ours).config.token_dim) == (cached_heads, 8 * cached_heads)
+    with torch.no_grad():
+        assert ours(input_ids=ids).logits.shape == (2, 5, 96)
+        assert ours.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False).shape == (2, 7)
+    peft_config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, num_layers=2,
+                                          num_attention_heads=cached_heads, token_dim=8 * cached_heads)  # fmt: skip
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft_config).eval()
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.normal_(generator=generator)
+    theirs.save_pretrained(tmp_path)
+    loaded = peftkern.load_adapter(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -185,7 +185,7 @@ def _check_cache_shape(model: nn.Module, config: PrefixTuningConfig) -> None:
     layers = getattr(model_config, "num_hidden_layers", None) or values.get("n_layer")
     if layers is not None and config.num_layers != layers:
         raise ValueError(f"PrefixTuningConfig.num_layers={config.num_layers}, but {type(model).__name__} has {layers} layers")
-    heads = values.get("num_key_value_heads") or values.get("num_attention_heads") or values.get("n_head")
+    heads = prompt_learning.kv_heads(model_config) or values.get("num_attention_heads") or values.get("n_head")
     hidden = values.get("hidden_size") or values.get("n_embd")
     head_dim = values.get("head_dim") or (hidden // (values.get("num_attention_heads") or values.get("n_head")) if hidden else None)
     if heads and head_dim and (config.num_attention_heads, config.token_dim) != (heads, heads * head_dim):

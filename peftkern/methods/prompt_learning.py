@@ -88,6 +88,19 @@ def text_config(model: nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def kv_heads(model_config) -> int | None:
+    """The number of key/value heads the model's attention caches, where its config says it
+    differently from num_attention_heads: num_key_value_heads (GQA), or Falcon's, which caches
+    every query head with new_decoder_architecture (it expands its KV heads before caching), one
+    head with multi_query, else num_kv_heads (transformers' FalconAttention)."""
+    values = model_config.to_dict()
+    if values.get("model_type") == "falcon":
+        if values.get("new_decoder_architecture"):
+            return values.get("num_attention_heads")
+        return 1 if values.get("multi_query") else values.get("num_kv_heads")
+    return values.get("num_key_value_heads")
+
+
 def fill_from_model(config: PromptLearningConfig, model: nn.Module, gqa: bool) -> None:
     """PEFT's `_prepare_prompt_learning_config` for a causal LM: num_layers, token_dim and
     num_attention_heads from the model config; for prefix tuning (`gqa`) on a model with
@@ -111,10 +124,11 @@ def fill_from_model(config: PromptLearningConfig, model: nn.Module, gqa: bool) -
         config.token_dim = first("hidden_size", "n_embd", "d_model", what="token_dim")
     if config.num_attention_heads is None:
         config.num_attention_heads = first("num_attention_heads", "n_head", "num_heads", what="num_attention_heads")
-    if gqa and "num_key_value_heads" in values:
+    kv = kv_heads(model_config)
+    if gqa and kv is not None and kv != config.num_attention_heads:
         head_dim = values.get("head_dim") or config.token_dim // config.num_attention_heads
-        config.token_dim = head_dim * values["num_key_value_heads"]
-        config.num_attention_heads = values["num_key_value_heads"]
+        config.token_dim = head_dim * kv
+        config.num_attention_heads = kv
 
 
 def position_budget(model: nn.Module) -> int | None:
