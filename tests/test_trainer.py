@@ -106,3 +106,59 @@ def test_unpatch_takes_the_transformers_integration_back(base_dir):
     assert model._hf_peft_config_loaded and "save_pretrained" in vars(model)
     peftkern.unpatch(model)
     assert not model._hf_peft_config_loaded and "save_pretrained" not in vars(model)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer for the tiny model's 96 ids ("t0" ... "t93"), so that TRL's
+    SFTTrainer can tokenize text without a hub."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(94)}
+    vocab.update({"[UNK]": 94, "[PAD]": 95})
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                                eos_token="t0")  # fmt: skip
+
+
+def sft(model, output_dir, **kwargs):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    generator = torch.Generator().manual_seed(0)
+    rows = [" ".join(f"t{i}" for i in torch.randint(1, 94, (16,), generator=generator).tolist()) for _ in range(8)]
+    args = trl.SFTConfig(output_dir=str(output_dir), max_steps=2, save_steps=2, per_device_train_batch_size=2,
+                         report_to=[], use_cpu=True, learning_rate=5e-3)  # fmt: skip
+    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"text": r} for r in rows]),
+                          processing_class=tiny_tokenizer(), **kwargs)  # fmt: skip
+
+
+def test_trl_sfttrainer_on_a_patched_4bit_model(base_dir, tmp_path):
+    model = peftkern.patch(load_4bit(base_dir), LORA)
+    before = adapter_tensors(model)
+    sft(model, tmp_path / "run").train()
+    after = adapter_tensors(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
+    # (the trained model's forward may still be accelerate's autocast wrapper: compare the weights)
+    reloaded = adapter_tensors(peftkern.load_adapter(load_4bit(base_dir), checkpoint))
+    assert reloaded.keys() == after.keys() and all(torch.equal(reloaded[k], after[k]) for k in after)
+
+
+def test_trl_sfttrainer_with_a_peft_config_then_patched(base_dir, tmp_path):
+    """The other way in: SFTTrainer makes PEFT's model from an unpatched one and a peft_config,
+    then peftkern.patch(trainer.model) swaps the fused layers in, sharing PEFT's parameters."""
+    trainer = sft(load_4bit(base_dir), tmp_path / "run", peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peftkern.patch(trainer.model)
+    before = adapter_tensors(trainer.model)
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in adapter_tensors(trainer.model).items())
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "run" / "checkpoint-2"))
+
+
+def test_peft_wrapping_the_modules_of_a_patched_layer_is_refused(base_dir):
+    """PEFT's get_peft_model on a patched model that targets our layers' inner modules would
+    train adapters our forward never runs: the forward refuses, naming the way out."""
+    model = peftkern.patch(load_4bit(base_dir), LORA)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lora_A.default"]))
+    with pytest.raises(RuntimeError, match="wrapped by another library"):
+        wrapped(input_ids=torch.randint(0, 96, (1, 4)))

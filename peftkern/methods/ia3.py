@@ -144,6 +144,7 @@ class IA3Linear(MultiAdapterLayer):
         """Everything but the adapters (shared with `peftkern.methods.from_peft`, which puts a PEFT
         layer's own `ia3_l` in)."""
         self.base_layer = base_layer
+        self._own(base_layer)
         self.quantized = nf4_base_weight(base_layer) is not None
         self.is_feedforward = feedforward
         # As PEFT: Conv1D ([in, out]) always fan-in-fan-out, nn.Linear never.
@@ -222,6 +223,7 @@ class IA3Linear(MultiAdapterLayer):
 
     def _active_forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
+        self._check_not_wrapped(())
         if self.merged or name not in self.ia3_l:
             return self.base_layer(x)
         l = self.ia3_l[name]

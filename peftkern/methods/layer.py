@@ -59,6 +59,25 @@ class MultiAdapterLayer(AdapterLayer):
 
     disabled = False
 
+    def _own(self, base_layer: nn.Module) -> None:
+        """Remember which module is this layer's base (not registered as a submodule: a plain
+        reference), so that forward notices when another library replaced it."""
+        object.__setattr__(self, "_own_base", base_layer)
+
+    def _check_not_wrapped(self, adapter_modules) -> None:
+        """Refuse to run when another library wrapped this layer's base or adapter modules, e.g.
+        PEFT's get_peft_model (SFTTrainer given a peft_config) on a model peftkern patched: the
+        outer adapters would be trained and saved but silently left out of this forward."""
+        if self.base_layer is not self.__dict__.get("_own_base", self.base_layer) or any(
+            type(m) is not nn.Linear for m in adapter_modules
+        ):
+            raise RuntimeError(
+                f"{type(self).__name__}: its base or adapter modules were wrapped by another library (PEFT's "
+                "get_peft_model on a model peftkern already patched, e.g. SFTTrainer given both a patched model and "
+                "a peft_config). Give the trainer the patched model without peft_config, or an unpatched model with "
+                "the peft_config and then call peftkern.patch(trainer.model)."
+            )
+
     def forward(self, x):
         if self.disabled:
             self.unmerge()

@@ -179,6 +179,7 @@ class LoraLinear(MultiAdapterLayer):
         """Everything but the adapters (shared with `peftkern.methods.from_peft`, which puts a PEFT
         layer's own adapter containers in)."""
         self.base_layer = base_layer
+        self._own(base_layer)
         self.quantized = nf4_base_weight(base_layer) is not None
         # GPT-2's Conv1D stores its weight as [in, out]: always fan-in-fan-out, as PEFT forces.
         self.fan_in_fan_out = (fan_in_fan_out or is_conv1d(base_layer)) and not self.quantized
@@ -307,6 +308,7 @@ class LoraLinear(MultiAdapterLayer):
                 dense.bias.copy_(self.base_layer.bias)
             dense.requires_grad_(False)
             self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
+            self._own(dense)
             self.quantized = False
         elif keep_original:
             self._keep_before_merge(self.base_layer.weight)
@@ -324,6 +326,7 @@ class LoraLinear(MultiAdapterLayer):
             return
         if self._nf4_base_while_merged is not None:  # the dense merged copy is simply dropped
             self.base_layer, self._nf4_base_while_merged = self._nf4_base_while_merged, None
+            self._own(self.base_layer)
             self.quantized, self.merged = True, False
             self._merged_dora_factor = None
             return
@@ -341,6 +344,7 @@ class LoraLinear(MultiAdapterLayer):
 
     def _active_forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
+        self._check_not_wrapped((self.lora_A[name], self.lora_B[name]) if name in self.lora_A else ())
         if self.merged or name not in self.lora_A:
             weight = getattr(self.base_layer, "weight", None)
             if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
