@@ -152,3 +152,31 @@ def test_drawn_lora_configs_patch_or_raise_a_clear_error(config):
     else:
         peftkern.unpatch(model)
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+OTHER_CONFIGS = {
+    "IA3": (["target_modules", "feedforward_modules", "init_ia3_weights", "fan_in_fan_out", "modules_to_save",
+             "layers_to_transform", "feedforward_modulez"], {"target_modules": ["k_proj"], "feedforward_modules": []}),
+    "PREFIX_TUNING": (["num_virtual_tokens", "prefix_projection", "encoder_hidden_size", "num_layers", "token_dim",
+                       "num_attention_heads", "task_type", "prefix_projektion"], {"num_virtual_tokens": 3}),
+    "PROMPT_TUNING": (["num_virtual_tokens", "prompt_tuning_init", "prompt_tuning_init_text", "token_dim",
+                       "num_layers", "task_type", "inference_mode"], {"num_virtual_tokens": 3}),
+}  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, print_blob=True)
+@given(peft_type=st.sampled_from(sorted(OTHER_CONFIGS)), data=st.data())
+def test_drawn_ia3_prefix_and_prompt_configs_patch_or_raise_a_clear_error(peft_type, data):
+    fields, required = OTHER_CONFIGS[peft_type]
+    config = data.draw(st.dictionaries(st.sampled_from(fields), values, max_size=3))
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        peftkern.patch(model, {"peft_type": peft_type, **required, **config})
+    except (TypeError, ValueError, NotImplementedError) as error:
+        assert str(error), "an error must say what is wrong"
+        assert model.state_dict().keys() == state.keys() and not hasattr(model, "_peftkern_patch_record")
+    else:
+        peftkern.unpatch(model)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
