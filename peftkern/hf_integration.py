@@ -49,19 +49,5 @@ def install(model: nn.Module, record: PatchRecord) -> None:
     that is not a transformers PreTrainedModel is left alone."""
     if not callable(getattr(type(model), "save_pretrained", None)) or not hasattr(model, "config"):
         return
-    had_mark = _MARK in model.__dict__
-    previous_mark = model.__dict__.get(_MARK)
-    previous_save = model.__dict__.get("save_pretrained")
-    setattr(model, _MARK, True)
-    model.save_pretrained = types.MethodType(functools.partial(_save_pretrained, record), model)
-
-    def undo() -> None:
-        model.__dict__.pop("save_pretrained", None)
-        if previous_save is not None:
-            model.save_pretrained = previous_save
-        if had_mark:
-            setattr(model, _MARK, previous_mark)
-        else:
-            model.__dict__.pop(_MARK, None)
-
-    record.on_undo(undo)
+    record.set_attribute(model, _MARK, True)
+    record.set_attribute(model, "save_pretrained", types.MethodType(functools.partial(_save_pretrained, record), model))

@@ -228,26 +228,13 @@ def _generate(record: PatchRecord, self, *args, adapter_names=None, **kwargs):
 def install(model: nn.Module, record: PatchRecord) -> None:
     """Accept `adapter_names` in `model(...)` and `model.generate(...)`, checked against `record`;
     the record's undo removes both."""
-    handles = [
-        model.register_forward_pre_hook(functools.partial(_pre_forward, record), with_kwargs=True),
-        model.register_forward_hook(_post_forward, always_call=True),
-    ]
-    has_generate = callable(getattr(model, "generate", None))
-    previous = model.__dict__.get("generate")  # an instance-level generate someone installed before us
-    if has_generate:
+    record.on_undo(model.register_forward_pre_hook(functools.partial(_pre_forward, record), with_kwargs=True).remove)
+    record.on_undo(model.register_forward_hook(_post_forward, always_call=True).remove)
+    if callable(getattr(model, "generate", None)):
+        previous = model.__dict__.get("generate")  # an instance-level generate someone installed before us
         if previous is not None:
-            model.__dict__[_GENERATE] = previous
-        model.generate = types.MethodType(functools.partial(_generate, record), model)
-
-    def undo() -> None:
-        for handle in handles:
-            handle.remove()
-        if has_generate:
-            model.__dict__.pop("generate", None)
-            if previous is not None:
-                model.generate = model.__dict__.pop(_GENERATE)
-
-    record.on_undo(undo)
+            record.set_attribute(model, _GENERATE, previous)
+        record.set_attribute(model, "generate", types.MethodType(functools.partial(_generate, record), model))
 
 
 __all__ = ["active_adapter", "add_adapter", "delete_adapter", "disable_adapter", "list_adapters", "set_adapter"]

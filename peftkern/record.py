@@ -79,6 +79,12 @@ class PatchRecord:
         self.swaps.append((parent_name, attr, old if restore is None else restore))
         return old
 
+    def set_attribute(self, owner: object, name: str, value) -> None:
+        """Set a plain instance attribute (a wrapped method, a flag) of `owner`; undo puts back
+        the instance attribute it replaced, or removes it (the class attribute shows again)."""
+        self.undos.append(_AttributeUndo(owner, name))
+        setattr(owner, name, value)
+
     def on_undo(self, undo: Callable[[], None]) -> None:
         """Record the undo of a change that is not a module swap (hooks, attributes, adapters)."""
         self.undos.append(undo)
@@ -121,3 +127,19 @@ class PatchRecord:
 
     def __repr__(self) -> str:
         return f"PatchRecord(method={self.method!r}, adapters={list(self.adapters)}, active={self.active!r})"
+
+
+class _AttributeUndo:
+    """Puts one instance attribute back as it was. An object, not a closure, so that the undo of
+    a `copy.deepcopy` of a patched model refers to the copy."""
+
+    def __init__(self, owner: object, name: str):
+        self.owner, self.name = owner, name
+        self.had = name in vars(owner)
+        self.previous = vars(owner).get(name)
+
+    def __call__(self) -> None:
+        if self.had:
+            vars(self.owner)[self.name] = self.previous
+        else:
+            vars(self.owner).pop(self.name, None)

@@ -240,25 +240,13 @@ def plan_patch(model: nn.Module, **options):
         for owner in (model, model.base_model):
             for method in _GUARDED:
                 if hasattr(type(owner), method):
-                    setattr(owner, method, _refusal(method))
-                    record.on_undo(_Unguard(owner, method))
+                    record.set_attribute(owner, method, _refusal(method))
 
     return apply
 
 
 _GUARDED = ("set_adapter", "add_adapter", "load_adapter", "delete_adapter", "merge_adapter", "unmerge_adapter",
             "merge_and_unload", "unload", "add_weighted_adapter")  # fmt: skip
-
-
-class _Unguard:
-    """Removes one refusal again (an object, not a closure, so a deepcopy of a patched model
-    undoes its own copy)."""
-
-    def __init__(self, owner: nn.Module, method: str):
-        self.owner, self.method = owner, method
-
-    def __call__(self) -> None:
-        self.owner.__dict__.pop(self.method, None)
 
 
 def _refusal(method: str):
