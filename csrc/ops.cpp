@@ -1,114 +1,12 @@
-// The schema of every peftkern op, declared once. Device implementations register themselves
-// beside their code (TORCH_LIBRARY_IMPL in csrc/<family>/*_cpu.cpp and *_cuda.cu); fake (meta)
-// implementations, autograd formulas and the plain-PyTorch references live in peftkern/ops/.
+// The library `peftkern`: every kernel op's schema (op_schemas.h) plus the library-level ops.
+// Device implementations register themselves beside their code; fake (meta) implementations,
+// autograd formulas and the plain-PyTorch references live in peftkern/ops/.
 #include <torch/library.h>
 
+#include "op_schemas.h"
+
 TORCH_LIBRARY(peftkern, m) {
-  // --- NF4 (bitsandbytes-compatible 4-bit NormalFloat), csrc/nf4/ -------------------------------
-  // Quantize any float tensor, flattened row-major, in blocks of `blocksize` elements.
-  // packed: uint8 [ceil(numel / 2), 1], two codes per byte (bitsandbytes' layout);
-  // absmax: float32 [ceil(numel / blocksize)].
-  m.def("nf4_quantize(Tensor weight, int blocksize) -> (Tensor packed, Tensor absmax)");
-  // Inverse of nf4_quantize: returns a `dtype` tensor of `shape` (numel must match the codes).
-  m.def(
-      "nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, int[] shape, "
-      "ScalarType dtype) -> Tensor");
-  // nf4_dequantize with double-quantized absmax (bitsandbytes' compress_statistics):
-  // absmax[b] = nested_code[absmax_codes[b]] * nested_absmax[b // nested_blocksize] + offset,
-  // decoded on the fly, never written to memory.
-  m.def(
-      "nf4_dequantize_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, "
-      "Tensor nested_code, Tensor nested_offset, int blocksize, int nested_blocksize, int[] shape, "
-      "ScalarType dtype) -> Tensor");
-  // 8-bit blockwise quantization against a sorted 256-entry code table (used for the absmax
-  // values under double quantization). codes: uint8 like x.flatten(); absmax: float32 per block.
-  m.def("quantize_blockwise_8bit(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");
-  // codes -> float32 values: code[codes[i]] * absmax[i // blocksize].
-  m.def("dequantize_blockwise_8bit(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
-  // The NF4 code table the kernels use (float32 [16], CPU), exported so Python never copies it.
-  m.def("nf4_code_table() -> Tensor");
-
-  // --- LoRA on dense bases, csrc/lora/ ---------------------------------------------------------
-  // out = x·Wᵀ + b + scaling·(xd·Aᵀ)·Bᵀ with xd = x ⊙ dropout_mask · keep_scale (xd = x when no
-  // mask). x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r], dropout_mask [M, K]
-  // bool. Also returns xa = xd·Aᵀ [M, r], which the backward reuses.
-  m.def(
-      "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scaling, Tensor? dropout_mask, float keep_scale) -> (Tensor out, Tensor xa)");
-  // Gradients of lora_linear_fwd for x, lora_a and lora_b (the base weight and bias are frozen);
-  // recomputes xd from x and the mask rather than storing it.
-  m.def(
-      "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor xa, float scaling, Tensor? dropout_mask, float keep_scale) -> "
-      "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
-
-  // --- QLoRA at decode sizes, csrc/qlora/ ----------------------------------------------------------
-  // out[t, o] = sum_i x[t, i]·deq(W)[o, i] + bias[o] + scaling·(xa[t]·lora_b[o]) for an NF4 weight
-  // W [out_features, K] (absmax float32, or uint8 codes with the nested_* tensors under double
-  // quantization) and xa = x·Aᵀ [T, r] from the caller; x [T, K] with contiguous rows. Reads the
-  // 4-bit weight once and never writes it dequantized: the path for few tokens (decode).
-  m.def(
-      "nf4_lora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
-      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
-      "int out_features, Tensor? bias, Tensor? xa, Tensor? lora_b, float scaling) -> Tensor");
-
-  // --- DoRA, csrc/dora/ ---------------------------------------------------------------------------
-  // norms[i] = || W[i, :] + scaling * (B[i, :] @ A) ||_2 over the input dim, for weight [N, K],
-  // lora_a [r, K], lora_b [N, r]: DoRA's (detached) weight norm in one pass, never forming
-  // W + scaling * B @ A. Output [N] in the weight's dtype, accumulated in float32.
-  m.def("dora_weight_norm(Tensor weight, Tensor lora_a, Tensor lora_b, float scaling) -> Tensor");
-
-  // --- IA³ on dense bases, csrc/ia3/ ----------------------------------------------------------
-  // Input scaling (PEFT's feedforward modules): out = (x ⊙ l)·Wᵀ + b for x [M, K], weight [N, K],
-  // bias [N], ia3_l with K elements (any shape, PEFT's is [1, K]); read in float32 (double for
-  // double x) whatever its dtype.
-  m.def("ia3_input_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l) -> Tensor");
-  // Its gradients for x and ia3_l (W and b frozen): dx = (dy·W) ⊙ l, dl = Σ_rows x ⊙ (dy·W),
-  // the last two in one fused pass. grad_l has ia3_l's shape and dtype.
-  m.def(
-      "ia3_input_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor ia3_l) -> "
-      "(Tensor grad_x, Tensor grad_l)");
-  // Output scaling (attention k/v): out = (x·Wᵀ + b) ⊙ l with ia3_l of N elements ([N, 1] in
-  // PEFT). Also returns pre = x·Wᵀ + b [M, N], which the backward reads instead of x.
-  m.def(
-      "ia3_output_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor ia3_l) -> "
-      "(Tensor out, Tensor pre)");
-  // Its gradients: dx = (dy ⊙ l)·W, dl = Σ_rows dy ⊙ pre (dy ⊙ l and dl in one fused pass).
-  m.def(
-      "ia3_output_linear_bwd(Tensor grad_out, Tensor pre, Tensor weight, Tensor ia3_l) -> "
-      "(Tensor grad_x, Tensor grad_l)");
-
-  // --- Bottleneck adapters (AdapterHub semantics), csrc/adapter/ ------------------------------
-  // out = residual + s·(act(x·W_downᵀ + b_down)·W_upᵀ + b_up), s = scaling·scale[0] (scale: an
-  // optional 1-element learned scalar). x, residual [M, d]; w_down [m, d]; b_down [m]; w_up
-  // [d, m]; b_up [d]; activation 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu. Also returns the
-  // pre-activation pre = x·W_downᵀ + b_down [M, m], which backward recomputes act from.
-  m.def(
-      "adapter_bottleneck_fwd(Tensor x, Tensor residual, Tensor w_down, Tensor b_down, Tensor w_up, "
-      "Tensor b_up, float scaling, Tensor? scale, int activation) -> (Tensor out, Tensor pre)");
-  // Gradients of adapter_bottleneck_fwd (the residual's is grad_out itself); grad_scale is [0]
-  // without a scale tensor.
-  m.def(
-      "adapter_bottleneck_bwd(Tensor grad_out, Tensor x, Tensor pre, Tensor w_down, Tensor w_up, "
-      "Tensor b_up, float scaling, Tensor? scale, int activation) -> (Tensor grad_x, Tensor grad_w_down, "
-      "Tensor grad_b_down, Tensor grad_w_up, Tensor grad_b_up, Tensor grad_scale)");
-
-  // --- Grouped (mixed-adapter) inference, csrc/grouped/ ------------------------------------------
-  // A batch whose rows belong to different adapters (punica / S-LoRA style), one call per layer.
-  // row_adapter int32 [T], values in [-1, G): the adapter of each row, -1 = none (the base alone).
-  //
-  // LoRA: out[t] = base_out[t] + scaling[g]·(x[t]·A[g]ᵀ)·B[g]ᵀ for g = row_adapter[t] >= 0, else
-  // base_out[t]. base_out [T, N], x [T, K] (same dtype); the G adapters as lists, each as nn.Linear
-  // holds it: lora_a[g] [r_g, K], lora_b[g] [N, r_g] (ranks may differ, 0 allowed), scaling[g];
-  // every adapter tensor of one dtype, x's or float32. Accumulated in float32 (float64 for double),
-  // rounded once. A new contiguous [T, N] tensor; base_out is not modified.
-  m.def(
-      "lora_grouped_fwd(Tensor base_out, Tensor x, Tensor[] lora_a, Tensor[] lora_b, float[] scaling, "
-      "Tensor row_adapter) -> Tensor");
-  // IA³: out[r, f] = t[r, f]·scales[g, f] for g = row_adapter[r] >= 0, else t[r, f]. t [T, F],
-  // scales [G, F] float32 (float64 for double t); each product rounded once to t's dtype. A new
-  // contiguous [T, F] tensor.
-  m.def("ia3_grouped_scale(Tensor t, Tensor scales, Tensor row_adapter) -> Tensor");
+  peftkern::define_kernel_ops(m);
 
   // --- Library ----------------------------------------------------------------------------------
   // JSON text: what this binary was built with (CUDA version, archs, torch, compiler).

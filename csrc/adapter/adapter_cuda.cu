@@ -1,7 +1,6 @@
 // Bottleneck adapter on CUDA: the op bodies of adapter_host.h (GEMMs by cuBLAS through ATen)
 // with our epilogue kernels below, on the current stream, each launch checked.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -96,8 +95,7 @@ struct CudaEpilogues {
     if (total == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pre.scalar_type(), "adapter_down_epilogue", [&] {
       act::dispatch(activation, [&](auto kind) {
-        down_epilogue_kernel<scalar_t, decltype(kind)::value>
-            <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        PK_LAUNCH(grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(), down_epilogue_kernel<scalar_t, decltype(kind)::value>)(
                 pre.mutable_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
                 act_out.mutable_data_ptr<scalar_t>(), total, cols);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -110,7 +108,7 @@ struct CudaEpilogues {
     const int64_t total = out.numel(), cols = out.size(1);
     if (total == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "adapter_up_epilogue", [&] {
-      up_epilogue_kernel<scalar_t><<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      PK_LAUNCH(grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(), up_epilogue_kernel<scalar_t>)(
           out.mutable_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
           scale_ptr<scalar_t>(scale), static_cast<at::opmath_type<scalar_t>>(scaling), total, cols, residual.stride(0),
           residual.stride(1));
@@ -124,8 +122,7 @@ struct CudaEpilogues {
     if (total == 0) return;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "adapter_backward_epilogue", [&] {
       act::dispatch(activation, [&](auto kind) {
-        backward_epilogue_kernel<scalar_t, decltype(kind)::value>
-            <<<grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        PK_LAUNCH(grid_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream(), backward_epilogue_kernel<scalar_t, decltype(kind)::value>)(
                 grad.mutable_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
                 act_out.mutable_data_ptr<scalar_t>(), scale_ptr<scalar_t>(scale), static_cast<at::opmath_type<scalar_t>>(scaling),
                 total);
@@ -156,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace adapter
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("adapter_bottleneck_fwd", &peftkern::adapter::adapter_bottleneck_fwd_cuda);
   m.impl("adapter_bottleneck_bwd", &peftkern::adapter::adapter_bottleneck_bwd_cuda);
 }

@@ -15,8 +15,7 @@
 //
 // row_adapter values are trusted (checking them on the host would cost a device sync): a value
 // outside [-1, G) fires a device-side assert, and is never used as an index (row_action).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,7 +34,7 @@ constexpr int kShrinkThreads = 256;  // 8 warps
 constexpr int kThreads = 256;
 // Grid dimensions we launch at most; every kernel strides over the rest, so T is unbounded
 // (gridDim.y/z are limited to 65535, and 65535 blocks fill any current GPU).
-constexpr int64_t kMaxGridRows = 65535;
+constexpr int64_t kMaxGridRows = PK_GRID_STRIDE_CAP(65535);
 
 unsigned int grid_rows(int64_t rows) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(rows, 1), kMaxGridRows));
@@ -192,12 +191,12 @@ struct CudaKernels {
       args.total = chunk.total;
       const int32_t* ra = row_adapter.const_data_ptr<int32_t>();
       if (max_rank > 0) {  // all ranks 0 (or no adapter): xa is empty and every LoRA term is 0
-        lora_shrink_kernel<T, W, Acc><<<grid_rows(rows), kShrinkThreads, 0, stream>>>(
+        PK_LAUNCH(grid_rows(rows), kShrinkThreads, 0, stream, lora_shrink_kernel<T, W, Acc>)(
             x.const_data_ptr<T>(), x.stride(0), x.stride(1), ra, xa.mutable_data_ptr<Acc>(), max_rank, rows, k, args);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       const dim3 grid(column_tiles(n, kThreads), grid_rows(rows));
-      lora_expand_kernel<T, W, Acc><<<grid, kThreads, 0, stream>>>(
+      PK_LAUNCH(grid, kThreads, 0, stream, lora_expand_kernel<T, W, Acc>)(
           base_out.const_data_ptr<T>(), base_out.stride(0), base_out.stride(1), xa.const_data_ptr<Acc>(), max_rank,
           ra, out.mutable_data_ptr<T>(), rows, n, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -208,11 +207,10 @@ struct CudaKernels {
   static void ia3(const at::Tensor& t, const at::Tensor& scales, const at::Tensor& row_adapter, at::Tensor& out) {
     const int64_t rows = t.size(0), width = t.size(1), adapters = scales.size(0);
     // Enough blocks to fill the GPU several times over; the loop strides over the rest.
-    const int64_t blocks = std::min<int64_t>(ceil_div(rows * width, kThreads), 65535 * 8);
+    const int64_t blocks = std::min<int64_t>(ceil_div(rows * width, kThreads), PK_GRID_STRIDE_CAP(65535 * 8));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ia3_grouped_scale", [&] {
       using Acc = acc_type<scalar_t>;
-      ia3_grouped_kernel<scalar_t, Acc><<<static_cast<unsigned int>(blocks), kThreads, 0,
-                                          at::cuda::getCurrentCUDAStream()>>>(
+      PK_LAUNCH(static_cast<unsigned int>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream(), ia3_grouped_kernel<scalar_t, Acc>)(
           t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1), scales.const_data_ptr<Acc>(),
           row_adapter.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), rows, width, adapters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -237,7 +235,7 @@ at::Tensor ia3_scale(const at::Tensor& t, const at::Tensor& scales, const at::Te
 }  // namespace grouped
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("lora_grouped_fwd", &peftkern::grouped::lora_fwd);
   m.impl("ia3_grouped_scale", &peftkern::grouped::ia3_scale);
 }

@@ -6,8 +6,7 @@
 // while here stage 1 writes one partial per (block of kCudaRowsPerBlock rows, column) into a
 // [blocks, W] float32 scratch buffer (M/128 · W floats, a small fraction of the [M, W] pass
 // itself) and stage 2 adds each column's partials in block order. Same result on every run.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,7 +20,7 @@ namespace ia3 {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr unsigned int kMaxGridY = 65535;
+constexpr unsigned int kMaxGridY = PK_GRID_STRIDE_CAP(65535);
 // scale_reduce stage 1: a block is kTileCols columns x kRowLanes row lanes.
 constexpr int kTileCols = 32;
 constexpr int kRowLanes = 8;
@@ -132,7 +131,7 @@ struct CudaKernels {
     const dim3 grid(column_tiles(w, kThreads), grid_y(m));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ia3_scale_columns", [&] {
       using Acc = acc_type<scalar_t>;
-      scale_columns_kernel<scalar_t, Acc><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      PK_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), scale_columns_kernel<scalar_t, Acc>)(
           x.const_data_ptr<scalar_t>(), l.const_data_ptr<Acc>(), out.mutable_data_ptr<scalar_t>(), m, w,
           x.stride(0), x.stride(1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -145,7 +144,7 @@ struct CudaKernels {
     const dim3 grid(column_tiles(w, kThreads), grid_y(m));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc.scalar_type(), "ia3_bias_scale", [&] {
       using Acc = acc_type<scalar_t>;
-      bias_scale_kernel<scalar_t, Acc><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      PK_LAUNCH(grid, kThreads, 0, at::cuda::getCurrentCUDAStream(), bias_scale_kernel<scalar_t, Acc>)(
           acc.mutable_data_ptr<scalar_t>(), bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
           l.const_data_ptr<Acc>(), out.mutable_data_ptr<scalar_t>(), m, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -164,13 +163,13 @@ struct CudaKernels {
       if (blocks > 0) {
         const dim3 grid(column_tiles(w, kTileCols), grid_y(blocks));
         const dim3 block(kTileCols, kRowLanes);
-        scale_reduce_partial_kernel<scalar_t, Acc><<<grid, block, 0, stream>>>(
+        PK_LAUNCH(grid, block, 0, stream, scale_reduce_partial_kernel<scalar_t, Acc>)(
             a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1), b.const_data_ptr<scalar_t>(), b.stride(0),
             b.stride(1), l.const_data_ptr<Acc>(), out.data_ptr<scalar_t>(), partial.mutable_data_ptr<Acc>(), m,
             w, blocks);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      scale_reduce_final_kernel<Acc><<<column_tiles(w, kThreads), kThreads, 0, stream>>>(
+      PK_LAUNCH(column_tiles(w, kThreads), kThreads, 0, stream, scale_reduce_final_kernel<Acc>)(
           partial.const_data_ptr<Acc>(), dl.mutable_data_ptr<Acc>(), w, blocks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -207,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor> output_bwd(const at::Tensor& grad_out, const 
 }  // namespace ia3
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("ia3_input_linear_fwd", &peftkern::ia3::input_fwd);
   m.impl("ia3_input_linear_bwd", &peftkern::ia3::input_bwd);
   m.impl("ia3_output_linear_fwd", &peftkern::ia3::output_fwd);

@@ -4,8 +4,7 @@
 // current stream of the input's device; every launch is checked.
 #include "../common/dispatch.h"
 #include "../common/cuda_guard.h"
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
 
 #include "nf4_host.h"
@@ -174,9 +173,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight, i
   if (n == 0) return {packed, absmax};
   const int64_t blocks = ceil_div(n, blocksize);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(w.scalar_type(), "nf4_quantize", [&] {
-    nf4_quantize_kernel<scalar_t>
-        <<<grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0,
-           at::cuda::getCurrentCUDAStream()>>>(w.const_data_ptr<scalar_t>(),
+    PK_LAUNCH(grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0, at::cuda::getCurrentCUDAStream(), nf4_quantize_kernel<scalar_t>)(w.const_data_ptr<scalar_t>(),
                                                packed.mutable_data_ptr<uint8_t>(),
                                                absmax.mutable_data_ptr<float>(), n, blocksize,
                                                blocks);
@@ -191,9 +188,7 @@ void launch_dequantize(const at::Tensor& packed, const DequantArgs& args, ScaleO
   if (args.numel == 0) return;
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(out.scalar_type(), "nf4_dequantize",
                                   [&] {
-    nf4_dequantize_kernel<scalar_t, ScaleOf>
-        <<<grid_for(ceil_div(args.numel, kElemsPerThread), kThreads), kThreads, 0,
-           at::cuda::getCurrentCUDAStream()>>>(packed.const_data_ptr<uint8_t>(), scale_of,
+    PK_LAUNCH(grid_for(ceil_div(args.numel, kElemsPerThread), kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream(), nf4_dequantize_kernel<scalar_t, ScaleOf>)(packed.const_data_ptr<uint8_t>(), scale_of,
                                                out.mutable_data_ptr<scalar_t>(), args.numel,
                                                args.blocksize);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -239,9 +234,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor
   if (n == 0) return {codes, absmax};
   const int64_t blocks = ceil_div(n, blocksize);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(xc.scalar_type(), "quantize_8bit", [&] {
-    quantize_8bit_kernel<scalar_t>
-        <<<grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0,
-           at::cuda::getCurrentCUDAStream()>>>(
+    PK_LAUNCH(grid_for(blocks, kWarpsPerCta), kWarpsPerCta * kWarp, 0, at::cuda::getCurrentCUDAStream(), quantize_8bit_kernel<scalar_t>)(
             xc.const_data_ptr<scalar_t>(), table.const_data_ptr<float>(),
             codes.mutable_data_ptr<uint8_t>(), absmax.mutable_data_ptr<float>(), n, blocksize,
             blocks);
@@ -259,8 +252,7 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Ten
   const at::Tensor table = code.contiguous();
   const int64_t n = q.numel();
   if (n == 0) return out;
-  dequantize_8bit_kernel<<<grid_for(n, kThreads), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(
+  PK_LAUNCH(grid_for(n, kThreads), kThreads, 0, at::cuda::getCurrentCUDAStream(), dequantize_8bit_kernel)(
       q.const_data_ptr<uint8_t>(), a.const_data_ptr<float>(), table.const_data_ptr<float>(),
       out.mutable_data_ptr<float>(), n, blocksize);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -271,7 +263,7 @@ at::Tensor dequantize_blockwise_8bit_cuda(const at::Tensor& codes, const at::Ten
 }  // namespace nf4
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("nf4_quantize", &peftkern::nf4::nf4_quantize_cuda);
   m.impl("nf4_dequantize", &peftkern::nf4::nf4_dequantize_cuda);
   m.impl("nf4_dequantize_nested", &peftkern::nf4::nf4_dequantize_nested_cuda);

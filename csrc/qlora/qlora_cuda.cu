@@ -18,8 +18,7 @@
 // block scale per element. Correct for every shape; used for odd K (rows that start mid-byte).
 // Epilogue: lanes split the rank dimension of scaling · xa[t]·lora_b[o], the warp reduces each
 // token's sum with shuffles, lane 0 adds the bias and stores out[t, o] in x's dtype.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
 
 #include <cstdint>
@@ -152,7 +151,7 @@ void launch(const at::Tensor& x, const at::Tensor& packed, const GemvArgs& a, co
             const T* xa, const T* lora_b, float scaling, at::Tensor& out, bool vector_path) {
   const dim3 grid(static_cast<unsigned>(ceil_div(a.out_features, kWarpsPerCta)),
                   static_cast<unsigned>(ceil_div(a.tokens, kMaxTokens)));
-  nf4_lora_gemv_kernel<T, kTokens><<<grid, kWarpsPerCta * kWarp, 0, at::cuda::getCurrentCUDAStream()>>>(
+  PK_LAUNCH(grid, kWarpsPerCta * kWarp, 0, at::cuda::getCurrentCUDAStream(), nf4_lora_gemv_kernel<T, kTokens>)(
       x.const_data_ptr<T>(), x.stride(0), packed.const_data_ptr<uint8_t>(), a.scales, bias, xa,
       lora_b, scaling, out.mutable_data_ptr<T>(), a.tokens, a.in_features, a.out_features, a.rank,
       a.blocksize, vector_path);
@@ -202,6 +201,6 @@ at::Tensor nf4_lora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed,
 }  // namespace qlora
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("nf4_lora_gemv", &peftkern::qlora::nf4_lora_gemv_cuda);
 }
