@@ -42,6 +42,23 @@ def test_weight_norm_opcheck_and_errors(generator):
         ops.dora_weight_norm(w, a.double(), b, 1.0)
 
 
+@pytest.mark.parametrize("dtype, limit", [(torch.float64, 6136), (torch.float32, 8192)])
+def test_weight_norm_largest_rank_the_cuda_kernel_takes(dtype, limit, kernels, generator):
+    """The CUDA kernel stages B's row in 48 KiB of shared memory: at its largest rank it runs (the
+    emulation enforces CUDA's limit), one more is refused clearly there, and the wrapper routes such
+    ranks to the reference on CUDA. The CPU kernel has no limit."""
+    w, b = torch.randn(3, 4, generator=generator).to(dtype), torch.randn(3, limit + 1, generator=generator).to(dtype)
+    a = torch.randn(limit + 1, 4, generator=generator).to(dtype)
+    got = ops.dora_weight_norm(w, a[:limit], b[:, :limit], 0.5)
+    torch.testing.assert_close(got, dora_ops.dora_weight_norm_reference(w, a[:limit], b[:, :limit], 0.5))
+    if kernels == "cuda-emulated":
+        with pytest.raises(RuntimeError, match=f"rank {limit + 1} is larger than this kernel supports"):
+            ops.dora_weight_norm(w, a, b, 0.5)
+    else:
+        torch.testing.assert_close(ops.dora_weight_norm(w, a, b, 0.5), dora_ops.dora_weight_norm_reference(w, a, b, 0.5))
+    assert dora_ops._CUDA_MAX_RANK.get(dtype, dora_ops._CUDA_MAX_RANK_DEFAULT) == limit
+
+
 def compare_with_peft(theirs, ours, inputs):
     _, our_grads = assert_matches_peft(theirs, ours, inputs, logits=(1e-4, 1e-5), grads=(1e-4, 1e-6))
     assert any("lora_magnitude_vector" in n for n in our_grads)

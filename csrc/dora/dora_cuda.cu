@@ -4,10 +4,13 @@
 // its square; a block reduction gives the row's norm. Reads of W and A are coalesced across
 // threads; A (r x K, small) is re-read per row from L2. Never materialises W + scaling * B @ A.
 // Assumes: inputs contiguous (the host makes them so), r * sizeof(acc) bytes of dynamic shared
-// memory (r <= 8192 checked on the host).
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
+// memory, which with the static `partial` must fit CUDA's default 48 KiB (checked on the host:
+// r <= 8192 for float accumulation, r <= 6136 for double; the CUDA emulation found the double
+// case launching past the limit).
+#include "../common/cuda_launch.h"
 #include <torch/library.h>
+
+#include <algorithm>
 
 #include "dora_host.h"
 #include "../common/cuda_guard.h"
@@ -55,14 +58,15 @@ at::Tensor dora_weight_norm_cuda(const at::Tensor& weight, const at::Tensor& lor
   at::Tensor out = check_and_allocate_weight_norm(weight, lora_a, lora_b);
   const at::Tensor w = weight.contiguous(), a = lora_a.contiguous(), b = lora_b.contiguous();
   const int64_t n = w.size(0), k = w.size(1), r = a.size(0);
-  TORCH_CHECK(r <= 8192, "dora_weight_norm: rank ", r, " is larger than this kernel supports (8192)");
   TORCH_CHECK(n <= 0x7fffffff, "dora_weight_norm: too many rows for a 1-D grid");
   if (n == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "dora_weight_norm", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    weight_norm_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned int>(n), kThreads, r * sizeof(acc_t),
-           at::cuda::getCurrentCUDAStream()>>>(
+    constexpr int64_t kSharedLimit = 48 * 1024, kStaticBytes = kThreads / 32 * sizeof(acc_t);
+    constexpr int64_t kMaxRank = std::min<int64_t>(8192, (kSharedLimit - kStaticBytes) / sizeof(acc_t));
+    TORCH_CHECK(r <= kMaxRank, "dora_weight_norm: rank ", r, " is larger than this kernel supports for ",
+                w.scalar_type(), " (", kMaxRank, ": B's row is staged in 48 KiB of shared memory)");
+    PK_LAUNCH(static_cast<unsigned int>(n), kThreads, r * sizeof(acc_t), at::cuda::getCurrentCUDAStream(), weight_norm_kernel<scalar_t, acc_t>)(
             w.const_data_ptr<scalar_t>(), a.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(),
             static_cast<acc_t>(scaling), k, r, out.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -74,6 +78,6 @@ at::Tensor dora_weight_norm_cuda(const at::Tensor& weight, const at::Tensor& lor
 }  // namespace dora
 }  // namespace peftkern
 
-TORCH_LIBRARY_IMPL(peftkern, CUDA, m) {
+PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("dora_weight_norm", &peftkern::dora::dora_weight_norm_cuda);
 }
