@@ -3,12 +3,15 @@ plain-PyTorch reference, on fresh random inputs. Prints one row per case and exi
 any failure, or when the compiled library is missing. Run it first on a new machine or GPU.
 
 Every output is poisoned (NaN / 0xA5) before the kernel writes it, so unwritten elements fail.
+Where the CUDA emulation has been built (build/emu/, see peftkern/emulation.py), the CUDA kernels
+also run on the CPU under it, as the device "cuda-emu" (`--no-emulation` leaves them out).
 The checks themselves (shapes, tolerances, judges) are in peftkern.testing, shared with the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import sys
 
@@ -39,12 +42,29 @@ def devices() -> list[str]:
     return found
 
 
+def emulated_results(generator: torch.Generator) -> list[Result]:
+    """The checks of every op with a CUDA kernel, run by the CUDA emulation on CPU tensors."""
+    from . import emulation
+
+    emulation.load(build_if_needed=False)
+    ops = set(emulation.emulated_ops())
+    results = []
+    with emulation.cuda_kernels_on_cpu():
+        for check in CHECKS.values():
+            for r in check("cpu", generator):
+                root = r.op.split("+")[0].split(" ")[0]
+                if root in ops or f"{root}_fwd" in ops:
+                    results.append(dataclasses.replace(r, device="cuda-emu"))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m peftkern.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--all", action="store_true", help="print passing rows too (default: a summary per op)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one, printed)")
+    parser.add_argument("--no-emulation", action="store_true", help="leave out the emulated CUDA kernels")
     args = parser.parse_args(argv)
 
     info = _ext.build_info()
@@ -55,12 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available() and not _ext.has_cuda_kernels():
         print("note: a GPU is visible but this build has no CUDA kernels (CPU-only build): checking CPU only")
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    print(f"seed {seed}; devices {devices()}")
+    from . import emulation
+
+    emulate = not args.no_emulation and emulation.library_path().exists()
+    print(f"seed {seed}; devices {devices() + (['cuda-emu'] if emulate else [])}")
     generator = torch.Generator().manual_seed(seed)
 
     _ext.set_poison_outputs(True)
     try:
         results = [r for device in devices() for check in CHECKS.values() for r in check(device, generator)]
+        if emulate:
+            results += emulated_results(generator)
     finally:
         _ext.set_poison_outputs(False)
 
@@ -69,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
           "nf4_lora_gemv the max error relative to the output's scale; "
           "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1); "
           "lora_grouped_fwd / ia3_grouped_scale (+bwd) as lora")
-    header = f"{'op':<28}{'device':<8}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
+    header = f"{'op':<28}{'device':<9}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))
     shown = results if args.all else [r for r in results if not r.passed]
     for r in shown:
-        print(f"{r.op:<28}{r.device:<8}{r.dtype:<10}{str(r.shape):<14}{r.blocksize:>6}{r.max_error:>12.3g}  "
+        print(f"{r.op:<28}{r.device:<9}{r.dtype:<10}{str(r.shape):<14}{r.blocksize:>6}{r.max_error:>12.3g}  "
               f"{'pass' if r.passed else 'FAIL'}")  # fmt: skip
     if not args.all:  # one summary row per (op, device, dtype)
         groups: dict[tuple, list[Result]] = {}
@@ -83,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         for (op, device, dtype), rows in groups.items():
             worst = max(r.max_error for r in rows)
             ok = all(r.passed for r in rows)
-            print(f"{op:<28}{device:<8}{dtype:<10}{f'{len(rows)} cases':<14}{'all':>6}{worst:>12.3g}  "
+            print(f"{op:<28}{device:<9}{dtype:<10}{f'{len(rows)} cases':<14}{'all':>6}{worst:>12.3g}  "
                   f"{'pass' if ok else 'FAIL'}")  # fmt: skip
     failed = sum(not r.passed for r in results)
     print(f"{len(results) - failed} passed, {failed} failed")

@@ -43,7 +43,90 @@ def generator(request):
     return torch.Generator().manual_seed(seed)
 
 
+# The op-test modules that also run against the CUDA kernels compiled for the CPU emulation
+# (peftkern/emulation.py): each of their tests runs once with the CPU kernels and once with the
+# emulated CUDA kernels in their place ("cuda-emulated"). PEFTKERN_SKIP_EMULATION=1 leaves them out.
+EMULATED_MODULES = {
+    "test_nf4", "test_nf4_bitsandbytes", "test_nf4_golden", "test_nf4_nonfinite", "test_qlora_gemv", "test_dora",
+    "test_ia3_op", "test_adapter_op", "test_grouped_op", "test_op_inputs",
+}  # fmt: skip
+
+
+def emulation_enabled() -> bool:
+    return os.environ.get("PEFTKERN_SKIP_EMULATION", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+def pytest_generate_tests(metafunc):
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    needs_gpu = any(m.kwargs.get("reason") == requires_cuda.kwargs["reason"] for m in metafunc.definition.iter_markers("skipif"))
+    if "kernels" in metafunc.fixturenames and module in EMULATED_MODULES and emulation_enabled() and not needs_gpu:
+        metafunc.parametrize("kernels", ["cpu", "cuda-emulated"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def emulation_library():
+    """Builds (ccache-friendly, incremental) and loads the emulated CUDA kernels once per session.
+    A build failure fails the tests that need it: it is never a silent skip."""
+    from peftkern import emulation
+
+    try:
+        return emulation.load()
+    except Exception as error:  # noqa: BLE001  (the compiler's output is in the message)
+        pytest.fail(f"the CUDA emulation did not build or load: {error}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def kernels(request):
+    """"cpu": the compiled CPU kernels. "cuda-emulated": the CUDA kernels run on the CPU, each call
+    under several thread / block schedules whose results must agree bit for bit (a seeded shuffle
+    among them: its seed is printed, PEFTKERN_TEST_SEED replays it)."""
+    backend = getattr(request, "param", "cpu")
+    if backend == "cpu":
+        yield backend
+        return
+    from peftkern import emulation
+
+    request.getfixturevalue("emulation_library")
+    seed = int(os.environ["PEFTKERN_TEST_SEED"]) if os.environ.get("PEFTKERN_TEST_SEED") else secrets.randbelow(2**31)
+    print(f"emulation schedule seed={seed}")
+    with emulation.cuda_kernels_on_cpu(seed=seed):
+        yield backend
+
+
 requires_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and _ext.has_cuda_kernels()),
     reason="needs a CUDA GPU and a CUDA build of peftkern",
 )
+
+
+_emulated_modules_run: set[str] = set()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if "[cuda-emulated" in item.nodeid:
+            _emulated_modules_run.add(item.module.__name__.rsplit(".", 1)[-1])
+
+
+def _all_emulated_modules_ran() -> bool:
+    return EMULATED_MODULES <= _emulated_modules_run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """When every emulated module ran, every launch site of the .cu files must have run too, with
+    every kernel instantiation (dtype, template arguments) it compiles."""
+    from peftkern import emulation
+
+    if emulation.is_loaded() and _all_emulated_modules_ran() and exitstatus == 0:
+        _, missing = emulation.coverage()
+        if missing:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+            print("\nCUDA emulation: kernels that never ran: " + "; ".join(missing))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from peftkern import emulation
+
+    if emulation.is_loaded() and _all_emulated_modules_ran():
+        terminalreporter.section("CUDA kernels run under the emulation")
+        terminalreporter.write_line(emulation.coverage_table())

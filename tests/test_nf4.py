@@ -55,6 +55,18 @@ def test_quantize_and_dequantize_match_reference(dtype, blocksize, generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_blockwise_8bit_takes_every_float_dtype(dtype, generator):
+    """The 8-bit blockwise quantizer (double quantization of the absmax) takes half inputs too,
+    read as float32: the reference's codes and absmax exactly, partial last blocks included."""
+    code = nf4_ops.dynamic_code_8bit()
+    for n, blocksize in [(1, 256), (300, 256), (1000, 64), (4097, 4096)]:
+        x = random_weight((n,), dtype, generator)
+        codes, absmax = ops.quantize_blockwise_8bit(x, code, blocksize)
+        ref_codes, ref_absmax = nf4_ops.quantize_blockwise_8bit_reference(x, code, blocksize)
+        assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax), (n, blocksize)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_nested_dequantize_matches_reference(dtype, generator):
     code = nf4_ops.dynamic_code_8bit()
     for shape in SHAPES + [(300, 257)]:  # > 256 blocks: several nested blocks, one partial

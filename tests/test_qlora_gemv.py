@@ -44,7 +44,7 @@ CASES = [
     pytest.param(dtype, shape, tokens, id=f"{str(dtype)[6:]}-{'x'.join(map(str, shape))}-{tokens}tok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16)
     for shape in SHAPES
-    for tokens in (1, 3, 8, 11)
+    for tokens in (1, 2, 3, 8, 11)
 ]
 
 
