@@ -34,6 +34,7 @@ class Mutant:
     bug: str  # what a real engineer would have done wrong
     variant: str = "ubsan"
     count: int = 1
+    survives: str = ""  # why the emulation cannot catch it (an output-equivalent mutant), if so
 
 
 NF4 = "tests/test_nf4.py tests/test_nf4_bitsandbytes.py"
@@ -77,7 +78,9 @@ MUTANTS = [
     Mutant("grouped-ia3-stride-by-block", "csrc/grouped/grouped_cuda.cu",
            "const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;",
            "const int64_t step = static_cast<int64_t>(blockDim.x);",
-           "tests/test_grouped_op.py", "grouped IA³: the grid-stride step forgets gridDim.x (blocks redo each other's work)"),
+           "tests/test_grouped_op.py", "grouped IA³: the grid-stride step forgets gridDim.x (blocks redo each other's work)",
+           survives="every element is still written, with the same value, only several times: a performance bug, "
+                    "and the emulation cannot see performance (nor a benign write-write race on global memory)"),
     Mutant("dora-dropped-barrier", "csrc/dora/dora_cuda.cu",
            "    coef[q] = scaling * static_cast<Acc>(b[i * r + q]);\n  }\n  __syncthreads();\n",
            "    coef[q] = scaling * static_cast<Acc>(b[i * r + q]);\n  }\n",
@@ -103,7 +106,9 @@ def run_mutant(m: Mutant) -> dict:
     env = {**os.environ, "PEFTKERN_EMULATION_LIBRARY": str(library), "PEFTKERN_EMULATION_VARIANT": m.variant}
     if m.variant == "asan":
         env.update(emulation.asan_environment())
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", "cuda-emulated", *m.tests.split()]
+    # -s: a sanitizer aborts the process, and pytest's captured output would go with it.
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-s", "-p", "no:cacheprovider", "-k", "cuda-emulated",
+               *m.tests.split()]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     output = result.stdout + result.stderr
     caught = result.returncode != 0
@@ -133,20 +138,27 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args()
     mutants = [m for m in MUTANTS if not args.only or m.name in args.only]
-    rows, survived = [], 0
+    rows, unexpected = [], 0
     for m in mutants:
         result = run_mutant(m)
-        survived += not result["caught"]
-        status = "caught" if result["caught"] else "SURVIVED"
-        print(f"{m.name:<38} {status:<9} {result.get('seconds', 0):>4}s  {result['by']}", flush=True)
-        if not result["caught"] and "output" in result:
+        if m.survives:
+            status = "CAUGHT (expected to survive: update the suite)" if result["caught"] else "survived, as expected"
+            unexpected += result["caught"]
+            if not result["caught"]:
+                result["by"] = m.survives
+        else:
+            status = "caught" if result["caught"] else "SURVIVED"
+            unexpected += not result["caught"]
+        print(f"{m.name:<38} {status:<22} {result.get('seconds', 0):>4}s  {result['by']}", flush=True)
+        if status.isupper() and "output" in result:
             print(result["output"], flush=True)
         rows.append(f"| {m.name} | {m.bug} | {m.variant} | {status} | {result['by'].replace('|', '/')} |")
     table = "| mutant | planted bug | build | result | first failure |\n|---|---|---|---|---|\n" + "\n".join(rows)
     if args.markdown:
         args.markdown.write_text(table + "\n")
-    print(f"{len(mutants) - survived} of {len(mutants)} planted bugs caught")
-    return 1 if survived else 0
+    print(f"{sum(1 for r in rows if '| caught |' in r)} of {sum(not m.survives for m in mutants)} planted bugs caught; "
+          f"{sum(bool(m.survives) for m in mutants)} output-equivalent mutant(s) survive as expected")
+    return 1 if unexpected else 0
 
 
 if __name__ == "__main__":
