@@ -8,6 +8,7 @@ from ._ext import build_info, has_cuda_kernels
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import save_adapter
 from .load import load_adapter
+from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
@@ -27,6 +28,7 @@ __all__ = [
     "disable_adapter",
     "list_adapters",
     "set_adapter",
+    "BitFitConfig",
     "BnConfig",
     "DoubleSeqBnConfig",
     "ParBnConfig",
