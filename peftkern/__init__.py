@@ -8,6 +8,7 @@ from ._ext import build_info, has_cuda_kernels
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import save_adapter
 from .load import load_adapter
+from .methods.adalora import AdaLoraConfig, update_and_allocate
 from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
@@ -20,7 +21,19 @@ from .patch import merge, merge_and_unload, patch, print_trainable_parameters, u
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name):
+    if name == "AdaLoraCallback":  # a transformers TrainerCallback: transformers is imported only when asked for
+        from .methods.adalora import make_trainer_callback
+
+        return make_trainer_callback()
+    raise AttributeError(f"module 'peftkern' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
     "IA3Config",
     "active_adapter",
     "add_adapter",
@@ -51,5 +64,6 @@ __all__ = [
     "save_adapter",
     "unmerge",
     "unpatch",
+    "update_and_allocate",
     "VeraConfig",
 ]

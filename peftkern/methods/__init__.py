@@ -63,6 +63,8 @@ UNSUPPORTED_PEFT_FIELDS = {
              "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
              "kasa_config": None, "ensure_weight_tying": False},
 }  # fmt: skip
+# AdaLoraConfig is a LoraConfig: the same unimplemented fields, plus LoRA's own that AdaLoRA ignores.
+UNSUPPORTED_PEFT_FIELDS["ADALORA"] = {**UNSUPPORTED_PEFT_FIELDS["LORA"], "use_rslora": False, "alpha_pattern": {}}
 # Our config classes whose fields must be PEFT's (BOTTLENECK is AdapterHub's and our own).
 _PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config", "PREFIX_TUNING": "PrefixTuningConfig",
                         "PROMPT_TUNING": "PromptTuningConfig", "VERA": "VeraConfig", "ADALORA": "AdaLoraConfig"}  # fmt: skip
