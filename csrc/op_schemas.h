@@ -115,6 +115,24 @@ inline void define_kernel_ops(torch::Library& m) {
   // scales [G, F] float32 (float64 for double t); each product rounded once to t's dtype. A new
   // contiguous [T, F] tensor.
   m.def("ia3_grouped_scale(Tensor t, Tensor scales, Tensor row_adapter) -> Tensor");
+
+  // --- Scaled LoRA (VeRA, AdaLoRA), csrc/scaled_lora/ ---------------------------------------------
+  // out = x·Wᵀ + b + scaling·((xd·Aᵀ ⊙ rank_scale)·Bᵀ) ⊙ out_scale, xd = x ⊙ dropout_mask · keep_scale.
+  // x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r] (any strides: VeRA's slices of
+  // its shared matrices), rank_scale r elements (VeRA λ_d, AdaLoRA E [r, 1]) and out_scale N
+  // elements (VeRA λ_b), both optional, read in float32 (double for double x). Returns xa = xd·Aᵀ.
+  m.def(
+      "scaled_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+      "Tensor? rank_scale, Tensor? out_scale, float scaling, Tensor? dropout_mask, float keep_scale) -> "
+      "(Tensor out, Tensor xa)");
+  // Gradients of scaled_lora_linear_fwd: grad_x always; grad_a, grad_b, grad_rank_scale,
+  // grad_out_scale where output_mask says so (else [0]: frozen A / B cost no GEMM). The scale
+  // gradients (dλ, dE) are column sums over the backward's own intermediates; deterministic.
+  m.def(
+      "scaled_lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
+      "Tensor xa, Tensor? rank_scale, Tensor? out_scale, float scaling, Tensor? dropout_mask, float keep_scale, "
+      "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_rank_scale, "
+      "Tensor grad_out_scale)");
 }
 
 }  // namespace peftkern

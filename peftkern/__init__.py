@@ -8,17 +8,32 @@ from ._ext import build_info, has_cuda_kernels
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import save_adapter
 from .load import load_adapter
+from .methods.adalora import AdaLoraConfig, update_and_allocate
+from .methods.bitfit import BitFitConfig
 from .methods.bottleneck import BnConfig, DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
 from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
+from .methods.vera import VeraConfig
 from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
 
 __version__ = "0.1.0"
 
+
+
+def __getattr__(name):
+    if name == "AdaLoraCallback":  # a transformers TrainerCallback: transformers is imported only when asked for
+        from .methods.adalora import make_trainer_callback
+
+        return make_trainer_callback()
+    raise AttributeError(f"module 'peftkern' has no attribute {name!r}")
+
+
 __all__ = [
+    "AdaLoraCallback",
+    "AdaLoraConfig",
     "IA3Config",
     "active_adapter",
     "add_adapter",
@@ -26,6 +41,7 @@ __all__ = [
     "disable_adapter",
     "list_adapters",
     "set_adapter",
+    "BitFitConfig",
     "BnConfig",
     "DoubleSeqBnConfig",
     "ParBnConfig",
@@ -48,4 +64,6 @@ __all__ = [
     "save_adapter",
     "unmerge",
     "unpatch",
+    "update_and_allocate",
+    "VeraConfig",
 ]

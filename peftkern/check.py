@@ -53,7 +53,7 @@ def emulated_results(generator: torch.Generator) -> list[Result]:
         for check in CHECKS.values():
             for r in check("cpu", generator):
                 root = r.op.split("+")[0].split(" ")[0]
-                if root in ops or f"{root}_fwd" in ops:
+                if {root, f"{root}_fwd", f"{root}_linear_fwd"} & ops:  # the check's name -> the op's
                     results.append(dataclasses.replace(r, device="cuda-emu"))
     return results
 
@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
           "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora; "
           "nf4_lora_gemv the max error relative to the output's scale; "
           "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1); "
-          "lora_grouped_fwd / ia3_grouped_scale (+bwd) as lora")
+          "lora_grouped_fwd / ia3_grouped_scale (+bwd) as lora; "
+          "scaled_lora (R: rank_scale, O: out_scale; fwd+bwd) as lora")
     header = f"{'op':<28}{'device':<9}{'dtype':<10}{'shape':<14}{'block':>6}{'max error':>12}  result"
     print(header)
     print("-" * len(header))

@@ -350,17 +350,24 @@ def compiled_instantiations() -> list[str]:
     return json.loads(torch.ops.peftkern_emu.emu_instantiations())
 
 
+def _parts(instantiation: str) -> tuple[str, int]:
+    """"... [with auto Kernel = peftkern::ns::f<c10::Half, 8>; int Line = 154]" ->
+    ("peftkern::ns::f<c10::Half, 8>", 154)."""
+    body = instantiation.split("Kernel = ", 1)[-1].removesuffix("]")
+    kernel, _, line = body.rpartition("; int Line = ")
+    return kernel, int(line)
+
+
 def _short(instantiation: str) -> str:
-    """"... [with auto Kernel = peftkern::ns::f<c10::Half, 8>]" -> "f<c10::Half, 8>"."""
-    name = instantiation.split("Kernel = ", 1)[-1].removesuffix("]")
-    head = name.split("<", 1)[0]
-    return head.split("::")[-1] + name[len(head) :]
+    """The kernel's name without its namespaces, with its template arguments."""
+    kernel, _ = _parts(instantiation)
+    head = kernel.split("<", 1)[0]
+    return head.split("::")[-1] + kernel[len(head) :]
 
 
 def _belongs(instantiation: str, site: LaunchSite) -> bool:
-    base = site.kernel.split("<", 1)[0]
-    name = instantiation.split("Kernel = ", 1)[-1]
-    return f"::{base}<" in name or name.endswith(f"::{base}]") or name.endswith(f"::{base}")
+    kernel, line = _parts(instantiation)
+    return line == site.line and kernel.split("<", 1)[0].split("::")[-1] == site.kernel.split("<", 1)[0]
 
 
 def coverage(root: Path = ROOT) -> tuple[list[dict], list[str]]:
@@ -387,10 +394,10 @@ def coverage(root: Path = ROOT) -> tuple[list[dict], list[str]]:
 
 def coverage_table(root: Path = ROOT) -> str:
     rows, missing = coverage(root)
-    lines = [f"{'launch site':<34} {'kernel':<58} {'launches':>8} {'instantiations':>14} {'GPU threads':>12}"]
+    lines = [f"{'launch site':<40} {'kernel':<58} {'launches':>8} {'instantiations':>14} {'GPU threads':>12}"]
     for r in rows:
         lines.append(
-            f"{r['site']:<34} {r['kernel'][:58]:<58} {r['launches']:>8} {r['instantiations']:>14} {r['threads']:>12}"
+            f"{r['site']:<40} {r['kernel'][:58]:<58} {r['launches']:>8} {r['instantiations']:>14} {r['threads']:>12}"
         )
     sites_ran = sum(r["launches"] > 0 for r in rows)
     lines.append(f"{sites_ran} of {len(rows)} launch sites ran under the emulation")

@@ -40,7 +40,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     """The adapter's live tensors under PEFT's checkpoint keys."""
     method = method_module(adapter_config(model, adapter_name).peft_type)
     prefix = getattr(method, "CHECKPOINT_PREFIX", _PREFIX)  # prompt learning: plain "prompt_embeddings"
-    return {f"{prefix}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
+    tensors = {f"{prefix}{k}": v for k, v in method.adapter_tensors(model, adapter_name).items()}
+    extra = getattr(method, "extra_checkpoint_tensors", None)  # VeRA: PEFT's base_model.vera_A / vera_B
+    if extra is not None:
+        tensors.update(extra(model, adapter_name))
+    return tensors
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:

@@ -35,6 +35,10 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         changes = multi_adapter.apply_new_adapter(model, method, checked, adapter_name)
         undo = lambda: multi_adapter.retract_adapter(model, adapter_name, changes)  # noqa: E731
     try:
+        method = method_module(adapter_config(model, adapter_name).peft_type)
+        prepare = getattr(method, "prepare_load", None)
+        if prepare is not None:  # a method may reshape its layers (AdaLoRA's rank_pattern) or drop keys first
+            tensors = prepare(model, adapter_name, tensors)
         expected = adapter_state_dict(model, adapter_name)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
@@ -43,7 +47,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         for key, target in expected.items():
             if tensors[key].shape != target.shape:
                 raise ValueError(f"{key}: checkpoint shape {tuple(tensors[key].shape)}, model {tuple(target.shape)}")
-        check_loadable = getattr(method_module(adapter_config(model, adapter_name).peft_type), "check_loadable", None)
+        check_loadable = getattr(method, "check_loadable", None)
         if check_loadable is not None:  # a method whose saved tensors are computed (folded) may refuse
             check_loadable(model, adapter_name)
     except Exception:

@@ -21,6 +21,7 @@ from .ops import lora as lora_ops
 from .nf4 import NF4Weight
 from .ops import nf4 as nf4_ops
 from .ops import qlora as qlora_ops
+from .ops import scaled_lora as scaled_lora_ops
 from .ops.common import acc_dtype
 
 # Odd sizes, a partial last block, sizes below one block, empty, and one 2-D weight shaped like
@@ -433,6 +434,87 @@ def check_grouped(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# --- Scaled LoRA (VeRA, AdaLoRA): scaled_lora_linear_fwd + bwd -------------------------------------
+# (tokens, in, out, r): one token, odd sizes, r larger than a dimension, no rows.
+SCALED_LORA_SHAPES = [(1, 7, 5, 2), (13, 33, 17, 4), (200, 96, 80, 16), (3, 5, 4, 8), (0, 6, 5, 3)]
+# (rank_scale, out_scale, A and B trained): LoRA's case, AdaLoRA's (E, A/B trained), VeRA's
+# (λ_d, λ_b, A/B frozen), and the other mixes.
+SCALED_LORA_VARIANTS = [(False, False, True), (True, False, True), (True, True, False), (False, True, False),
+                        (True, True, True)]  # fmt: skip
+
+
+def random_scaled_lora_inputs(shape, dtype, device, generator, rank_scale=True, out_scale=True, dropout=False,
+                              strided=False):  # fmt: skip
+    """x, W, b, A, B as random_lora_inputs, plus rank_scale [r] and out_scale [N] (float32; float64
+    for float64), each of either sign; strided: A a column slice of a wider matrix (VeRA's
+    vera_A[:, :in]) and B a row slice (vera_B[:out, :])."""
+    m, k, n, r = shape
+    x, w, b, a, bb, mask = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
+    if strided:
+        wide_a = torch.randn(r, k + 5, generator=generator, dtype=torch.float64) / max(k, 1) ** 0.5
+        tall_b = torch.randn(n + 3, r, generator=generator, dtype=torch.float64) / max(r, 1) ** 0.5
+        a, bb = wide_a.to(device=device, dtype=dtype)[:, :k], tall_b.to(device=device, dtype=dtype)[:n]
+    scale_dtype = acc_dtype(dtype)
+    rs = torch.randn(r, generator=generator, dtype=torch.float64).to(device=device, dtype=scale_dtype)
+    os_ = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=scale_dtype)
+    return x, w, b, a, bb, rs if rank_scale else None, os_ if out_scale else None, mask
+
+
+def scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, keep_scale, scaling, train_ab, generator) -> dict[str, float]:
+    """Worst error / allowed error of scaled_lora_linear_fwd's output and of its gradients for x,
+    the scales present and (train_ab) A and B (pass: <= 1), judged as lora_linear_errors: against
+    the float64 reference, allowed GEMM_TOLERANCE[dtype] times the same computation on absolute
+    values, element by element (plus the smallest normal number). NaN gives inf."""
+    names = ["x"] + (["a", "b"] if train_ab else []) + (["rank_scale"] if rs is not None else []) + (
+        ["out_scale"] if os_ is not None else [])  # fmt: skip
+    tensors = {"x": x, "w": w, "b": b, "a": a, "b_": bb, "rank_scale": rs, "out_scale": os_}
+    trained = {"x": "x", "a": "a", "b": "b_", "rank_scale": "rank_scale", "out_scale": "out_scale"}
+    leaves = {k: (t.detach().requires_grad_() if k in [trained[n] for n in names] else t) for k, t in tensors.items()}
+    out, _ = torch.ops.peftkern.scaled_lora_linear_fwd(leaves["x"], w, b, leaves["a"], leaves["b_"],
+                                                       leaves["rank_scale"], leaves["out_scale"], scaling, mask,
+                                                       keep_scale)  # fmt: skip
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    got = torch.autograd.grad(out, [leaves[trained[n]] for n in names], g.to(out.device))
+
+    def reference64(transform):
+        ls = {k: (transform(t.detach().double().cpu()).requires_grad_() if t is not None else None)
+              for k, t in tensors.items()}  # fmt: skip
+        cpu_mask = mask.cpu() if mask is not None else None
+        s = abs(scaling) if transform is torch.abs else scaling
+        return scaled_lora_ops.scaled_lora_linear_reference(ls["x"], ls["w"], ls["b"], ls["a"], ls["b_"], s,
+                                                            ls["rank_scale"], ls["out_scale"], cpu_mask,
+                                                            keep_scale), ls  # fmt: skip
+
+    exact, ls = reference64(lambda t: t)
+    magnitude, abs_ls = reference64(torch.abs)
+    want = torch.autograd.grad(exact, [ls[trained[n]] for n in names], g.double())
+    bounds = torch.autograd.grad(magnitude, [abs_ls[trained[n]] for n in names], g.double().abs())
+    tolerance = GEMM_TOLERANCE[out.dtype] * 2  # up to three chained products (xa, u·Bᵀ, ⊙ scale)
+    floor = torch.finfo(out.dtype).tiny
+    return _scaled_errors({}, ("out", *(f"grad_{n}" for n in names)), (out, *got), (exact, *want),
+                          (magnitude, *bounds), tolerance, floor)  # fmt: skip
+
+
+def check_scaled_lora(device: str, generator: torch.Generator) -> list[Result]:
+    """scaled_lora_linear_fwd + bwd against the float64 reference: every mix of scales, A/B
+    trained or frozen, with and without dropout, contiguous and strided A/B."""
+    results = []
+    for dtype in DTYPES:
+        for shape in SCALED_LORA_SHAPES:
+            for rank_scale, out_scale, train_ab in SCALED_LORA_VARIANTS:
+                for dropout, strided in ((False, False), (True, True)):
+                    x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs(
+                        shape, dtype, device, generator, rank_scale, out_scale, dropout, strided)  # fmt: skip
+                    errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, 1 / 0.7 if dropout else 1.0, 0.8,
+                                                train_ab, generator)  # fmt: skip
+                    worst = max(errors.values())
+                    name = "scaled_lora " + "".join(c for c, on in zip("RO", (rank_scale, out_scale)) if on) + (
+                        "" if train_ab else " frozen AB")  # fmt: skip
+                    results.append(Result(name, device, str(dtype).removeprefix("torch."), shape, 0, worst,
+                                          worst <= 1.0))  # fmt: skip
+    return results
+
+
 # The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
 # generator) -> list[Result].
 CHECKS = {
@@ -443,4 +525,5 @@ CHECKS = {
     "ia3": check_ia3,
     "adapter": check_adapter,
     "grouped": check_grouped,
+    "scaled_lora": check_scaled_lora,
 }

@@ -31,7 +31,8 @@ def tiny_llama():
 @pytest.mark.skipif(not peft.__version__.startswith("0.21."), reason=f"the table is peft 0.21's ({peft.__version__})")
 def test_the_unsupported_field_table_is_peft_0_21s():
     for peft_type, ours in [("LORA", peftkern.LoraConfig), ("IA3", peftkern.IA3Config),
-                            ("PREFIX_TUNING", peftkern.PrefixTuningConfig), ("PROMPT_TUNING", peftkern.PromptTuningConfig)]:  # fmt: skip
+                            ("PREFIX_TUNING", peftkern.PrefixTuningConfig), ("PROMPT_TUNING", peftkern.PromptTuningConfig),
+                            ("VERA", peftkern.VeraConfig), ("ADALORA", peftkern.AdaLoraConfig)]:  # fmt: skip
         theirs = getattr(peft, ours.__name__)
         fields = {f.name: f for f in dataclasses.fields(theirs)}
         covered = {f.name for f in dataclasses.fields(ours)} | PEFT_METADATA_FIELDS | set(UNSUPPORTED_PEFT_FIELDS.get(peft_type, {}))

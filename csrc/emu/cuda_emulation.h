@@ -147,9 +147,10 @@ class Launch {
   void (*kernel_)(Params...);
 };
 
-// The kernel instantiation's name, template arguments included (e.g. "... [with auto Kernel =
-// nf4_lora_gemv_kernel<float, 8>]"): the coverage report lists the instantiations that ran.
-template <auto Kernel>
+// The kernel instantiation's name at one launch line, template arguments included (e.g. "...
+// [with auto Kernel = ...::nf4_lora_gemv_kernel<float, 8>; int Line = 154]"): the coverage report
+// lists the instantiations that ran, per launch site.
+template <auto Kernel, int Line>
 const char* kernel_name() {
   return __PRETTY_FUNCTION__;
 }
@@ -160,9 +161,9 @@ const char* register_instantiation(const char* name);
 // One per kernel instantiation that a launch site compiles (every dtype branch of a dispatch), its
 // name registered when the library loads: so the report knows what should have run, not only
 // what did.
-template <auto Kernel>
+template <auto Kernel, int Line>
 struct Instantiation {
-  static inline const char* const name = register_instantiation(kernel_name<Kernel>());
+  static inline const char* const name = register_instantiation(kernel_name<Kernel, Line>());
 };
 
 struct LaunchSite {
@@ -262,7 +263,7 @@ inline ::peftkern::emu::Stream getCurrentCUDAStream() { return {}; }
 // --- The spellings of common/cuda_launch.h ----------------------------------------------------------
 #define PK_LAUNCH(grid, block, shared_bytes, stream, ...)                                                 \
   (::peftkern::emu::LaunchSite{{__FILE__, __LINE__, #__VA_ARGS__}, dim3(grid), dim3(block),               \
-                               static_cast<size_t>(shared_bytes), ::peftkern::emu::Instantiation<__VA_ARGS__>::name} \
+                               static_cast<size_t>(shared_bytes), ::peftkern::emu::Instantiation<__VA_ARGS__, __LINE__>::name} \
    << __VA_ARGS__)
 #define PK_GRID_STRIDE_CAP(n) \
   ((n) < ::peftkern::emu::kEmulatedGridStrideCap ? (n) : ::peftkern::emu::kEmulatedGridStrideCap)

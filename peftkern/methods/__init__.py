@@ -26,7 +26,8 @@ __all__ = ["AdapterLayer", "MultiAdapterLayer", "config_fields", "config_peft_ty
 
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
-            "BOTTLENECK": "bottleneck"}  # BOTTLENECK: AdapterHub-style adapters (ours; PEFT lacks them)
+            "BOTTLENECK": "bottleneck", "VERA": "vera", "ADALORA": "adalora",
+            "BITFIT": "bitfit"}  # BOTTLENECK, BITFIT: our own peft_types (PEFT has neither)
 
 
 def method_module(peft_type: str):
@@ -62,9 +63,11 @@ UNSUPPORTED_PEFT_FIELDS = {
              "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
              "kasa_config": None, "ensure_weight_tying": False},
 }  # fmt: skip
+# AdaLoraConfig is a LoraConfig: the same unimplemented fields, plus LoRA's own that AdaLoRA ignores.
+UNSUPPORTED_PEFT_FIELDS["ADALORA"] = {**UNSUPPORTED_PEFT_FIELDS["LORA"], "use_rslora": False, "alpha_pattern": {}}
 # Our config classes whose fields must be PEFT's (BOTTLENECK is AdapterHub's and our own).
 _PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "IA3": "IA3Config", "PREFIX_TUNING": "PrefixTuningConfig",
-                        "PROMPT_TUNING": "PromptTuningConfig"}  # fmt: skip
+                        "PROMPT_TUNING": "PromptTuningConfig", "VERA": "VeraConfig", "ADALORA": "AdaLoraConfig"}  # fmt: skip
 
 
 def _plain(value):
