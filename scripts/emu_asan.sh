@@ -14,4 +14,5 @@ print(' '.join(f'tests/{m}.py' for m in sorted(EMULATED_MODULES)))")
 eval "$(python -c "
 from peftkern import emulation
 for k, v in emulation.asan_environment().items(): print(f'export {k}=\"{v}\"')")"
-PEFTKERN_EMULATION_VARIANT=asan python -m pytest -q -p no:cacheprovider -k cuda-emulated $modules tests/test_emulation.py "$@"
+PEFTKERN_EMULATION_VARIANT=asan python -m pytest -q -p no:cacheprovider -k "cuda-emulated or test_emulation" \
+  $modules tests/test_emulation.py "$@"
