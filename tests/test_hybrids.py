@@ -343,3 +343,33 @@ def test_mam_trains_saves_reloads_and_unpatches(arch, tmp_path, generator):
     assert_unchanged(model, snap)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, want)
+
+
+def test_a_failure_midway_undoes_the_components_already_applied(monkeypatch):
+    """The prefix component fails while applying, after LoRA and the adapter were applied: the
+    model is left as it was."""
+    from peftkern.methods import prefix
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("planted failure")
+
+    model = tiny_model("llama")
+    snap = snapshot(model)
+    monkeypatch.setattr(prefix, "PrefixEncoder", fail)
+    lora, bn = copy.deepcopy(UNIONS["lora+seqbn"][1])
+    with pytest.raises(RuntimeError, match="planted failure"):
+        peftkern.patch(model, peftkern.ConfigUnion(lora, bn, peftkern.PrefixTuningConfig(num_virtual_tokens=2)))
+    assert_unchanged(model, snap)
+
+
+def test_save_pretrained_of_a_union_writes_the_union_layout(tmp_path, generator):
+    """transformers' save_pretrained (what Trainer's checkpoints call) of a patched union."""
+    model = peftkern.patch(tiny_model("llama"), peftkern.ConfigUnion(*copy.deepcopy(UNIONS["lora+prompt"][1])))
+    quiet(train_steps, model, inputs(generator), 1)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "lora", "model.safetensors",
+                                                          "prompt_tuning"]  # fmt: skip
+    fresh = peftkern.load_adapter(tiny_model("llama"), tmp_path)
+    batch = inputs(generator)
+    with torch.no_grad():
+        torch.testing.assert_close(quiet(fresh, **batch).logits, quiet(model, **batch).logits, rtol=0, atol=0)
