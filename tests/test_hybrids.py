@@ -373,3 +373,17 @@ def test_save_pretrained_of_a_union_writes_the_union_layout(tmp_path, generator)
     batch = inputs(generator)
     with torch.no_grad():
         torch.testing.assert_close(quiet(fresh, **batch).logits, quiet(model, **batch).logits, rtol=0, atol=0)
+
+
+def test_a_union_as_a_dict_patches_the_same_model(generator):
+    """ConfigUnion.to_dict() (peft_type "UNION", each component's fields) patches as the union does."""
+    union = peftkern.ConfigUnion(*copy.deepcopy(UNIONS["lora+ia3+doubleseqbn"][1]))
+    as_dict = union.to_dict()
+    json.dumps(as_dict)  # plain JSON
+    a, b = peftkern.patch(tiny_model("qwen2"), union), peftkern.patch(tiny_model("qwen2"), as_dict)
+    assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+            q.copy_(p)
+        batch = inputs(generator)
+        assert torch.equal(a(**batch).logits, b(**batch).logits)

@@ -20,6 +20,8 @@ Each component is an adapter of its own inside the model, named `<adapter_name>_
 
 from __future__ import annotations
 
+import dataclasses
+
 from . import method_module, resolve_config
 from .bottleneck import ParBnConfig
 from .prefix import PrefixTuningConfig
@@ -76,7 +78,10 @@ class ConfigUnion:
                                           "are not supported in unions yet")  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {"peft_type": self.peft_type, "configs": list(self.configs)}
+        """{"peft_type": "UNION", "configs": [each component's fields, with its peft_type]}: the
+        dict form `from_any` (and so `peftkern.patch`) takes back."""
+        return {"peft_type": self.peft_type,
+                "configs": [{**dataclasses.asdict(c), "peft_type": c.peft_type} for c in self.configs]}  # fmt: skip
 
     def __repr__(self) -> str:
         return f"ConfigUnion({', '.join(type(c).__name__ for c in self.configs)})"
