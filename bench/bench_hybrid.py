@@ -3,8 +3,8 @@ float32 on CPU (bfloat16 on a GPU where one runs it), left-padded batch 4 x 32.
 
     python -m pytest -q bench/bench_hybrid.py
 
-Cases: the base model alone (every parameter frozen but the output head's bias-free weight is
-not trained either: a forward + backward of the input embeddings' grad), each part alone (LoRA on
+Cases: the base model alone (every parameter frozen but the input embeddings, so that there is a
+backward: it computes one [1024, 256] weight gradient the other cases do not), each part alone (LoRA on
 q/v/down, SeqBn reduction 16, prefix tuning 16 virtual tokens), and their ConfigUnion. The sum of
 the parts is lora + seqbn + prefix - 2 x base (each part's own cost added once to one base
 step); a union that costs more than that would be doing extra work. On a shared 2-core machine
