@@ -109,6 +109,9 @@ def _mergeable_layers(model: nn.Module) -> list[AdapterLayer]:
     layers = record.layers(model)
     if not layers:
         raise NotImplementedError(f"{record.method or 'these'} adapters cannot be merged: they add no weight to a layer")
+    unmergeable = sorted({type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge})
+    if unmergeable:  # refused before any layer merges (a union: LoRA with a bottleneck adapter)
+        raise NotImplementedError(f"{', '.join(unmergeable)} layers cannot be merged into a weight")
     return layers
 
 

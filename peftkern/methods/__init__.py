@@ -27,7 +27,7 @@ __all__ = ["AdapterLayer", "MultiAdapterLayer", "config_fields", "config_peft_ty
 # peft_type -> module under peftkern.methods. Methods register here as they land.
 _METHODS = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt",
             "BOTTLENECK": "bottleneck", "VERA": "vera", "ADALORA": "adalora",
-            "BITFIT": "bitfit"}  # BOTTLENECK, BITFIT: our own peft_types (PEFT has neither)
+            "BITFIT": "bitfit", "UNION": "union"}  # BOTTLENECK, BITFIT, UNION: our own peft_types (PEFT has none)
 
 
 def method_module(peft_type: str):

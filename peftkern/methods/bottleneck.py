@@ -241,6 +241,8 @@ class BottleneckLayer(AdapterLayer):
     """A sublayer (`base_layer`) with bottleneck adapters at its output (`adapters[<name>]`).
     Bottleneck adapters are non-linear: they cannot be merged into a weight."""
 
+    wraps_sublayer = True  # the modules of base_layer keep their own names in checkpoints (io)
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, adapter: BottleneckAdapter, config: BnConfig,
                  post_ln: bool):  # fmt: skip
         super().__init__()
@@ -365,6 +367,7 @@ def plan_patch(model: nn.Module, config: BnConfig, adapter_name: str):
                 )
                 record.on_undo(handle.remove)
 
+    apply.modules = tuple(site for site, _, _ in sites)  # what it wraps (ConfigUnion's conflict check)
     return apply
 
 

@@ -306,6 +306,7 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
             # with quantize, unpatch gives back the NF4 layer, not the dense one
             record.swap(model, name, IA3Linear(base, adapter_name, config, is_feedforward(config, name)), restore=base)
 
+    apply.modules = tuple(name for name, _ in matched)  # what it replaces (ConfigUnion's conflict check)
     return apply
 
 

@@ -14,6 +14,9 @@ class AdapterLayer(nn.Module):
 
     merged = False
     _before_merge: list | None = None
+    # True for a layer wrapping a whole sublayer (a bottleneck adapter site): layers of other
+    # methods inside it keep their own names in checkpoints (`.base_layer.` dropped by io).
+    wraps_sublayer = False
 
     def merge(self, keep_original: bool = True) -> None:
         """`keep_original`: keep what merging overwrites, so that unmerge is exact

@@ -492,6 +492,7 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
         for parameter in _trained_biases(model, config, adapter_name).values():  # PEFT's bias="all" / "lora_only"
             parameter.requires_grad_(True)
 
+    apply.modules = tuple(name for name, _ in matched)  # what it replaces (ConfigUnion's conflict check)
     return apply
 
 

@@ -174,6 +174,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         encoder = PrefixEncoder(config).to(device)
         prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
 
+    apply.modules = ("",)  # hooks on the model itself (ConfigUnion's conflict check)
     return apply
 
 

@@ -155,6 +155,7 @@ def plan_patch(model: nn.Module, config: PromptTuningConfig, adapter_name: str, 
         encoder = PromptEmbedding(config, word_embeddings, tokenizer).to(word_embeddings.weight.device)
         prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
 
+    apply.modules = ("",)  # hooks on the model itself (ConfigUnion's conflict check)
     return apply
 
 
