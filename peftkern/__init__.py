@@ -18,7 +18,7 @@ from .methods.prompt import PromptTuningConfig
 from .methods.vera import VeraConfig
 from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
-from . import relora
+from . import child_tuning, relora
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "list_adapters",
     "set_adapter",
     "BitFitConfig",
+    "child_tuning",
     "ReLoRACallback",
     "relora",
     "BnConfig",
