@@ -21,13 +21,31 @@ void merge_blocks(const uint8_t* packed, const float* absmax, const MergeArgs& a
   const int64_t grain = std::max<int64_t>(1, 16384 / blocksize);
   at::parallel_for(0, blocks, grain, [&](int64_t first, int64_t last) {
     float values[4096];       // one block (blocksize <= 4096)
+    double delta[4096];       // its s·B·A slice before scaling, in float64
     uint8_t codes[4096 + 1];  // its codes plus the odd-count pad
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * blocksize;
       const int64_t len = std::min(blocksize, n - start);
+      // The block's delta, row segment by row segment, k outer and the contiguous columns inner
+      // (vectorisable over A's rows): per element the same float64 sum in the same k order as
+      // LowRank::delta, so the same bits.
+      const LowRank& lr = args.low_rank;
+      for (int64_t e = start; e < start + len;) {
+        const int64_t o = e / lr.in_features, i0 = e % lr.in_features;
+        const int64_t seg = std::min(start + len - e, lr.in_features - i0);
+        double* acc = delta + (e - start);
+        std::fill(acc, acc + seg, 0.0);
+        for (int64_t k = 0; k < lr.rank; ++k) {
+          const double bk = static_cast<double>(lr.lora_b[o * lr.rank + k]);
+          const float* a_row = lr.lora_a + k * lr.in_features + i0;
+          for (int64_t i = 0; i < seg; ++i) acc[i] += bk * static_cast<double>(a_row[i]);
+        }
+        e += seg;
+      }
       float raw_absmax = 0.0f;
       for (int64_t i = 0; i < len; ++i) {
-        values[i] = args.low_rank.merged(quant::nf4_code_at(packed, start + i), absmax[b], start + i);
+        const float deq = mul_rn(quant::nf4_value(quant::nf4_code_at(packed, start + i)), absmax[b]);
+        values[i] = add_rn(deq, static_cast<float>(lr.scaling * delta[i]));
         raw_absmax = max_propagating_nan(raw_absmax, std::fabs(values[i]));
       }
       const quant::BlockNormalizer normalize(raw_absmax, has_tail && b == blocks - 1);
