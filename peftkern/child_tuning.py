@@ -67,16 +67,19 @@ def _mask_gradients(params, mode: str, reserve_p: float, gradient_mask: dict | N
             p.grad.mul_(keep / reserve_p)
 
 
-class ChildTuning:
+class ChildTuning(torch.optim.Optimizer):
     """Wraps any torch optimizer: `step()` masks every gradient (see the module doc), then runs the
-    wrapped optimizer's step. Everything else (param_groups, state, zero_grad, state_dict, a
-    scheduler) is the wrapped optimizer's. `gradient_mask`: {parameter: bool tensor} for mode "D"
-    (from `fisher_mask`); parameters without a mask are updated fully. `generator`: draws mode
-    F's masks (default: torch's global RNG). `model`: checked for NF4 bases."""
+    wrapped optimizer's step. param_groups, state, defaults, zero_grad, state_dict and
+    add_param_group are the wrapped optimizer's (shared, not copied), and it is a
+    torch.optim.Optimizer, so LR schedulers and transformers' Trainer take it (as accelerate's
+    AcceleratedOptimizer wraps one). `gradient_mask`: {parameter: bool tensor} for mode "D" (from
+    `fisher_mask`); parameters without a mask are updated fully. `generator`: draws mode F's masks
+    (default: torch's global RNG). `model`: checked for NF4 bases."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, reserve_p: float = 0.3, mode: str = "F", *,
                  gradient_mask: dict | None = None, generator: torch.Generator | None = None,
                  model: nn.Module | None = None):  # fmt: skip
+        # no Optimizer.__init__: it would build new param groups; everything is the wrapped one's
         self.reserve_p, self.mode = _check_reserve_p(reserve_p), _check_mode(mode)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         check_trainable(model, params)
@@ -89,8 +92,26 @@ class ChildTuning:
                                      f"{tuple(p.shape)}")  # fmt: skip
         self.optimizer, self.gradient_mask, self.generator = optimizer, gradient_mask, generator
 
-    def __getattr__(self, name):
-        return getattr(self.__dict__["optimizer"], name)
+    param_groups = property(lambda self: self.optimizer.param_groups,
+                            lambda self, value: setattr(self.optimizer, "param_groups", value))  # fmt: skip
+    state = property(lambda self: self.optimizer.state, lambda self, value: setattr(self.optimizer, "state", value))
+    defaults = property(lambda self: self.optimizer.defaults,
+                        lambda self, value: setattr(self.optimizer, "defaults", value))  # fmt: skip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"ChildTuning(mode={self.mode!r}, reserve_p={self.reserve_p}, {self.optimizer!r})"
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

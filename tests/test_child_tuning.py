@@ -259,3 +259,25 @@ def test_nf4_bases_refused():
         child_tuning.ChildTuning(torch.optim.SGD([torch.nn.Parameter(torch.zeros(4, dtype=torch.uint8),
                                                                      requires_grad=False)], lr=0.1), 0.3)  # fmt: skip
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_wrapper_is_an_optimizer_for_schedulers_and_the_trainer(tmp_path):
+    """A LambdaLR drives the wrapped optimizer's learning rate; transformers' Trainer trains with it
+    and only the child network moves."""
+    data = batches()
+    model = tiny_model("llama")
+    mask = child_tuning.fisher_mask(model, data, 0.3)
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = child_tuning.ChildTuning(inner, 0.3, "D", gradient_mask=mask)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups is inner.param_groups
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    weight = model.model.layers[0].mlp.up_proj.weight
+    frozen = weight[~mask[weight]].clone()
+    rows = [{"input_ids": r, "labels": r} for r in torch.cat([d["input_ids"] for d in data])]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=3,
+                                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True)  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, schedule))
+    trainer.train()
+    assert inner.param_groups[0]["lr"] == pytest.approx(1e-2 / 5)
+    assert torch.equal(weight[~mask[weight]], frozen)
+    assert inner.state[weight]["step"] == 4
