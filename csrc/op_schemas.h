@@ -133,6 +133,14 @@ inline void define_kernel_ops(torch::Library& m) {
       "Tensor xa, Tensor? rank_scale, Tensor? out_scale, float scaling, Tensor? dropout_mask, float keep_scale, "
       "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_rank_scale, "
       "Tensor grad_out_scale)");
+
+  // --- ReLoRA, csrc/relora/ ----------------------------------------------------------------------
+  // (packed', absmax') = nf4_quantize(deq(packed, absmax) + scaling·lora_b·lora_a) per block, never
+  // writing the dense weight. packed uint8 [ceil(n / 2), 1], absmax float32 [blocks] (decoded),
+  // lora_a float32 [r, in], lora_b float32 [out, r], shape [out, in]. See csrc/relora/relora_math.h.
+  m.def(
+      "nf4_merge_lowrank(Tensor packed, Tensor absmax, Tensor lora_a, Tensor lora_b, float scaling, "
+      "int blocksize, int[] shape) -> (Tensor packed_out, Tensor absmax_out)");
 }
 
 }  // namespace peftkern

@@ -19,6 +19,7 @@ from .methods.union import ConfigUnion, MAMConfig
 from .methods.vera import VeraConfig
 from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
+from . import child_tuning, relora
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ def __getattr__(name):
         from .methods.adalora import make_trainer_callback
 
         return make_trainer_callback()
+    if name == "ReLoRACallback":
+        return relora.make_trainer_callback()
     raise AttributeError(f"module 'peftkern' has no attribute {name!r}")
 
 
@@ -43,6 +46,9 @@ __all__ = [
     "list_adapters",
     "set_adapter",
     "BitFitConfig",
+    "child_tuning",
+    "ReLoRACallback",
+    "relora",
     "BnConfig",
     "ConfigUnion",
     "DoubleSeqBnConfig",

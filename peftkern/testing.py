@@ -21,6 +21,7 @@ from .ops import lora as lora_ops
 from .nf4 import NF4Weight
 from .ops import nf4 as nf4_ops
 from .ops import qlora as qlora_ops
+from .ops import relora as relora_ops
 from .ops import scaled_lora as scaled_lora_ops
 from .ops.common import acc_dtype
 
@@ -515,6 +516,25 @@ def check_scaled_lora(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# ReLoRA's NF4 merge: (out, in, rank) with odd sizes, a partial last block, rank 0, and a projection.
+RELORA_SHAPES = [(7, 9, 3), (1, 5, 1), (33, 70, 4), (64, 64, 0), (257, 129, 8), (512, 256, 16)]
+
+
+def check_relora(device: str, generator: torch.Generator) -> list[Result]:
+    """nf4_merge_lowrank against its reference: exact (same float32 / float64 roundings)."""
+    results: list[Result] = []
+    for out, inp, rank in RELORA_SHAPES:
+        for bs in (32, 64, 4096):
+            w = torch.randn(out, inp, generator=generator).to(device) * 0.05
+            packed, absmax = nf4_ops.quantize(w, bs)
+            a = (torch.randn(rank, inp, generator=generator) / max(inp, 1) ** 0.5).to(device)
+            b = (torch.randn(out, rank, generator=generator) * 0.05).to(device)
+            got = torch.ops.peftkern.nf4_merge_lowrank(packed, absmax, a, b, 1.5, bs, [out, inp])
+            want = relora_ops.nf4_merge_lowrank_reference(packed, absmax, a, b, 1.5, bs, (out, inp))
+            _exact(results, "nf4_merge_lowrank", device, torch.float32, (out, inp, rank), bs, list(zip(got, want)))
+    return results
+
+
 # The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
 # generator) -> list[Result].
 CHECKS = {
@@ -526,4 +546,5 @@ CHECKS = {
     "adapter": check_adapter,
     "grouped": check_grouped,
     "scaled_lora": check_scaled_lora,
+    "relora": check_relora,
 }

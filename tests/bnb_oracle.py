@@ -81,3 +81,19 @@ def pin_to_reference() -> None:
         bnb_modules.has_avx512bf16 = lambda: False
         PINNED.append("Linear4bit without its AVX-512-BF16 repacking")
     PINNED.append("done")
+
+
+def quantize_4bit_reference(weight: torch.Tensor, blocksize: int):
+    """bitsandbytes' NF4 quantization with double quantization of `weight`, by its reference
+    rules: (packed, absmax codes, nested absmax, offset). The 4-bit codes and float32 absmax come
+    from `quantize_4bit` itself; the 8-bit codes of the absmax from its reference backend's
+    `quantize_blockwise` (its native CPU library picks a farther code for some values, see
+    tests/test_nf4_bitsandbytes.py), reached by dispatching past the native kernel."""
+    import bitsandbytes.functional as F
+
+    packed, absmax = torch.ops.bitsandbytes.quantize_4bit(weight, blocksize, "nf4", torch.uint8)
+    offset = absmax.mean()
+    codes, nested_absmax = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
+        _DEFAULT_BACKEND, absmax - offset, F.create_dynamic_map(), 256
+    )
+    return packed, codes, nested_absmax, offset

@@ -48,7 +48,7 @@ def generator(request):
 # emulated CUDA kernels in their place ("cuda-emulated"). PEFTKERN_SKIP_EMULATION=1 leaves them out.
 EMULATED_MODULES = {
     "test_nf4", "test_nf4_bitsandbytes", "test_nf4_golden", "test_nf4_nonfinite", "test_qlora_gemv", "test_dora",
-    "test_ia3_op", "test_adapter_op", "test_grouped_op", "test_op_inputs", "test_scaled_lora_op",
+    "test_ia3_op", "test_adapter_op", "test_grouped_op", "test_op_inputs", "test_scaled_lora_op", "test_relora_op",
 }  # fmt: skip
 
 
