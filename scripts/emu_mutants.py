@@ -89,6 +89,10 @@ MUTANTS = [
            "e += static_cast<int64_t>(gridDim.x) * blockDim.x) {\n    const T v",
            "e += static_cast<int64_t>(blockDim.x)) {\n    const T v",
            "tests/test_adapter_op.py", "adapter down epilogue: the grid-stride step forgets gridDim.x (bias added twice)"),
+    Mutant("relora-merge-short-warp-max", "csrc/relora/relora_cuda.cu",
+           "for (int offset = kWarp / 2; offset > 0; offset >>= 1) {",
+           "for (int offset = kWarp / 4; offset > 0; offset >>= 1) {",
+           "tests/test_relora_op.py", "ReLoRA NF4 merge: the block's new absmax skips the first shuffle (half the lanes)"),
 ]  # fmt: skip
 
 
