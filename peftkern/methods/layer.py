@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import mixed
+from .bases import nf4_base_weight
 
 
 class AdapterLayer(nn.Module):
@@ -66,6 +67,44 @@ class MultiAdapterLayer(AdapterLayer):
         """Remember which module is this layer's base (not registered as a submodule: a plain
         reference), so that forward notices when another library replaced it."""
         object.__setattr__(self, "_own_base", base_layer)
+
+    # -- NF4 bases while merged (LoRA, VeRA, AdaLoRA: subclasses set _nf4_base_while_merged = None) --
+
+    @torch.no_grad()
+    def _dense_base_for_merge(self) -> None:
+        """Before merging into an NF4 base: set it aside and put in its place a dense nn.Linear in
+        the weight's original dtype holding the dequantized weight, which the merge adds to.
+        Re-quantizing would be lossy; `_nf4_base_back` gives the NF4 base back bit for bit, and
+        merge_and_unload leaves the dense one."""
+        nf4 = nf4_base_weight(self.base_layer)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                          device=nf4.device, dtype=nf4.dtype)  # fmt: skip
+        dense.weight.copy_(nf4.dequantize(nf4.dtype))
+        if self.base_layer.bias is not None:
+            dense.bias.copy_(self.base_layer.bias)
+        dense.requires_grad_(False)
+        self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
+        self._own(dense)
+        self.quantized = False
+
+    def _nf4_base_back(self) -> bool:
+        """Unmerge of a merge onto `_dense_base_for_merge`'s copy: drop the copy, put the NF4 base
+        back and mark the layer unmerged (True); False when the base was not NF4."""
+        if self._nf4_base_while_merged is None:
+            return False
+        self.base_layer, self._nf4_base_while_merged = self._nf4_base_while_merged, None
+        self._own(self.base_layer)
+        self.quantized, self.merged = True, False
+        return True
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base alone (merged, or no active adapter). The dense copy of a merged NF4 base runs
+        in x's dtype, as the NF4 base would."""
+        weight = getattr(self.base_layer, "weight", None)
+        if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
+            bias = self.base_layer.bias
+            return nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+        return self.base_layer(x)
 
     def _check_not_wrapped(self, adapter_modules) -> None:
         """Refuse to run when another library wrapped this layer's base or adapter modules, e.g.

@@ -300,16 +300,7 @@ class LoraLinear(MultiAdapterLayer):
         if self.merged or self.active_adapter not in self.lora_A:
             return
         if self.quantized:
-            nf4 = nf4_base_weight(self.base_layer)
-            dense = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
-                              device=nf4.device, dtype=nf4.dtype)  # fmt: skip
-            dense.weight.copy_(nf4.dequantize(nf4.dtype))
-            if self.base_layer.bias is not None:
-                dense.bias.copy_(self.base_layer.bias)
-            dense.requires_grad_(False)
-            self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
-            self._own(dense)
-            self.quantized = False
+            self._dense_base_for_merge()
         elif keep_original:
             self._keep_before_merge(self.base_layer.weight)
         name, weight = self.active_adapter, self.base_layer.weight
@@ -324,10 +315,7 @@ class LoraLinear(MultiAdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self._nf4_base_while_merged is not None:  # the dense merged copy is simply dropped
-            self.base_layer, self._nf4_base_while_merged = self._nf4_base_while_merged, None
-            self._own(self.base_layer)
-            self.quantized, self.merged = True, False
+        if self._nf4_base_back():  # the dense merged copy is simply dropped
             self._merged_dora_factor = None
             return
         if self._restore_before_merge():
@@ -346,11 +334,7 @@ class LoraLinear(MultiAdapterLayer):
         name = self.active_adapter
         self._check_not_wrapped((self.lora_A[name], self.lora_B[name]) if name in self.lora_A else ())
         if self.merged or name not in self.lora_A:
-            weight = getattr(self.base_layer, "weight", None)
-            if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
-                bias = self.base_layer.bias
-                return nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-            return self.base_layer(x)
+            return self._base_forward(x)
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         if lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             # e.g. float32 adapters on a bfloat16 model: compute in x's dtype (under autocast the

@@ -99,16 +99,7 @@ class ScaledLoraLayer(MultiAdapterLayer):
         if self.merged or not self.has_adapter(self.active_adapter):
             return
         if self.quantized:
-            nf4 = nf4_base_weight(self.base_layer)
-            dense = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
-                              device=nf4.device, dtype=nf4.dtype)  # fmt: skip
-            dense.weight.copy_(nf4.dequantize(nf4.dtype))
-            if self.base_layer.bias is not None:
-                dense.bias.copy_(self.base_layer.bias)
-            dense.requires_grad_(False)
-            self._nf4_base_while_merged, self.base_layer = self.base_layer, dense
-            self._own(dense)
-            self.quantized = False
+            self._dense_base_for_merge()
         elif keep_original:
             self._keep_before_merge(self.base_layer.weight)
         weight = self.base_layer.weight
@@ -119,10 +110,7 @@ class ScaledLoraLayer(MultiAdapterLayer):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        if self._nf4_base_while_merged is not None:  # the dense merged copy is simply dropped
-            self.base_layer, self._nf4_base_while_merged = self._nf4_base_while_merged, None
-            self._own(self.base_layer)
-            self.quantized, self.merged = True, False
+        if self._nf4_base_back():  # the dense merged copy is simply dropped
             return
         if not self._restore_before_merge():  # merged without keeping the original: undo the arithmetic
             weight = self.base_layer.weight
@@ -138,11 +126,7 @@ class ScaledLoraLayer(MultiAdapterLayer):
         name = self.active_adapter
         self._check_not_wrapped(())
         if self.merged or not self.has_adapter(name):
-            weight = getattr(self.base_layer, "weight", None)
-            if self._nf4_base_while_merged is not None and weight.dtype != x.dtype:
-                bias = self.base_layer.bias
-                return nn.functional.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
-            return self.base_layer(x)
+            return self._base_forward(x)
         f = self.factors(name)
         lora_a, lora_b = f.lora_a, f.lora_b
         if lora_a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
