@@ -33,11 +33,16 @@ def poison_outputs():
     _ext.set_poison_outputs(False)
 
 
+def _seed() -> int:
+    """PEFTKERN_TEST_SEED when set (to replay a failure), else a fresh one."""
+    return int(os.environ["PEFTKERN_TEST_SEED"]) if os.environ.get("PEFTKERN_TEST_SEED") else secrets.randbelow(2**31)
+
+
 @pytest.fixture
 def generator(request):
     """Fresh random inputs on every run; the seed is printed (pytest shows it on failure), and
     PEFTKERN_TEST_SEED=<seed> replays a failure with the same inputs."""
-    seed = int(os.environ["PEFTKERN_TEST_SEED"]) if os.environ.get("PEFTKERN_TEST_SEED") else secrets.randbelow(2**31)
+    seed = _seed()
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
@@ -87,7 +92,7 @@ def kernels(request):
     from peftkern import emulation
 
     request.getfixturevalue("emulation_library")
-    seed = int(os.environ["PEFTKERN_TEST_SEED"]) if os.environ.get("PEFTKERN_TEST_SEED") else secrets.randbelow(2**31)
+    seed = _seed()
     print(f"emulation schedule seed={seed}")
     with emulation.cuda_kernels_on_cpu(seed=seed):
         yield backend

@@ -285,11 +285,14 @@ std::string json_string(const std::string& s) {
   return out + "\"";
 }
 
-std::string where(const char* file, int line) {
+// A source path from csrc/ on (the checkout's location left out).
+std::string relative(const char* file) {
   std::string f = file;
   const auto slash = f.rfind("csrc/");
-  return (slash == std::string::npos ? f : f.substr(slash)) + ":" + std::to_string(line);
+  return slash == std::string::npos ? f : f.substr(slash);
 }
+
+std::string where(const char* file, int line) { return relative(file) + ":" + std::to_string(line); }
 
 const char* collective_name(Collective kind) {
   switch (kind) {
@@ -378,10 +381,10 @@ void check_launch(const Site& site, dim3 grid, dim3 block, size_t shared_bytes) 
               at, " (CUDA allows x < 2^31, y, z <= 65535, none zero)");
 }
 
-std::string shared_limit_error(size_t dynamic_bytes, size_t static_bytes) {
+std::string shared_limit_error(size_t dynamic_bytes, size_t static_bytes, const std::string& declared = "") {
   std::ostringstream s;
   s << "too much shared memory at " << g_launcher.site << ": " << dynamic_bytes << " dynamic + " << static_bytes
-    << " static bytes > " << kMaxSharedBytes << " (CUDA's limit without cudaFuncSetAttribute)";
+    << " static bytes > " << kMaxSharedBytes << " (CUDA's limit without cudaFuncSetAttribute)" << declared;
   return s.str();
 }
 
@@ -479,12 +482,11 @@ void use_shared(void* address, size_t bytes, const char* file, int line) {
   for (const SharedArray& a : k.arrays) {
     if (a.address == p) return;
   }
-  (void)file, (void)line;
   k.arrays.push_back({p, bytes});
   k.bytes += bytes;
   std::memset(p, 0xFF, bytes);  // first reached in this block: nothing has written it yet
   if (k.bytes + l.dynamic_bytes > kMaxSharedBytes && l.error.empty()) {
-    l.error = shared_limit_error(l.dynamic_bytes, k.bytes);
+    l.error = shared_limit_error(l.dynamic_bytes, k.bytes, "; the last array is declared at " + where(file, line));
     current_thread().status = Status::kDone;
     yield_to_scheduler(true);
     __builtin_trap();
@@ -526,7 +528,7 @@ void run_grid(const Site& site, const char* instantiation, dim3 grid, dim3 block
   }
 
   SiteStats& s = g_stats[where(site.file, site.line)];
-  s.file = where(site.file, 0).substr(0, where(site.file, 0).size() - 2);
+  s.file = relative(site.file);
   s.line = site.line;
   s.kernel = site.kernel;
   s.launches[instantiation] += 1;
