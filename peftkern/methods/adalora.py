@@ -32,7 +32,7 @@ from torch import nn
 from .. import targeting
 from ..record import PatchRecord
 from . import config_fields
-from .bases import check_quantize_option, nf4_base_weight, quantized_base, supports
+from .bases import check_new_base, check_quantize_option, quantized_base, supports
 from .scaled_lora_layer import Factors, ScaledLoraLayer
 
 # PEFT's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING for the architectures peftkern
@@ -245,9 +245,7 @@ def plan_patch(model: nn.Module, config: AdaLoraConfig, adapter_name: str, quant
         "Linear4bit) bases",
     )  # fmt: skip
     for name, module in matched:
-        nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
-        if quantize and not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+        check_new_base(name, module, quantize)
 
     def apply(record: PatchRecord) -> None:
         for name, module in matched:

@@ -61,3 +61,12 @@ def quantized_base(module: nn.Module, quantize: str | None) -> nn.Module:
 def check_quantize_option(quantize: str | None) -> None:
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+
+
+def check_new_base(name: str, module: nn.Module, quantize: str | None):
+    """Before patching a target that has no adapter yet: its NF4 weight (None for a dense base; a
+    Linear4bit that is not quantized yet fails here, early), and quantize="nf4" only on nn.Linear."""
+    nf4 = nf4_base_weight(module)
+    if quantize and not isinstance(module, nn.Linear):
+        raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+    return nf4

@@ -36,7 +36,16 @@ from ..ops import ia3 as ia3_ops
 from ..ops.common import acc_dtype
 from ..record import PatchRecord
 from . import config_fields
-from .bases import base_features, bias_like, check_quantize_option, is_conv1d, nf4_base_weight, quantized_base, supports
+from .bases import (
+    base_features,
+    bias_like,
+    check_new_base,
+    check_quantize_option,
+    is_conv1d,
+    nf4_base_weight,
+    quantized_base,
+    supports,
+)
 from .layer import MultiAdapterLayer
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING / ..._FEEDFORWARD_MODULES_MAPPING
@@ -292,9 +301,7 @@ def plan_patch(model: nn.Module, config: IA3Config, adapter_name: str, quantize:
                 raise ValueError(f"{name!r} scales its {'input' if module.is_feedforward else 'output'} for the "
                                  "adapters it has; another adapter cannot change that (feedforward_modules)")  # fmt: skip
             continue
-        nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
-        if quantize and not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+        check_new_base(name, module, quantize)
 
     def apply(record: PatchRecord) -> None:
         for name, module in matched:

@@ -28,7 +28,16 @@ from ..ops import lora as lora_ops
 from ..ops import qlora as qlora_ops
 from ..record import PatchRecord
 from . import config_fields, modules_to_save
-from .bases import base_features, bias_like, check_quantize_option, is_conv1d, nf4_base_weight, quantized_base, supports
+from .bases import (
+    base_features,
+    bias_like,
+    check_new_base,
+    check_quantize_option,
+    is_conv1d,
+    nf4_base_weight,
+    quantized_base,
+    supports,
+)
 from .layer import MultiAdapterLayer
 
 # PEFT's default LoRA targets per architecture (used when target_modules is None).
@@ -445,9 +454,7 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             if adapter_name in module.lora_A:
                 raise ValueError(f"{name!r} already has an adapter named {adapter_name!r}")
             continue
-        nf4 = nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
-        if quantize and not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+        nf4 = check_new_base(name, module, quantize)
         if pissa and (nf4 is not None or quantize):
             raise NotImplementedError(
                 f"{name!r}: init_lora_weights={config.init_lora_weights!r} on an NF4 base is not supported (the "

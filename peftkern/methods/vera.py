@@ -30,7 +30,15 @@ from torch import nn
 from .. import targeting
 from ..record import PatchRecord
 from . import config_fields
-from .bases import base_features, check_quantize_option, is_conv1d, nf4_base_weight, quantized_base, supports
+from .bases import (
+    base_features,
+    check_new_base,
+    check_quantize_option,
+    is_conv1d,
+    nf4_base_weight,
+    quantized_base,
+    supports,
+)
 from .scaled_lora_layer import Factors, ScaledLoraLayer
 
 # PEFT's TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING (a copy of LoRA's) for the
@@ -208,9 +216,7 @@ def plan_patch(model: nn.Module, config: VeraConfig, adapter_name: str, quantize
         "Linear4bit) bases",
     )  # fmt: skip
     for name, module in matched:
-        nf4_base_weight(module)  # a Linear4bit that is not quantized yet fails here, early
-        if quantize and not isinstance(module, nn.Linear):
-            raise NotImplementedError(f"quantize='nf4' supports nn.Linear bases; {name!r} is a {type(module).__name__}")
+        check_new_base(name, module, quantize)
     max_out, max_in = _largest_shape(matched, config)
     first = matched[0][1]
     nf4 = nf4_base_weight(first)
