@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "nf4_cpu_decode.h"
 #include "nf4_host.h"
 
 namespace peftkern {
@@ -57,34 +58,16 @@ void quantize_nf4(const T* weight, int64_t n, int64_t blocksize, uint8_t* packed
   });
 }
 
-// Writes one block: each byte expands to two outputs through a 16-entry table of
-// T(nf4_value(k) * scale), the same rounding as computing every element on its own.
+// Each task decodes whole blocks (absmax read directly, or decoded from the double quantization)
 template <typename T>
-void dequantize_nf4_block(const uint8_t* packed, float scale, int64_t len, T* out) {
-  T table[quant::kNf4Codes];
-  for (int k = 0; k < quant::kNf4Codes; ++k) {
-    table[k] = static_cast<T>(mul_rn(quant::nf4_value(k), scale));
-  }
-  const int64_t pairs = len / 2;
-  for (int64_t j = 0; j < pairs; ++j) {
-    const uint8_t byte = packed[j];
-    out[2 * j] = table[byte >> 4];
-    out[2 * j + 1] = table[byte & 15];
-  }
-  if (len % 2) out[len - 1] = table[packed[pairs] >> 4];
-}
-
-// `scale_of(b)` gives block b's absmax: read directly, or decoded from the double quantization.
-template <typename T, typename ScaleOf>
-void dequantize_nf4(const uint8_t* packed, const DequantArgs& args, ScaleOf scale_of, T* out) {
+void dequantize_nf4(const uint8_t* packed, const DequantArgs& args,
+                    const quant::BlockScales& scales, T* out) {
   const int64_t n = args.numel, blocksize = args.blocksize;
   at::parallel_for(0, ceil_div(n, blocksize), grain_in_blocks(blocksize),
                    [&](int64_t first, int64_t last) {
-                     for (int64_t b = first; b < last; ++b) {
-                       const int64_t start = b * blocksize;
-                       dequantize_nf4_block(packed + start / 2, scale_of(b),
-                                            std::min(blocksize, n - start), out + start);
-                     }
+                     const int64_t start = first * blocksize;
+                     const int64_t end = std::min(n, last * blocksize);
+                     cpu::decode_range(packed, scales, blocksize, start, end - start, out + start);
                    });
 }
 
@@ -102,11 +85,10 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
   const DequantArgs args = check_dequantize(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
-  const float* absmax_ptr = absmax.const_data_ptr<float>();
+  quant::BlockScales scales{};
+  scales.absmax = absmax.const_data_ptr<float>();
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize", [&] {
-    dequantize_nf4(
-        packed.const_data_ptr<uint8_t>(), args, [&](int64_t b) { return absmax_ptr[b]; },
-        out.mutable_data_ptr<scalar_t>());
+    dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
@@ -121,17 +103,14 @@ at::Tensor nf4_dequantize_nested_cpu(const at::Tensor& packed, const at::Tensor&
       check_dequantize_nested(packed, absmax_codes, nested_absmax, nested_code, nested_offset,
                               blocksize, nested_blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
-  const uint8_t* q = absmax_codes.const_data_ptr<uint8_t>();
-  const float* nested = nested_absmax.const_data_ptr<float>();
-  const float* code = nested_code.const_data_ptr<float>();
-  const float offset = nested_offset.const_data_ptr<float>()[0];
+  quant::BlockScales scales{};
+  scales.codes = absmax_codes.const_data_ptr<uint8_t>();
+  scales.nested_absmax = nested_absmax.const_data_ptr<float>();
+  scales.nested_code = nested_code.const_data_ptr<float>();
+  scales.nested_offset = nested_offset.const_data_ptr<float>();
+  scales.nested_blocksize = nested_blocksize;
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize_nested", [&] {
-    dequantize_nf4(
-        packed.const_data_ptr<uint8_t>(), args,
-        [&](int64_t b) {
-          return quant::nested_absmax_value(code[q[b]], nested[b / nested_blocksize], offset);
-        },
-        out.mutable_data_ptr<scalar_t>());
+    dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }
