@@ -1,8 +1,16 @@
 """One training step (forward, backward, AdamW step) of a small Llama built from a config, LoRA on
 every linear layer (r = 16), side by side in one run: peftkern vs Hugging Face PEFT on the dense
-model, and peftkern QLoRA (quantize="nf4") vs PEFT + bitsandbytes Linear4bit.
+model, and peftkern QLoRA (quantize="nf4") vs PEFT + bitsandbytes Linear4bit; float32, and on CPU
+also float32 weights under bf16 autocast (`torch.autocast("cpu", torch.bfloat16)`, how a CPU user
+trains in bf16 on AVX-512-BF16 / AMX machines).
 
     python -m pytest bench/bench_e2e.py
+
+The roofline of a training step is the frozen-base floor ("frozen-base" rows): the same dense model
+with no adapter at all, every parameter frozen, backward run to the input embeddings (the dx GEMMs
+every implementation must do). The summary prints each implementation's adapter overhead over that
+floor. QLoRA rows are compared with the same dense floor, so their overhead includes the cost of
+dequantizing the 4-bit weights: what a user pays for the memory saving.
 
 Memory column: on a GPU the peak allocated memory of a step (torch.cuda.max_memory_allocated,
 minus what was allocated before it); on a CPU, where no allocator statistic exists, the bytes the
@@ -21,7 +29,10 @@ import peftkern
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 BATCH, SEQ = 2, 128
-CASES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+AUTOCAST_BF16 = "autocast-bf16"  # float32 weights, the step under torch.autocast(device, torch.bfloat16)
+CASES = [("cpu", torch.float32), ("cpu", AUTOCAST_BF16)] + (
+    [("cuda", torch.bfloat16)] if torch.cuda.is_available() else []
+)
 
 
 def small_llama(device, dtype):
@@ -34,6 +45,10 @@ def small_llama(device, dtype):
 
 def build(impl, device, dtype):
     model = small_llama(device, dtype)
+    if impl == "frozen-base":  # the floor: no adapter, nothing trainable, backward to the inputs
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
     if impl == "peftkern":
         return peftkern.patch(model, LORA)
     if impl == "peftkern-nf4":
@@ -83,19 +98,24 @@ def saved_for_backward_mb(model, inputs) -> float:
 
 
 @pytest.mark.parametrize("device, dtype", CASES, ids=lambda v: str(v).removeprefix("torch."))
-@pytest.mark.parametrize("impl", ["peftkern", "peft", "peftkern-nf4", "peft+bnb"])
+@pytest.mark.parametrize("impl", ["frozen-base", "peftkern", "peft", "peftkern-nf4", "peft+bnb"])
 def test_training_step(benchmark, record, impl, device, dtype):
-    model = build(impl, device, dtype)
+    autocast = dtype == AUTOCAST_BF16
+    model_dtype = torch.float32 if autocast else dtype
+    model = build(impl, device, model_dtype)
     model.train()
     ids = torch.randint(0, 4096, (BATCH, SEQ), generator=torch.Generator().manual_seed(1)).to(device)
     inputs = {"input_ids": ids, "labels": ids}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
 
     def step():
-        loss = model(**inputs).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**inputs).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
 
@@ -107,11 +127,14 @@ def test_training_step(benchmark, record, impl, device, dtype):
         step()
         memory_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
     else:
-        memory_mb = saved_for_backward_mb(model, inputs)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            memory_mb = saved_for_backward_mb(model, inputs)
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
-    base_params = sum(m.in_features * m.out_features for m in small_llama("meta", dtype).modules()
+    base_params = sum(m.in_features * m.out_features for m in small_llama("meta", model_dtype).modules()
                       if isinstance(m, torch.nn.Linear))  # fmt: skip
     flops = 6 * BATCH * SEQ * base_params
-    group = f"train step {'qlora' if 'nf4' in impl or 'bnb' in impl else 'lora'} {str(dtype)[6:]} {device}"
-    record(group, impl if impl in ("peftkern", "peft") else impl.replace("-nf4", ""), 0, device, flops=flops,
-           memory_mb=memory_mb)  # fmt: skip
+    dtype_name = dtype if autocast else str(dtype)[6:]
+    kinds = ["lora", "qlora"] if impl == "frozen-base" else ["qlora" if "nf4" in impl or "bnb" in impl else "lora"]
+    for kind in kinds:  # the floor row serves both groups
+        record(f"train step {kind} {dtype_name} {device}", impl.replace("-nf4", ""), 0, device, flops=flops,
+               memory_mb=memory_mb)  # fmt: skip

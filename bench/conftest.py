@@ -70,3 +70,33 @@ def pytest_terminal_summary(terminalreporter):
               f"{memory_text:>9}")  # fmt: skip
     write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster;")
     write(" MB = peak device memory of the step on a GPU, bytes saved for backward on a CPU)")
+    _write_floor_overheads(write)
+    slower = [(g, i, m / ours[g]) for g, i, m, *_ in _ROWS
+              if g in ours and i in _REFERENCE_IMPLS and m < ours[g]]  # fmt: skip
+    if slower:
+        write("")
+        write("peftkern slower than the plain-PyTorch path beside it (a fused op must not lose to its own reference):")
+        for group, impl, ratio in slower:
+            write(f"  {group}: {impl} at {ratio:.2f}x of peftkern's time")
+
+
+# The rows that are the same math in plain PyTorch (what a fused op must never lose to).
+_REFERENCE_IMPLS = ("reference", "unfused", "peftkern-deq+gemm")
+
+
+def _write_floor_overheads(write):
+    """For groups with a 'frozen-base' row (the same model with no adapter, backward to the inputs):
+    each implementation's adapter overhead over that floor, and peftkern's as a share of the
+    baseline's (the issue-13 target: at most half)."""
+    floors = {row[0]: row[2] for row in _ROWS if row[1] == "frozen-base"}
+    if not floors:
+        return
+    write("")
+    write("adapter overhead over the frozen-base floor (step time - floor, as % of the floor)")
+    for group, floor in floors.items():
+        overheads = {impl: median - floor for g, impl, median, *_ in _ROWS if g == group and impl != "frozen-base"}
+        parts = [f"{impl} {o * 1e3:+.1f} ms ({o / floor:+.0%})" for impl, o in overheads.items()]
+        baseline = next((overheads[i] for i in ("peft", "peft+bnb") if i in overheads), None)
+        if baseline and "peftkern" in overheads and baseline > 0:
+            parts.append(f"peftkern/baseline overhead {overheads['peftkern'] / baseline:.2f}")
+        write(f"  {group:<34} floor {floor * 1e3:.1f} ms: " + ", ".join(parts))
