@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from peftkern import _ext
+from peftkern.ops import routing
 
 from . import bnb_oracle
 
@@ -31,6 +32,15 @@ def poison_outputs():
     _ext.set_poison_outputs(True)
     yield
     _ext.set_poison_outputs(False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kernels_at_every_size():
+    """The wrappers take their compiled kernels even for the small shapes tests use (on CPU they
+    would otherwise route small sizes to the reference they are compared with: ops/routing.py).
+    tests/test_routing.py checks the routing itself, inside its own override."""
+    with routing.kernels_always():
+        yield
 
 
 def _seed() -> int:

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <ATen/OpMathType.h>
 #include "adapter_host.h"
 
@@ -56,14 +57,23 @@ struct CpuEpilogues {
       scalar_t* o = out.mutable_data_ptr<scalar_t>();
       const scalar_t* r = residual.const_data_ptr<scalar_t>();
       const scalar_t* b = bias.const_data_ptr<scalar_t>();
-      at::parallel_for(0, rows, grain(cols), [&](int64_t first, int64_t last) {
+      // The row loop is written twice so that the usual unit-stride residual gets a loop the
+      // compiler vectorises (a runtime column stride turns every read into a gather).
+      auto rows_with_stride = [&](auto column_stride, int64_t first, int64_t last) {
         for (int64_t i = first; i < last; ++i) {
           scalar_t* o_row = o + i * cols;
           const scalar_t* r_row = r + i * rs0;
           for (int64_t j = 0; j < cols; ++j) {
-            o_row[j] = static_cast<scalar_t>(static_cast<acc_t>(r_row[j * rs1]) +
+            o_row[j] = static_cast<scalar_t>(static_cast<acc_t>(r_row[j * column_stride]) +
                                              s * (static_cast<acc_t>(o_row[j]) + static_cast<acc_t>(b[j])));
           }
+        }
+      };
+      at::parallel_for(0, rows, grain(cols), [&](int64_t first, int64_t last) {
+        if (rs1 == 1) {
+          rows_with_stride(std::integral_constant<int64_t, 1>{}, first, last);
+        } else {
+          rows_with_stride(rs1, first, last);
         }
       });
     });

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from . import routing
 from .common import autocast_inputs
 
 # AdapterHub / transformers activation names -> the op's activation codes (csrc/common/activations.h).
@@ -138,8 +139,10 @@ def adapter_bottleneck(
     if scale is not None and scale.dtype != x.dtype:
         scale = scale.to(x.dtype)
     x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
-    if _ext.has_kernel("adapter_bottleneck_fwd", x.device.type):
+    if _ext.has_kernel("adapter_bottleneck_fwd", x.device.type) and routing.use_kernel(
+        "adapter", x2.shape[0], x.device.type
+    ):
         out = torch.ops.peftkern.adapter_bottleneck_fwd(x2, r2, w_down, b_down, w_up, b_up, float(scaling), scale, code)[0]
-    else:  # no kernel for this device (or no compiled library)
+    else:  # no kernel for this device (or no compiled library), or too few tokens for it to pay (ops/routing.py)
         out = adapter_bottleneck_reference(x2, r2, w_down, b_down, w_up, b_up, scaling, scale, code)
     return out.view(x.shape)

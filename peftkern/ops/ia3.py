@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from . import routing
 from .common import acc_dtype, autocast_inputs
 
 _FWD = {True: "ia3_input_linear_fwd", False: "ia3_output_linear_fwd"}
@@ -154,11 +155,11 @@ def ia3_linear(x, weight, bias, ia3_l, scale_input: bool, fan_in_fan_out: bool =
     # l keeps its dtype under autocast (PEFT multiplies by it outside the autocast list)
     x, weight, bias = autocast_inputs(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
-    if _ext.has_kernel(_FWD[scale_input], x.device.type):
+    if _ext.has_kernel(_FWD[scale_input], x.device.type) and routing.use_kernel("ia3", x2.shape[0], x.device.type):
         op = getattr(torch.ops.peftkern, _FWD[scale_input])
         out = op(x2, weight, bias, ia3_l)
         out = out if scale_input else out[0]
-    else:
+    else:  # no kernel here, or too few tokens for it to pay (ops/routing.py)
         out = ia3_linear_reference(x2, weight, bias, ia3_l, scale_input)
     return out.view(*x.shape[:-1], out.shape[-1])
 

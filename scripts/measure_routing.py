@@ -1,0 +1,90 @@
+"""Measures the CPU size-routing thresholds of peftkern/ops/routing.py: for each op family, the
+kernel path and the plain-PyTorch reference path timed side by side (interleaved rounds, median
+wall time, forward + backward as training runs them, and forward alone under no_grad) on the
+bench shapes, at token counts 1, 2, 4, ... 1024. Prints each ratio and the smallest power of two
+from which the kernel is at least as fast as the reference at every larger size measured.
+
+    python scripts/measure_routing.py [--rounds 15]
+
+Run it on a quiet machine: the ratios are what matter, and other load skews them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import bench_adapter  # noqa: E402
+import bench_ia3  # noqa: E402
+
+from peftkern.ops import routing  # noqa: E402
+
+TOKENS = [2**i for i in range(11)]
+
+
+def interleaved_medians(fns: dict, rounds: int) -> dict:
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn(), fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step(module, x, extra, train):
+    if train:
+        return lambda: module(x, *extra).sum().backward()
+
+    def forward():
+        with torch.no_grad():
+            module(x, *extra)
+
+    return forward
+
+
+def cases():
+    for layer, (in_features, _, _) in bench_ia3.LAYERS.items():
+        yield "ia3", f"ia3 {layer.split()[0]}", in_features, lambda: bench_ia3.make_layer("peftkern", layer, "cpu", torch.float32), lambda: bench_ia3.make_layer("reference", layer, "cpu", torch.float32), False  # noqa: E501
+    for hidden in bench_adapter.HIDDEN:
+        yield "adapter", f"adapter h{hidden}", hidden, lambda: bench_adapter.make("peftkern", hidden, "cpu", torch.float32), lambda: bench_adapter.make("unfused", hidden, "cpu", torch.float32), True  # noqa: E501
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = reference time / kernel time")
+    suggestions: dict[str, int] = {}
+    for family, name, width, make_kernel, make_reference, residual in cases():
+        for train in (True, False):
+            ratios = {}
+            for tokens in TOKENS:
+                x = torch.randn(tokens, width, requires_grad=train)
+                extra = (torch.randn(tokens, width),) if residual else ()
+                with routing.kernels_always():
+                    kernel, reference = make_kernel(), make_reference()
+                    t = interleaved_medians({"kernel": step(kernel, x, extra, train),
+                                             "reference": step(reference, x, extra, train)}, args.rounds)  # fmt: skip
+                ratios[tokens] = t["reference"] / t["kernel"]
+            wins_from = next((tok for tok in TOKENS if all(ratios[t] >= 1.0 for t in TOKENS if t >= tok)), None)
+            mode = "fwd+bwd" if train else "fwd"
+            print(f"{name:<14}{mode:<8}" + " ".join(f"{t}:{r:.2f}" for t, r in ratios.items())
+                  + f"   kernel >= reference from {wins_from}")  # fmt: skip
+            if wins_from is None:
+                wins_from = 2 * TOKENS[-1]
+            suggestions[family] = max(suggestions.get(family, 1), wins_from)
+    print("suggested CPU_MIN_TOKENS:", suggestions, " (in use:", routing.CPU_MIN_TOKENS, ")")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Size routing (peftkern/ops/routing.py): on CPU, fewer tokens than a family's measured threshold
+take the plain-PyTorch reference path, as many or more take the compiled kernel; CUDA always takes
+the kernel; `kernels_always()` overrides. Which path ran is read from the profiler (the kernel's
+op name appears only when it ran). Results agree either way (the reference is the spec)."""
+
+import pytest
+import torch
+
+from peftkern import _ext
+from peftkern.ops import adapter as adapter_ops
+from peftkern.ops import ia3 as ia3_ops
+from peftkern.ops import routing
+
+pytestmark = pytest.mark.skipif(not _ext.has_kernel("ia3_output_linear_fwd", "cpu"), reason="no compiled CPU kernels")
+
+
+@pytest.fixture
+def routed():
+    """Undo the session-wide kernels_always() of conftest for this test."""
+    previous, routing._force_kernels = routing._force_kernels, False
+    yield
+    routing._force_kernels = previous
+
+
+def ran(fn, op_name: str) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(e.name == f"peftkern::{op_name}" for e in prof.events())
+
+
+def ia3_call(tokens, generator):
+    x = torch.randn(tokens, 16, generator=generator, requires_grad=True)
+    w = torch.randn(8, 16, generator=generator)
+    l = torch.rand(8, 1, generator=generator).requires_grad_()
+    return lambda: ia3_ops.ia3_linear(x, w, None, l, False).sum().backward(), (x, w, l)
+
+
+def adapter_call(tokens, generator):
+    x = torch.randn(tokens, 16, generator=generator, requires_grad=True)
+    residual = torch.randn(tokens, 16, generator=generator)
+    params = [torch.randn(4, 16, generator=generator), torch.randn(4, generator=generator),
+              torch.randn(16, 4, generator=generator), torch.randn(16, generator=generator)]  # fmt: skip
+    return lambda: adapter_ops.adapter_bottleneck(x, residual, *params).sum().backward(), (x, residual, *params)
+
+
+@pytest.mark.parametrize("family, op_name, make", [("ia3", "ia3_output_linear_fwd", ia3_call),
+                                                   ("adapter", "adapter_bottleneck_fwd", adapter_call)])  # fmt: skip
+def test_cpu_routes_by_size(routed, generator, family, op_name, make):
+    threshold = routing.CPU_MIN_TOKENS[family]
+    assert threshold >= 1
+    small, _ = make(threshold - 1, generator)
+    large, _ = make(threshold, generator)
+    assert not ran(small, op_name), f"{family}: {threshold - 1} tokens should take the reference path"
+    assert ran(large, op_name), f"{family}: {threshold} tokens should take the kernel"
+    with routing.kernels_always():
+        assert ran(small, op_name)
+
+
+@pytest.mark.parametrize("make", [ia3_call, adapter_call])
+def test_routes_agree(routed, generator, make):
+    """Both routes give the same outputs and gradients (fp32, 1e-5 relative)."""
+    step, leaves = make(5, generator)
+    results = []
+    for force in (False, True):
+        for t in leaves:
+            t.grad = None
+        if force:
+            with routing.kernels_always():
+                step()
+        else:
+            step()
+        results.append([t.grad.clone() for t in leaves if t.grad is not None])
+    assert len(results[0]) == len(results[1]) > 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_always_takes_the_kernel():
+    assert routing.use_kernel("ia3", 1, "cuda") and routing.use_kernel("adapter", 1, "cuda")
