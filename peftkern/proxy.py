@@ -210,9 +210,11 @@ def proxy_generate(base, expert, anti_expert, input_ids, attention_mask=None, *,
         if not bool(unfinished.any()):
             break
         base_stream.push(next_tokens)
-        for stream in streams:
-            stream.push(torch.cat([next_tokens, next_tokens]) if stream is not base_stream and len(streams) == 1
-                        else next_tokens)  # fmt: skip
+        if len(streams) == 1:  # the mixed batch: expert rows, then anti-expert rows
+            streams[0].push(torch.cat([next_tokens, next_tokens]))
+        else:
+            for stream in streams:
+                stream.push(next_tokens)
     return sequences
 
 
