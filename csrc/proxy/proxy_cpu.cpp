@@ -1,6 +1,7 @@
 // CPU kernel of Proxy-tuning's decode-step op: per row (parallel over rows), combine the three
-// logit rows into the output, then top-k and top-p by one stable ascending sort of the row's
-// indices, exactly as the warpers define them (peftkern/ops/proxy.py). The per-element math is
+// logit rows into the output, then top-k by a selection and top-p by a stable ascending sort of
+// the top-k survivors (of the whole row without top-k), exactly as the warpers define them
+// (peftkern/ops/proxy.py). The per-element math is
 // proxy_math.h, shared with the CUDA kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,7 +9,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #include "../common/dispatch.h"
@@ -17,6 +17,12 @@
 namespace peftkern {
 namespace proxy {
 namespace {
+
+struct Entry {
+  float z;
+  int64_t index;
+  bool operator<(const Entry& o) const { return z < o.z || (z == o.z && index < o.index); }
+};
 
 template <typename T, typename U>
 void proxy_rows(const Args& args, float* out) {
@@ -27,7 +33,7 @@ void proxy_rows(const Args& args, float* out) {
   const auto* anti = static_cast<const U*>(args.anti.data);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(vocab, 1));
   at::parallel_for(0, args.rows, grain, [&](int64_t first, int64_t last) {
-    std::vector<int64_t> order;
+    std::vector<Entry> entries;
     for (int64_t r = first; r < last; ++r) {
       float* z = out + r * vocab;
       bool bad = false;
@@ -43,39 +49,44 @@ void proxy_rows(const Args& args, float* out) {
         continue;
       }
       if (f.top_k == 0 && !f.use_top_p) continue;
-      // Ascending by (z, index): ties in index order, the stable sort the warpers' order means.
-      order.resize(vocab);
-      std::iota(order.begin(), order.end(), int64_t{0});
-      const auto less = [z](int64_t i, int64_t j) { return z[i] < z[j] || (z[i] == z[j] && i < j); };
-      int64_t removed = 0;
+      // (value, index) pairs in a contiguous buffer: the sorts compare in cache, not through
+      // indices into the row. Ascending by (z, index) is the stable order the warpers mean.
+      entries.resize(vocab);
+      for (int64_t v = 0; v < vocab; ++v) entries[v] = Entry{z[v], v};
+      int64_t candidates = vocab, below_kth = 0;
       float kth = -std::numeric_limits<float>::infinity();
-      if (!f.use_top_p) {  // top-k alone: a selection is enough
-        std::nth_element(order.begin(), order.begin() + (vocab - f.top_k), order.end(), less);
-        kth = z[order[vocab - f.top_k]];
-        for (int64_t v = 0; v < vocab; ++v) {
-          if (z[v] < kth) z[v] = -std::numeric_limits<float>::infinity();
-        }
-        continue;
-      }
-      std::sort(order.begin(), order.end(), less);
       if (f.top_k > 0) {
-        kth = z[order[vocab - f.top_k]];
-        while (z[order[removed]] < kth) ++removed;  // the tokens below the k-th largest value
+        // Top-k: a selection of the k-th largest; only the survivors (z >= kth, about k of them)
+        // go on to top-p, whose removed tokens are a prefix of the same order.
+        std::nth_element(entries.begin(), entries.begin() + (vocab - f.top_k), entries.end());
+        kth = entries[vocab - f.top_k].z;
+        candidates = 0;
+        for (int64_t v = 0; v < vocab; ++v) {
+          if (z[v] < kth) {
+            z[v] = -std::numeric_limits<float>::infinity();
+            ++below_kth;
+          } else {
+            entries[candidates++] = Entry{z[v], v};
+          }
+        }
+        if (!f.use_top_p) continue;
       }
-      // Top-p over the top-k survivors (the removed ones have probability 0).
-      const float row_max = z[order[vocab - 1]];
+      std::sort(entries.begin(), entries.begin() + candidates);
+      // Top-p over the top-k survivors (the tokens below kth have probability 0).
+      const float row_max = entries[candidates - 1].z;
       double total = 0.0;
-      for (int64_t i = removed; i < vocab; ++i) total += weight(z[order[i]], row_max);
+      for (int64_t i = 0; i < candidates; ++i) total += weight(entries[i].z, row_max);
       const double threshold = (1.0 - f.top_p) * total;
       double cumulative = 0.0;
-      int64_t by_p = removed;
-      while (by_p < vocab) {
-        cumulative += weight(z[order[by_p]], row_max);
+      int64_t by_p = 0;
+      while (by_p < candidates) {
+        cumulative += weight(entries[by_p].z, row_max);
         if (!(cumulative <= threshold)) break;
         ++by_p;
       }
-      removed = std::max(removed, std::min(by_p, f.max_removed));
-      for (int64_t i = 0; i < removed; ++i) z[order[i]] = -std::numeric_limits<float>::infinity();
+      // min_tokens_to_keep caps the tokens removed in all (V − keep), top-k's included.
+      const int64_t removed = std::max<int64_t>(0, std::min(by_p, f.max_removed - below_kth));
+      for (int64_t i = 0; i < removed; ++i) z[entries[i].index] = -std::numeric_limits<float>::infinity();
     }
   });
 }
