@@ -141,6 +141,15 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def(
       "nf4_merge_lowrank(Tensor packed, Tensor absmax, Tensor lora_a, Tensor lora_b, float scaling, "
       "int blocksize, int[] shape) -> (Tensor packed_out, Tensor absmax_out)");
+
+  // --- Proxy-tuning, csrc/proxy/ -------------------------------------------------------------------
+  // One decode step's filtered logits, float32 [B, V]: z = (base + alpha·(expert − anti_expert)) / T,
+  // then top-k and top-p as transformers' warpers (removed tokens -inf; top_k 0 / top_p 1: off).
+  // base [B, V]; expert, anti_expert [B, >= V] (only the first V columns read); any strides.
+  // See peftkern/ops/proxy.py for the exact semantics (ties, min_tokens_to_keep, NaN rows).
+  m.def(
+      "proxy_logits(Tensor base, Tensor expert, Tensor anti_expert, float alpha, float temperature, int top_k, "
+      "float top_p, int min_tokens_to_keep) -> Tensor");
 }
 
 }  // namespace peftkern

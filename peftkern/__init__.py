@@ -19,6 +19,7 @@ from .methods.union import ConfigUnion, MAMConfig
 from .methods.vera import VeraConfig
 from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
+from .proxy import proxy_generate
 from . import child_tuning, relora
 
 __version__ = "0.1.0"
@@ -70,6 +71,7 @@ __all__ = [
     "nf4_quantize",
     "patch",
     "print_trainable_parameters",
+    "proxy_generate",
     "save_adapter",
     "unmerge",
     "unpatch",

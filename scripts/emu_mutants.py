@@ -93,6 +93,10 @@ MUTANTS = [
            "for (int offset = kWarp / 2; offset > 0; offset >>= 1) {",
            "for (int offset = kWarp / 4; offset > 0; offset >>= 1) {",
            "tests/test_relora_op.py", "ReLoRA NF4 merge: the block's new absmax skips the first shuffle (half the lanes)"),
+    Mutant("proxy-reduce-no-trailing-barrier", "csrc/proxy/proxy_cuda.cu",
+           "  const V result = scratch[0];\n  __syncthreads();  // scratch is reused by the next reduction\n",
+           "  const V result = scratch[0];\n",
+           "tests/test_proxy_op.py", "Proxy-tuning logits: a block reduction returns without the barrier that keeps the next one from overwriting its result"),
 ]  # fmt: skip
 
 
