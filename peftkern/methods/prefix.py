@@ -11,6 +11,13 @@ as PEFT's `get_peft_model_state_dict` writes them; such a checkpoint loads as a 
 (`inference_mode=True`, as PEFT loads it). For models with grouped-query attention the prefix is
 sized for the KV heads (token_dim = head_dim * num_key_value_heads), as PEFT sizes it.
 
+UniPELT's gated prefix (`use_gating`, set by a gated ConfigUnion; methods/gates.py): per layer
+a gate Linear(hidden, 1) on the attention's input hidden states scales that layer's prefix
+keys and values, G recomputed on every forward as AdapterHub does. The scaled prefix cannot be
+pre-filled: each cache layer is a `GatedPrefixLayer` holding the prefix apart from the real keys
+and joining G·prefix to them inside the attention's `cache.update`, G set just before by a
+forward pre-hook on that attention module.
+
 Gradient checkpointing is refused, as PEFT refuses it: transformers drops `past_key_values` in
 checkpointed layers, so the prefix would silently vanish. peftkern checks when patching and on
 every training forward (PEFT only at setup).
@@ -18,12 +25,13 @@ every training forward (PEFT only at setup).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from . import prompt_learning
+from . import gates, prompt_learning
 from .prompt_learning import PromptLearningConfig
 
 
@@ -59,8 +67,10 @@ class PrefixEncoder(nn.Module):
     gives the same initial values); `prefixes()` returns [num_virtual_tokens, num_layers*2*token_dim]
     once per call, not once per batch row."""
 
-    def __init__(self, config: PrefixTuningConfig):
+    def __init__(self, config: PrefixTuningConfig, gate_sites: tuple[str, ...] = (), hidden: int | None = None):
         super().__init__()
+        # UniPELT: one gate per layer, gate_sites[i] the attention module of layer i (checkpoint names)
+        self.gate_sites = tuple(gate_sites)
         width = config.num_layers * 2 * config.token_dim
         self.projected = config.projected
         if self.projected:
@@ -77,6 +87,8 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(config.num_virtual_tokens, width)
             if config.init_weights == "zero":
                 nn.init.zeros_(self.embedding.weight)
+        if gate_sites:  # created after PEFT's modules: the same seed gives PEFT's prefix values
+            self.gates = nn.ModuleList(gates.new_gate(hidden) for _ in gate_sites)
 
     def prefixes(self) -> torch.Tensor:
         if self.projected:
@@ -86,6 +98,35 @@ class PrefixEncoder(nn.Module):
 
 def _encoder(model: nn.Module, adapter_name: str) -> PrefixEncoder:
     return getattr(model, prompt_learning.ENCODER_ATTR)[adapter_name]
+
+
+def _set_gate(gate: nn.Linear, attention: nn.Module, args, kwargs):
+    """Forward pre-hook on layer i's attention: G = gate_i(its input hidden states), handed to
+    the cache layer its `update` will reach. Another cache (not ours) passes untouched."""
+    from .gated_prefix import GatedPrefixLayer  # transformers is imported only once a model runs
+
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None)
+    if layers is not None and isinstance(layers[attention.layer_idx], GatedPrefixLayer):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        layers[attention.layer_idx].gate = gates.gate_value(gate, hidden)
+
+
+def attention_modules(model: nn.Module, num_layers: int) -> list[tuple[str, nn.Module]]:
+    """[(name, module)] of each layer's self-attention, in layer order: the modules with an int
+    `layer_idx` whose class name ends in "Attention" (not cross-attention), one per layer."""
+    found = {}
+    for name, module in model.named_modules():
+        index = getattr(module, "layer_idx", None)
+        if (type(module).__name__.endswith("Attention") and isinstance(index, int)
+                and not getattr(module, "is_cross_attention", False)):  # fmt: skip
+            if index in found:
+                raise TypeError(f"{name} and {found[index][0]} both are layer {index}'s attention: cannot place its gate")
+            found[index] = (name, module)
+    if sorted(found) != list(range(num_layers)):
+        raise TypeError(f"gated prefix tuning needs one attention module per layer with `layer_idx` (0..{num_layers - 1}); "
+                        f"found {sorted(found)} in {type(model).__name__}")  # fmt: skip
+    return [found[i] for i in range(num_layers)]
 
 
 def prefix_cache(model: nn.Module, config: PrefixTuningConfig, encoder: PrefixEncoder, batch: int):
@@ -106,6 +147,12 @@ def prefix_cache(model: nn.Module, config: PrefixTuningConfig, encoder: PrefixEn
     heads = config.num_attention_heads
     kv = kv.view(config.num_virtual_tokens, config.num_layers * 2, heads, config.token_dim // heads)
     kv = kv.permute(1, 2, 0, 3).unsqueeze(1)  # [layers*2, 1, heads, tokens, head_dim]
+    if encoder.gate_sites:  # gated: the prefix stays apart, joined per call (GatedPrefixLayer)
+        from .gated_prefix import GatedPrefixLayer
+
+        cache = DynamicCache(ddp_cache_data=[(None, None)] * config.num_layers)
+        cache.layers = [GatedPrefixLayer(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+        return cache
     cache = DynamicCache(ddp_cache_data=[(None, None)] * config.num_layers)
     for index, layer in enumerate(cache.layers):
         keys = kv[2 * index].expand(batch, -1, -1, -1)
@@ -124,7 +171,7 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, **options):
+def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, use_gating: bool = False, **options):
     if options:
         raise TypeError(f"prefix tuning takes no patch options, got {sorted(options)}")
     prompt_learning.check_model(model, config, needs=("past_key_values", "attention_mask"))
@@ -137,6 +184,8 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         )
     _check_cache_shape(model, config)
     _refuse_checkpointing(model)
+    attentions = attention_modules(model, config.num_layers) if use_gating else []
+    hidden = getattr(prompt_learning.text_config(model), "hidden_size", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     adapter = adapter_name
 
@@ -171,8 +220,12 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         return inputs
 
     def apply(record):
-        encoder = PrefixEncoder(config).to(device)
+        encoder = PrefixEncoder(config, tuple(name for name, _ in attentions), hidden).to(device)
         prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
+        for (_, attention), gate in zip(attentions, getattr(encoder, "gates", ())):
+            # a partial, not a lambda: a deep copy of the model re-points it at the copied gate
+            handle = attention.register_forward_pre_hook(functools.partial(_set_gate, gate), with_kwargs=True)
+            record.on_undo(handle.remove)
 
     apply.modules = ("",)  # hooks on the model itself (ConfigUnion's conflict check)
     return apply
@@ -212,3 +265,14 @@ def check_loadable(model: nn.Module, adapter_name: str) -> None:
             "cannot load flattened prefixes (prompt_embeddings) into a model patched with prefix_projection=True "
             "(the projection cannot be inverted); load onto an unpatched model (it is patched with inference_mode=True)"
         )
+
+
+def gate_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """UniPELT's prefix gates under AdapterHub's names less the adapter name:
+    `<layer i's attention>.prefix_tuning.prefix_gates.weight|bias`. Empty when ungated."""
+    encoder = _encoder(model, adapter_name)
+    tensors = {}
+    for site, gate in zip(encoder.gate_sites, getattr(encoder, "gates", ())):
+        tensors[f"{site}.prefix_tuning.prefix_gates.weight"] = gate.weight
+        tensors[f"{site}.prefix_tuning.prefix_gates.bias"] = gate.bias
+    return tensors
