@@ -118,6 +118,8 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     described = {"peft_type": union.ConfigUnion.peft_type, "components": list(parts)}
     if saved_config.use_gating:
         described["use_gating"] = True
+    if saved_config.prefix_convention != "peft":
+        described["prefix_convention"] = saved_config.prefix_convention
     (directory / CONFIG_NAME).write_text(json.dumps(described, indent=2))
 
 
@@ -167,7 +169,8 @@ def _read_union(directory: Path, raw: dict):
     parts = [read_adapter(directory / folder) for folder in folders]
     if any(config.peft_type == union.ConfigUnion.peft_type for config, _ in parts):
         raise ValueError(f"{directory}: a union component is itself a union")
-    config = union.ConfigUnion.from_any({"configs": [c for c, _ in parts], "use_gating": use_gating})
+    config = union.ConfigUnion.from_any({"configs": [c for c, _ in parts], "use_gating": use_gating,
+                                         "prefix_convention": raw.get("prefix_convention", "peft")})  # fmt: skip
     config.validate()
     expected = [folder for folder, _, _ in union.components(config, "default")]
     if expected != folders:

@@ -265,8 +265,10 @@ def test_generate_with_prefix_gating(generator, monkeypatch):
     with torch.no_grad():
         first = model(**batch).logits[:, -1].argmax(-1)
         lengths.clear()
+        model.generation_config.eos_token_id = None  # four steps whatever the random model emits
         out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(out[:, 9], first)
+    # rows without padding (generate numbers a left-padded row's tokens by its mask, a forward does not)
+    assert torch.equal(out[[0, 2], 9], first[[0, 2]])
     assert lengths == [9, 9] + [1, 1] * 3  # prefill, then one token per step, per layer
     peftkern.unpatch(model)
     assert_unchanged(model, snap)
@@ -314,6 +316,9 @@ def test_gate_changes_the_prefix_contribution(generator):
         (lambda: {"peft_type": "UNION", "configs": [], "use_gating": "yes"}, TypeError, "use_gating"),
         (lambda: peftkern.ConfigUnion(peftkern.ConfigUnion(peftkern.SeqBnConfig(), use_gating=True)),
          ValueError, "gated union inside an ungated one"),
+        (lambda: peftkern.MAMConfig(prefix_convention="hf"), ValueError, "prefix_convention must be"),
+        (lambda: peftkern.ConfigUnion(peftkern.PromptTuningConfig(num_virtual_tokens=2), prefix_convention="adapterhub"),
+         ValueError, "applies to prefix tuning"),
     ],
 )
 def test_bad_gated_unions_are_refused_before_anything_changes(union, error, message):
@@ -334,3 +339,42 @@ def test_unipelt_as_a_dict_patches_the_same_model(generator):
     two.load_state_dict(one.state_dict())
     with torch.no_grad():
         assert torch.equal(one(**batch).logits, two(**batch).logits)
+
+
+def test_mam_with_adapterhubs_prefix_convention(tmp_path, generator):
+    """prefix_convention="adapterhub": a [P, hidden] embedding under grouped-query attention
+    (AdapterHub's wte; PEFT's is [P, KV width]) and the real tokens numbered from 0: the logits
+    are PEFT's convention given positions 0.. (PEFT shifts given positions by P: pass them less P)."""
+    base = tiny_model("llama")  # 4 heads of 8, 2 KV heads: KV width 16, hidden 32
+    model = peftkern.patch(copy.deepcopy(base), peftkern.MAMConfig(prefix_convention="adapterhub"))
+    encoder = model.prompt_encoder["default_prefix_tuning"]
+    assert encoder.embedding.weight.shape == (30, 32) and encoder.transform[0].in_features == 32
+    assert encoder.transform[2].out_features == 2 * 2 * 16
+    peft_mam = peftkern.patch(copy.deepcopy(base), peftkern.MAMConfig())
+    assert peft_mam.prompt_encoder["default_prefix_tuning"].embedding.weight.shape == (30, 16)
+
+    flat = peftkern.PrefixTuningConfig(num_virtual_tokens=5)
+    ours = peftkern.patch(copy.deepcopy(base), peftkern.ConfigUnion(flat, prefix_convention="adapterhub"))
+    theirs = peftkern.patch(copy.deepcopy(base), peftkern.ConfigUnion(flat))
+    randomise(ours, generator)
+    theirs.load_state_dict(ours.state_dict())
+    batch = {k: v for k, v in inputs(generator).items() if k != "labels"}
+    positions = torch.arange(9).expand(3, 9)
+    with torch.no_grad():
+        got = ours(**batch).logits
+        torch.testing.assert_close(got, theirs(**batch, position_ids=positions - 5).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ours(**batch, position_ids=positions).logits, rtol=0, atol=0)
+        assert not torch.allclose(got, theirs(**batch).logits, atol=1e-3)  # PEFT: positions from 5
+        full = {"input_ids": batch["input_ids"][[0, 2]], "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+        ours.generation_config.eos_token_id = None
+        out = ours.generate(**full, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[:, 9], ours(**full).logits[:, -1].argmax(-1))
+        step = ours(input_ids=out[:, :10], attention_mask=torch.ones(2, 10, dtype=torch.long)).logits[:, -1]
+        assert torch.equal(out[:, 10], step.argmax(-1))  # decoding numbers the new token 9, as a forward does
+
+    train_steps(model, inputs(generator), 2)
+    peftkern.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["prefix_convention"] == "adapterhub"
+    fresh = peftkern.load_adapter(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,13 @@ pre-filled: each cache layer is a `GatedPrefixLayer` holding the prefix apart fr
 and joining G·prefix to them inside the attention's `cache.update`, G set just before by a
 forward pre-hook on that attention module.
 
+AdapterHub's prefix conventions (`convention="adapterhub"`, set by a ConfigUnion's
+prefix_convention, e.g. `MAMConfig(prefix_convention="adapterhub")`): the real tokens' positions
+start at 0 (AdapterHub's prefix is not in the cache; PEFT's real tokens start at P), and a
+projected prefix's embedding is [P, hidden] (AdapterHub's `wte`) where PEFT's is [P, KV width]
+under grouped-query attention; everything else (the MLP's output, the per-layer key/value
+layout, the folded checkpoint) is the same.
+
 Gradient checkpointing is refused, as PEFT refuses it: transformers drops `past_key_values` in
 checkpointed layers, so the prefix would silently vanish. peftkern checks when patching and on
 every training forward (PEFT only at setup).
@@ -67,16 +74,18 @@ class PrefixEncoder(nn.Module):
     gives the same initial values); `prefixes()` returns [num_virtual_tokens, num_layers*2*token_dim]
     once per call, not once per batch row."""
 
-    def __init__(self, config: PrefixTuningConfig, gate_sites: tuple[str, ...] = (), hidden: int | None = None):
+    def __init__(self, config: PrefixTuningConfig, gate_sites: tuple[str, ...] = (), hidden: int | None = None,
+                 embedding_dim: int | None = None):  # fmt: skip
         super().__init__()
+        embedding_dim = embedding_dim or config.token_dim  # AdapterHub's convention: the model's hidden size
         # UniPELT: one gate per layer, gate_sites[i] the attention module of layer i (checkpoint names)
         self.gate_sites = tuple(gate_sites)
         width = config.num_layers * 2 * config.token_dim
         self.projected = config.projected
         if self.projected:
-            self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)
+            self.embedding = nn.Embedding(config.num_virtual_tokens, embedding_dim)
             self.transform = nn.Sequential(
-                nn.Linear(config.token_dim, config.encoder_hidden_size),
+                nn.Linear(embedding_dim, config.encoder_hidden_size),
                 nn.Tanh(),
                 nn.Linear(config.encoder_hidden_size, width),
             )
@@ -171,9 +180,31 @@ def _refuse_checkpointing(model: nn.Module) -> None:
         )
 
 
-def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, use_gating: bool = False, **options):
+CONVENTIONS = ("peft", "adapterhub")
+
+
+def _positions(call: dict, convention: str, num_virtual_tokens: int, past: int = 0) -> None:
+    """Position ids of the real tokens: PEFT's (`adjust_ids`: given ones shifted by P, else the
+    model's own, from the cache length P + past) or AdapterHub's (given ones as they are, else
+    past, past + 1, ...: numbered from 0 as if there were no prefix)."""
+    given = call.get("position_ids")
+    prompt_learning.adjust_ids(call, "PREFIX_TUNING", num_virtual_tokens)
+    if convention == "peft":
+        return
+    if given is not None:
+        call["position_ids"] = given
+        return
+    tokens = call.get("input_ids") if call.get("input_ids") is not None else call["inputs_embeds"]
+    positions = torch.arange(past, past + tokens.shape[1], device=tokens.device)
+    call["position_ids"] = positions.unsqueeze(0).expand(tokens.shape[0], -1)
+
+
+def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, use_gating: bool = False,
+               convention: str = "peft", **options):  # fmt: skip
     if options:
         raise TypeError(f"prefix tuning takes no patch options, got {sorted(options)}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"prefix convention must be one of {CONVENTIONS}, got {convention!r}")
     prompt_learning.check_model(model, config, needs=("past_key_values", "attention_mask"))
     prompt_learning.fill_from_model(config, model, gqa=True)
     if config.encoder_hidden_size is None:
@@ -186,6 +217,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
     _refuse_checkpointing(model)
     attentions = attention_modules(model, config.num_layers) if use_gating else []
     hidden = getattr(prompt_learning.text_config(model), "hidden_size", None)
+    embedding_dim = hidden if convention == "adapterhub" else None
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     adapter = adapter_name
 
@@ -196,7 +228,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         batch = prompt_learning.batch_size(call)
         if call.get("attention_mask") is not None:
             call["attention_mask"] = prompt_learning.prepend_ones(call["attention_mask"], config.num_virtual_tokens)
-        prompt_learning.adjust_ids(call, config.peft_type, config.num_virtual_tokens)
+        _positions(call, convention, config.num_virtual_tokens)
         call["past_key_values"] = prefix_cache(model, config, _encoder(model, adapter), batch)
         return call
 
@@ -205,8 +237,11 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         prefill = prompt_learning.is_prefill(inputs)
         prompt_learning.trim_cached_input_ids(inputs)
         prompt_learning.generation_mask(inputs, config.num_virtual_tokens)
-        prompt_learning.adjust_ids(inputs, config.peft_type, config.num_virtual_tokens)
         cache = inputs.get("past_key_values")
+        past = 0
+        if convention == "adapterhub" and not prompt_learning.cache_is_empty(cache):
+            past = cache.get_seq_length() - config.num_virtual_tokens  # the real tokens already cached
+        _positions(inputs, convention, config.num_virtual_tokens, past)
         if prompt_learning.cache_is_empty(cache):
             from transformers import Cache, DynamicCache
 
@@ -220,7 +255,7 @@ def plan_patch(model: nn.Module, config: PrefixTuningConfig, adapter_name: str, 
         return inputs
 
     def apply(record):
-        encoder = PrefixEncoder(config, tuple(name for name, _ in attentions), hidden).to(device)
+        encoder = PrefixEncoder(config, tuple(name for name, _ in attentions), hidden, embedding_dim).to(device)
         prompt_learning.install(model, record, adapter, encoder, on_forward, on_prepare)
         for (_, attention), gate in zip(attentions, getattr(encoder, "gates", ())):
             # a partial, not a lambda: a deep copy of the model re-points it at the copied gate
