@@ -378,3 +378,37 @@ def test_mam_with_adapterhubs_prefix_convention(tmp_path, generator):
     fresh = peftkern.load_adapter(copy.deepcopy(base), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_unipelt_on_nf4_bases(generator):
+    """quantize="nf4" reaches UniPELT's LoRA (QLoRA + gates): each gated layer is its dequantized
+    base plus G·(x·Aᵀ)·Bᵀ, and the union trains."""
+    model = peftkern.patch(tiny_model("llama"), peftkern.UniPELTConfig(), quantize="nf4")
+    randomise(model, generator)
+    layer = model.model.layers[1].self_attn.v_proj
+    assert layer.quantized
+    x = torch.randn(2, 5, 32, generator=generator)
+    gate = layer.lora_gate["default_lora"]
+    want = F.linear(x, layer.dense_weight(torch.float32)) + adapterhub_gate(x, gate.weight, gate.bias).unsqueeze(-1) * (
+        x @ layer.lora_A["default_lora"].weight.t() @ layer.lora_B["default_lora"].weight.t())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    losses = train_steps(model, inputs(generator), 3)
+    assert losses[-1] < losses[0], losses
+
+
+def test_a_deep_copy_of_a_unipelt_model_has_its_own_gates(generator):
+    """copy.deepcopy re-points the prefix-gate hooks at the copy's gates (functools.partial)."""
+    model = peftkern.patch(tiny_model("llama"), peftkern.UniPELTConfig())
+    randomise(model, generator)
+    twin = copy.deepcopy(model)
+    batch = {k: v for k, v in inputs(generator).items() if k != "labels"}
+    with torch.no_grad():
+        want = model(**batch).logits
+        torch.testing.assert_close(twin(**batch).logits, want, rtol=0, atol=0)
+        twin.prompt_encoder["default_prefix_tuning"].gates[0].bias.fill_(-50.0)
+        assert not torch.allclose(twin(**batch).logits, want)
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)
+    peftkern.unpatch(twin)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, want, rtol=0, atol=0)
