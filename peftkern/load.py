@@ -95,6 +95,7 @@ def _checked_gate_writes(model: nn.Module, config, adapter_name: str, tensors: d
             raise KeyError(f"{folder}/{GATES_NAME} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for key, target in gates.items():
             if saved[key].shape != target.shape:
-                raise ValueError(f"{folder}/{GATES_NAME}: {key}: checkpoint shape {tuple(saved[key].shape)}, model {tuple(target.shape)}")
+                raise ValueError(f"{folder}/{GATES_NAME}: {key}: checkpoint shape {tuple(saved[key].shape)}, "
+                                 f"model {tuple(target.shape)}")  # fmt: skip
         writes += [(target, saved[key]) for key, target in gates.items()]
     return writes
