@@ -9,6 +9,11 @@ q/v/down, SeqBn reduction 16, prefix tuning 16 virtual tokens), and their Config
 the parts is lora + seqbn + prefix - 2 x base (each part's own cost added once to one base
 step); a union that costs more than that would be doing extra work. On a shared 2-core machine
 the timings are noisy: read them as "same order".
+
+UniPELT (`UniPELTConfig()`: gated LoRA r=8 on q/v, gated SeqBn reduction 16, gated prefix of 10
+tokens through a 512-unit MLP): the same comparison with its gated parts alone (`unipelt_lora`,
+`unipelt_seqbn`, `unipelt_prefix`, each a one-component gated union) and with the same three
+parts ungated (`unipelt_ungated`): the difference is what the gates cost.
 """
 
 import warnings
@@ -34,6 +39,22 @@ def parts():
     }
 
 
+def unipelt_parts():
+    return dict(zip(["prefix", "seqbn", "lora"], peftkern.UniPELTConfig().configs))
+
+
+def config_for(case):
+    if case == "union":
+        return peftkern.ConfigUnion(*parts().values())
+    if case == "unipelt":
+        return peftkern.UniPELTConfig()
+    if case == "unipelt_ungated":
+        return peftkern.ConfigUnion(*unipelt_parts().values())
+    if case.startswith("unipelt_"):
+        return peftkern.ConfigUnion(unipelt_parts()[case.removeprefix("unipelt_")], use_gating=True)
+    return parts()[case]
+
+
 def make(case, device, dtype):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE)).to(device=device, dtype=dtype)
@@ -42,12 +63,12 @@ def make(case, device, dtype):
             p.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # something to backward into
         return model
-    config = peftkern.ConfigUnion(*parts().values()) if case == "union" else parts()[case]
-    return peftkern.patch(model, config)
+    return peftkern.patch(model, config_for(case))
 
 
 @pytest.mark.parametrize("device, dtype", CASES, ids=lambda v: str(v).removeprefix("torch."))
-@pytest.mark.parametrize("case", ["base", "lora", "seqbn", "prefix", "union"])
+@pytest.mark.parametrize("case", ["base", "lora", "seqbn", "prefix", "union", "unipelt_lora", "unipelt_seqbn",
+                                  "unipelt_prefix", "unipelt", "unipelt_ungated"])  # fmt: skip
 def test_training_step(benchmark, record, case, device, dtype):
     model = make(case, device, dtype).train()
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ from .methods.ia3 import IA3Config
 from .methods.lora import LoraConfig
 from .methods.prefix import PrefixTuningConfig
 from .methods.prompt import PromptTuningConfig
-from .methods.union import ConfigUnion, MAMConfig
+from .methods.union import ConfigUnion, MAMConfig, UniPELTConfig
 from .methods.vera import VeraConfig
 from .nf4 import NestedAbsmax, NF4Linear, NF4Weight, nf4_dequantize, nf4_quantize
 from .patch import merge, merge_and_unload, patch, print_trainable_parameters, unmerge, unpatch
@@ -57,6 +57,7 @@ __all__ = [
     "SeqBnConfig",
     "LoraConfig",
     "MAMConfig",
+    "UniPELTConfig",
     "NF4Linear",
     "NF4Weight",
     "NestedAbsmax",

@@ -20,6 +20,7 @@ from .record import PatchRecord
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+GATES_NAME = "gates.safetensors"  # a gated union's LoRA / prefix gates, beside their PEFT checkpoint
 _PREFIX = "base_model.model."
 
 
@@ -89,8 +90,13 @@ def _write(model: nn.Module, directory: Path, saved_config, tensors: dict[str, t
         inference_mode=True,
     )
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt"})  # fmt: skip
+    _save_tensors(tensors, directory / WEIGHTS_NAME)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> None:
@@ -107,8 +113,14 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     parts = union_state_dicts(model, adapter_name)
     for folder, (config, tensors) in parts.items():
         _write(model, directory / folder, config, tensors)
-    (directory / CONFIG_NAME).write_text(json.dumps({"peft_type": union.ConfigUnion.peft_type,
-                                                     "components": list(parts)}, indent=2))  # fmt: skip
+    for folder, tensors in union.gate_tensors(model, saved_config, adapter_name).items():
+        _save_tensors(tensors, directory / folder / GATES_NAME)
+    described = {"peft_type": union.ConfigUnion.peft_type, "components": list(parts)}
+    if saved_config.use_gating:
+        described["use_gating"] = True
+    if saved_config.prefix_convention != "peft":
+        described["prefix_convention"] = saved_config.prefix_convention
+    (directory / CONFIG_NAME).write_text(json.dumps(described, indent=2))
 
 
 def read_adapter(directory: str | Path):
@@ -143,19 +155,29 @@ def read_adapter(directory: str | Path):
 
 
 def _read_union(directory: Path, raw: dict):
+    from safetensors.torch import load_file
+
     folders = raw.get("components")
     if not isinstance(folders, list) or not folders or not all(
         isinstance(f, str) and f and Path(f).name == f and f not in (".", "..") for f in folders
     ):
         raise ValueError(f"{directory / CONFIG_NAME}: a UNION config needs 'components', a list of folder names, "
                          f"got {folders!r}")  # fmt: skip
+    use_gating = raw.get("use_gating", False)
+    if not isinstance(use_gating, bool):
+        raise ValueError(f"{directory / CONFIG_NAME}: use_gating must be true or false, got {use_gating!r}")
     parts = [read_adapter(directory / folder) for folder in folders]
     if any(config.peft_type == union.ConfigUnion.peft_type for config, _ in parts):
         raise ValueError(f"{directory}: a union component is itself a union")
-    config = union.ConfigUnion(*(config for config, _ in parts))
+    config = union.ConfigUnion.from_any({"configs": [c for c, _ in parts], "use_gating": use_gating,
+                                         "prefix_convention": raw.get("prefix_convention", "peft")})  # fmt: skip
     config.validate()
     expected = [folder for folder, _, _ in union.components(config, "default")]
     if expected != folders:
         raise ValueError(f"{directory / CONFIG_NAME}: components {folders} do not match their configs' methods "
                          f"(expected folders {expected})")  # fmt: skip
-    return config, {folder: tensors for folder, (_, tensors) in zip(folders, parts)}
+    tensors = {folder: part_tensors for folder, (_, part_tensors) in zip(folders, parts)}
+    for folder in folders:  # a gated union's LoRA / prefix gates (union.gate_tensors)
+        if (directory / folder / GATES_NAME).exists():
+            tensors[f"{folder}/{GATES_NAME}"] = load_file(str(directory / folder / GATES_NAME))
+    return config, tensors

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import multi_adapter
-from .io import adapter_config, component_state_dict, read_adapter
+from .io import GATES_NAME, adapter_config, component_state_dict, read_adapter
 from .methods import method_module, union
 from .patch import patch, unpatch
 from .record import PatchRecord
@@ -46,6 +46,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     try:
         for part, name, part_tensors in parts:
             writes += _checked_writes(model, part, name, part_tensors)
+        if is_union:
+            writes += _checked_gate_writes(model, config, adapter_name, tensors)
     except Exception:
         if undo is not None:
             undo()
@@ -74,3 +76,26 @@ def _checked_writes(model: nn.Module, config, adapter_name: str, tensors: dict) 
     if check_loadable is not None:  # a method whose saved tensors are computed (folded) may refuse
         check_loadable(model, adapter_name)
     return [(target, tensors[key]) for key, target in expected.items()]
+
+
+def _checked_gate_writes(model: nn.Module, config, adapter_name: str, tensors: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(live gate, checkpoint gate)] of a gated union's LoRA / prefix components (the
+    `<folder>/gates.safetensors` files), once every key and shape is checked."""
+    expected = union.gate_tensors(model, config, adapter_name)
+    found = {key.partition("/")[0] for key in tensors if key.endswith(f"/{GATES_NAME}")}
+    if found - set(expected):
+        raise KeyError(f"gate checkpoints {sorted(found - set(expected))} for components this union does not gate")
+    writes = []
+    for folder, gates in expected.items():
+        saved = tensors.get(f"{folder}/{GATES_NAME}")
+        if saved is None:
+            raise KeyError(f"{folder}/{GATES_NAME} is missing: the union is gated (use_gating) but has no gates for {folder!r}")
+        missing, unexpected = sorted(set(gates) - set(saved)), sorted(set(saved) - set(gates))
+        if missing or unexpected:
+            raise KeyError(f"{folder}/{GATES_NAME} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, target in gates.items():
+            if saved[key].shape != target.shape:
+                raise ValueError(f"{folder}/{GATES_NAME}: {key}: checkpoint shape {tuple(saved[key].shape)}, "
+                                 f"model {tuple(target.shape)}")  # fmt: skip
+        writes += [(target, saved[key]) for key, target in gates.items()]
+    return writes

@@ -112,6 +112,8 @@ def _mergeable_layers(model: nn.Module) -> list[AdapterLayer]:
     unmergeable = sorted({type(layer).__name__ for layer in layers if type(layer).merge is AdapterLayer.merge})
     if unmergeable:  # refused before any layer merges (a union: LoRA with a bottleneck adapter)
         raise NotImplementedError(f"{', '.join(unmergeable)} layers cannot be merged into a weight")
+    if any(getattr(layer, "gated", False) for layer in layers):  # UniPELT: the gate depends on the input
+        raise NotImplementedError("gated (UniPELT) LoRA layers cannot be merged into a weight: the gate depends on the input")
     return layers
 
 

@@ -145,3 +145,21 @@ def assert_compiled_matches_eager(model, inputs):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for name, grad in want_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def snapshot(model):
+    """What `assert_unchanged` compares: tensors, requires_grad flags, modules, attributes."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: (type(m), m) for n, m in model.named_modules()}, set(vars(model)))  # fmt: skip
+
+
+def assert_unchanged(model, snap):
+    """The model is as `snapshot` saw it, and no forward pre-hook is left on any module."""
+    state, flags, modules, attributes = snap
+    assert {n: (type(m), m) for n, m in model.named_modules()} == modules
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert set(vars(model)) == attributes
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+    assert not any(m._forward_pre_hooks for m in model.modules())

@@ -12,7 +12,7 @@ import torch
 import peftkern
 from peftkern.nf4 import NF4Linear
 
-from .helpers import tiny_model, train_steps
+from .helpers import assert_unchanged, snapshot, tiny_model, train_steps
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -52,22 +52,6 @@ UNIONS = {  # (architecture, components, patch options)
                                               peftkern.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True,
                                                                           encoder_hidden_size=16)], {}),
 }  # fmt: skip
-
-
-def snapshot(model):
-    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in model.named_parameters()},
-            {n: (type(m), m) for n, m in model.named_modules()}, set(vars(model)))  # fmt: skip
-
-
-def assert_unchanged(model, snap):
-    state, flags, modules, attributes = snap
-    assert {n: (type(m), m) for n, m in model.named_modules()} == modules
-    assert model.state_dict().keys() == state.keys()
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert set(vars(model)) == attributes
-    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
-    assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def base_for(arch, options):

@@ -24,9 +24,9 @@ Supported fields: mh_adapter, output_adapter, reduction_factor (number or {"<lay
 "default": rf}), non_linearity (relu, gelu, gelu_new/gelu_pytorch_tanh, silu/swish), scaling
 (float or "learned"), residual_before_ln, original_ln_before, original_ln_after, is_parallel,
 init_weights ("mam_adapter", the default here: up-projection zero so a fresh adapter is the
-identity; "bert" and "houlsby" as AdapterHub), leave_out. Refused with NotImplementedError:
-ln_before, ln_after, use_gating, phm_layer, cross_adapter, inv_adapter, dropout > 0,
-stochastic_depth > 0, scaling="channel".
+identity; "bert" and "houlsby" as AdapterHub), leave_out, use_gating (UniPELT's gate on the
+adapter's output, methods/gates.py). Refused with NotImplementedError: ln_before, ln_after,
+phm_layer, cross_adapter, inv_adapter, dropout > 0, stochastic_depth > 0, scaling="channel".
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..ops import adapter as adapter_ops
 from ..record import PatchRecord
-from . import config_fields
+from . import config_fields, gates
 from .layer import AdapterLayer
 
 
@@ -110,7 +110,6 @@ class BnConfig:
         unsupported = {
             "ln_before": self.ln_before,
             "ln_after": self.ln_after,
-            "use_gating": self.use_gating,
             "phm_layer": self.phm_layer,
             "cross_adapter": self.cross_adapter,
             "inv_adapter": self.inv_adapter is not None,
@@ -179,7 +178,8 @@ CONFIG = BnConfig
 
 class BottleneckAdapter(nn.Module):
     """One adapter: `adapter_down` (hidden -> bottleneck, bias), `adapter_up` (bottleneck -> hidden,
-    bias), and `scaling` (a float, or a 1-element Parameter for scaling="learned")."""
+    bias), `scaling` (a float, or a 1-element Parameter for scaling="learned"), and with
+    use_gating UniPELT's `gate` (hidden -> 1)."""
 
     def __init__(self, hidden: int, bottleneck: int, config: BnConfig, device=None, dtype=None):
         super().__init__()
@@ -203,9 +203,26 @@ class BottleneckAdapter(nn.Module):
                     nn.init.trunc_normal_(layer.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
             nn.init.zeros_(self.adapter_down.bias)
             nn.init.zeros_(self.adapter_up.bias)
+        self.gate = None
+        if config.use_gating:  # AdapterHub: "bert" init for bert / mam_adapter, nn.Linear's own for houlsby
+            if config.init_weights == "houlsby":
+                self.gate = nn.Linear(hidden, 1, **factory)
+            else:
+                self.gate = gates.new_gate(hidden, zero_bias=True, **factory)
 
     def forward(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + s·up(act(down(z))), by the fused op."""
+        """residual + s·up(act(down(z))), by the fused op; gated: residual + G·s·up(act(down(z)))
+        with G = gate(z) [batch, 1] (AdapterHub's order: scaling, then the gate, then the residual).
+        The op's only scale is one number for all rows and G is one per sequence, so a gated
+        adapter runs the op on a zero residual and scales its output (one more elementwise
+        pass; a per-row scale in the op's epilogue is left for later: docs/hybrids.md)."""
+        if self.gate is not None:
+            gate = gates.gate_value(self.gate, z)
+            delta = self._fused(z, torch.zeros_like(residual))
+            return residual + delta * gate.unsqueeze(1).to(delta.dtype)
+        return self._fused(z, residual)
+
+    def _fused(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         params = [self.adapter_down.weight, self.adapter_down.bias, self.adapter_up.weight, self.adapter_up.bias]
         learned = isinstance(self.scaling, nn.Parameter)
         scale = self.scaling if learned else None
@@ -347,8 +364,11 @@ def find_sites(model: nn.Module, config: BnConfig):
     return sites, hidden, post_ln
 
 
-def plan_patch(model: nn.Module, config: BnConfig, adapter_name: str):
-    """Check the model and config, then return the function that wraps every site."""
+def plan_patch(model: nn.Module, config: BnConfig, adapter_name: str, use_gating: bool = False):
+    """Check the model and config, then return the function that wraps every site. `use_gating`
+    (a gated ConfigUnion) is config.use_gating set for it."""
+    if use_gating:
+        config = dataclasses.replace(config, use_gating=True)
     sites, hidden, post_ln = find_sites(model, config)
     needs_residual = not post_ln and (config.is_parallel or config.original_ln_before)
 
@@ -385,4 +405,6 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
             tensors[f"{name}.{part}.bias"] = getattr(adapter, part).bias
         if isinstance(adapter.scaling, nn.Parameter):
             tensors[f"{name}.adapter_scaling"] = adapter.scaling
+        if adapter.gate is not None:  # AdapterHub's `adapters.<name>.gate`
+            tensors[f"{name}.gate.weight"], tensors[f"{name}.gate.bias"] = adapter.gate.weight, adapter.gate.bias
     return tensors

@@ -27,7 +27,7 @@ from ..ops import grouped as grouped_ops
 from ..ops import lora as lora_ops
 from ..ops import qlora as qlora_ops
 from ..record import PatchRecord
-from . import config_fields, modules_to_save
+from . import config_fields, gates, modules_to_save
 from .bases import (
     base_features,
     bias_like,
@@ -196,6 +196,7 @@ class LoraLinear(MultiAdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.lora_gate = nn.ModuleDict()  # UniPELT's gated adapters only (add_gate)
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.active_adapter = adapter_name  # may name an adapter this layer lacks: it then runs the base
@@ -227,13 +228,26 @@ class LoraLinear(MultiAdapterLayer):
             )
             self.lora_magnitude_vector[name] = DoraMagnitude(norm)
 
+    def add_gate(self, name: str) -> None:
+        """UniPELT: gate adapter `name` (methods/gates.py): y = W·x + G·B·A·x, α/r dropped, as
+        AdapterHub computes a gated LoRA. The gate lives beside the adapter, `lora_gate.<name>`."""
+        if name in self.lora_magnitude_vector:
+            raise NotImplementedError("a gated LoRA adapter cannot be DoRA (AdapterHub has no gated DoRA either)")
+        weight = self.lora_A[name].weight
+        self.lora_gate[name] = gates.new_gate(self.in_features, device=weight.device, dtype=weight.dtype)
+
+    @property
+    def gated(self) -> bool:
+        """Whether the active adapter is gated (its delta depends on the input: it cannot merge)."""
+        return self.active_adapter in self.lora_gate
+
     def delete_adapter(self, name: str) -> None:
         """Drop adapter `name` (unmerged first if it is the merged one); a no-op if absent."""
         if name not in self.lora_A:
             return
         if self.merged and self.active_adapter == name:
             self.unmerge()
-        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.lora_gate):
             if name in container:
                 del container[name]
         self.scaling.pop(name, None)
@@ -243,8 +257,9 @@ class LoraLinear(MultiAdapterLayer):
         if name not in self.lora_A:
             return []
         modules = [self.lora_A[name], self.lora_B[name]]
-        if name in self.lora_magnitude_vector:
-            modules.append(self.lora_magnitude_vector[name])
+        for extra in (self.lora_magnitude_vector, self.lora_gate):
+            if name in extra:
+                modules.append(extra[name])
         return [p for m in modules for p in m.parameters()]
 
     @torch.no_grad()
@@ -308,6 +323,8 @@ class LoraLinear(MultiAdapterLayer):
         unmerge gives the NF4 base back, bit for bit, and merge_and_unload leaves the dense one."""
         if self.merged or self.active_adapter not in self.lora_A:
             return
+        if self.gated:
+            raise NotImplementedError("a gated (UniPELT) LoRA adapter cannot be merged: its gate depends on the input")
         if self.quantized:
             self._dense_base_for_merge()
         elif keep_original:
@@ -351,6 +368,8 @@ class LoraLinear(MultiAdapterLayer):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         if name in self.lora_magnitude_vector:
             return self._dora_forward(x, name, lora_a, lora_b)
+        if name in self.lora_gate:
+            return self._gated_forward(x, name, lora_a, lora_b)
         if self.quantized:
             return qlora_ops.nf4_lora_linear(
                 x, nf4_base_weight(self.base_layer), bias_like(self.base_layer.bias, x),
@@ -361,6 +380,22 @@ class LoraLinear(MultiAdapterLayer):
             dropout=self.dropout[name], training=self.training, fan_in_fan_out=self.fan_in_fan_out,
         )  # fmt: skip
 
+    def _gated_forward(self, x, name, lora_a, lora_b):
+        """base(x) + ((xd·Aᵀ) ⊙ G)·Bᵀ, G = gate(x) [batch, 1] (AdapterHub: the gate sees x, the
+        LoRA path dropout(x); no α/r). The gate is applied to the rank-r intermediate, M·r
+        multiplies instead of M·N. It is not folded into the fused op: lora_linear_fwd's only
+        scale is one float for all rows, and the per-sequence G needs a per-row one (a kernel
+        change to both fused ops and their backward, left for later: docs/hybrids.md)."""
+        gate = gates.gate_value(self.lora_gate[name], x)
+        p = self.dropout[name]
+        dropped = nn.functional.dropout(x, p, training=True) if self.training and p > 0.0 else x
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            dropped, lora_a, lora_b, gate = dropped.to(dtype), lora_a.to(dtype), lora_b.to(dtype), gate.to(dtype)
+        xa = nn.functional.linear(dropped, lora_a) * gate.unsqueeze(1)
+        base = self._base_forward(x)
+        return base + nn.functional.linear(xa, lora_b).to(base.dtype)
+
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             return qlora_ops.nf4_linear(x, nf4_base_weight(self.base_layer), bias_like(self.base_layer.bias, x))
@@ -370,6 +405,9 @@ class LoraLinear(MultiAdapterLayer):
         """Each sequence with its own adapter: the base for all rows, then one grouped op adds
         every row's s·(x·Aᵀ)·Bᵀ (`peftkern.ops.grouped.lora_grouped`). Dropout is off (eval)."""
         names = batch.adapters_in(self.lora_A)
+        gated = [n for n in names if n in self.lora_gate]
+        if gated:
+            raise ValueError(f"Cannot pass `adapter_names` with a gated (UniPELT) adapter ({gated[0]!r})")
         dora = [n for n in names if n in self.lora_magnitude_vector]
         if dora:
             raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (adapter {dora[0]!r}), as in PEFT.")
@@ -435,10 +473,14 @@ class LoraLinear(MultiAdapterLayer):
 CONFIG = LoraConfig
 
 
-def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize: str | None = None):
+def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize: str | None = None,
+               use_gating: bool = False):  # fmt: skip
     """Check every target, then return the function that swaps LoraLinear layers in.
-    `quantize="nf4"` quantizes the targeted dense nn.Linear bases to NF4 first (QLoRA)."""
+    `quantize="nf4"` quantizes the targeted dense nn.Linear bases to NF4 first (QLoRA).
+    `use_gating` (UniPELT, set by a gated ConfigUnion): a gate per layer (LoraLinear.add_gate)."""
     check_quantize_option(quantize)
+    if use_gating and config.use_dora:
+        raise NotImplementedError("a gated LoRA component cannot use DoRA (AdapterHub has no gated DoRA either)")
     matched = targeting.find_targets(
         model, config, DEFAULT_TARGETS, lambda m: supports(m) or isinstance(m, LoraLinear),
         "peftkern's LoRA supports nn.Linear, transformers' Conv1D and bitsandbytes' Linear4bit (NF4) bases so far",
@@ -475,10 +517,13 @@ def plan_patch(model: nn.Module, config: LoraConfig, adapter_name: str, quantize
             if isinstance(module, LoraLinear):  # the undo first: it also clears a half-made adapter
                 record.on_undo(functools.partial(module.delete_adapter, adapter_name))
                 module.add_adapter(adapter_name, config.for_module(name))
-                continue
-            base = quantized_base(module, quantize)
-            # with quantize, unpatch gives back the NF4 layer, not the dense one
-            record.swap(model, name, LoraLinear(base, adapter_name, config.for_module(name)), restore=base)
+            else:
+                base = quantized_base(module, quantize)
+                module = LoraLinear(base, adapter_name, config.for_module(name))
+                # with quantize, unpatch gives back the NF4 layer, not the dense one
+                record.swap(model, name, module, restore=base)
+            if use_gating:
+                module.add_gate(adapter_name)
         modules_to_save.apply(model, saved, adapter_name, record)
         for parameter in _trained_biases(model, config, adapter_name).values():  # PEFT's bias="all" / "lora_only"
             parameter.requires_grad_(True)
@@ -518,4 +563,15 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     if config is not None:
         tensors.update(_trained_biases(model, config, adapter_name))
     tensors.update(modules_to_save.tensors(model, adapter_name))
+    return tensors
+
+
+def gate_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """UniPELT's gates under AdapterHub's parameter names less the adapter name (the rule PEFT
+    applies to its own keys): `<module>.loras.gate.weight|bias`. Empty for an ungated adapter."""
+    tensors = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLinear) and adapter_name in layer.lora_gate:
+            gate = layer.lora_gate[adapter_name]
+            tensors[f"{name}.loras.gate.weight"], tensors[f"{name}.loras.gate.bias"] = gate.weight, gate.bias
     return tensors

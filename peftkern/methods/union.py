@@ -16,6 +16,11 @@ wrapper would hide a Linear from a later layer method's swap by name).
 
 Each component is an adapter of its own inside the model, named `<adapter_name>_<folder>`
 (`components`), and is saved in its own folder in its own library's format (`peftkern.io`).
+
+A gated union (`use_gating=True`, UniPELT's; `UniPELTConfig`) gates every component, as
+AdapterHub's `UniPELTConfig` sets use_gating on each: a learned gate per component and layer
+(methods/gates.py) in LoRA, bottleneck adapters and prefix tuning (prompt tuning and IA³ have
+none in AdapterHub, and are refused in a gated union).
 """
 
 from __future__ import annotations
@@ -23,46 +28,64 @@ from __future__ import annotations
 import dataclasses
 
 from . import method_module, resolve_config
-from .bottleneck import ParBnConfig
+from .bottleneck import ParBnConfig, SeqBnConfig
+from .lora import LoraConfig
 from .prefix import PrefixTuningConfig
 
 # peft_type -> how it changes the model: "layer" replaces Linears, "site" wraps sublayers,
 # "model" hooks the model's forward. The order of application is this order.
 KINDS = {"LORA": "layer", "IA3": "layer", "BOTTLENECK": "site", "PREFIX_TUNING": "model", "PROMPT_TUNING": "model"}
 _ORDER = ("layer", "site", "model")
+GATED = ("LORA", "BOTTLENECK", "PREFIX_TUNING")  # the methods with a UniPELT gate
 
 
 class ConfigUnion:
     """Several method configs applied together: `peftkern.patch(model, ConfigUnion(lora, adapter))`.
     Components: peftkern configs, `peft` config objects, AdapterHub bottleneck configs or dicts
     (anything `peftkern.patch` takes), of LoRA, IA³, bottleneck adapters, prefix or prompt
-    tuning; a ConfigUnion among them is flattened into this one."""
+    tuning; a ConfigUnion among them is flattened into this one. `use_gating=True` gates every
+    component (UniPELT's gates, as AdapterHub's use_gating on each). `prefix_convention=
+    "adapterhub"` numbers the real tokens from 0 and sizes a projected prefix's embedding by the
+    hidden size, as AdapterHub's prefix tuning does ("peft", the default: PEFT's; methods/prefix.py)."""
 
     peft_type = "UNION"
 
-    def __init__(self, *configs):
+    def __init__(self, *configs, use_gating: bool = False, prefix_convention: str = "peft"):
         self.configs = list(configs)
+        self.use_gating = use_gating
+        self.prefix_convention = prefix_convention
 
     @classmethod
     def from_any(cls, config) -> "ConfigUnion":
         """A fresh union of resolved, validated component configs, from a ConfigUnion or a dict
         {"peft_type": "UNION", "configs": [...]}."""
         if isinstance(config, ConfigUnion):
-            parts = config.configs
+            parts, use_gating, convention = config.configs, config.use_gating, config.prefix_convention
         elif isinstance(config, dict) and isinstance(config.get("configs"), (list, tuple)):
-            parts = config["configs"]
+            parts, use_gating = config["configs"], config.get("use_gating", False)
+            convention = config.get("prefix_convention", "peft")
         else:
             raise TypeError(f"expected a ConfigUnion or a dict with 'configs', got {type(config).__name__}")
+        if not isinstance(use_gating, bool):
+            raise TypeError(f"ConfigUnion use_gating must be True or False, got {use_gating!r}")
+        if convention not in ("peft", "adapterhub"):
+            raise ValueError(f"ConfigUnion prefix_convention must be 'peft' or 'adapterhub', got {convention!r}")
         resolved = []
         for index, part in enumerate(parts):
             if isinstance(part, ConfigUnion):
-                resolved += cls.from_any(part).configs
+                inner = cls.from_any(part)
+                if (inner.use_gating, inner.prefix_convention) != (use_gating, convention):
+                    raise ValueError("ConfigUnion: a gated union inside an ungated one (or the reverse), or another prefix "
+                                     "convention; set use_gating / prefix_convention on the outer one")
+                resolved += inner.configs
                 continue
             if not (isinstance(part, dict) or hasattr(part, "peft_type") or hasattr(part, "to_dict")):
                 raise TypeError(f"ConfigUnion component {index} is a {type(part).__name__} ({part!r}), not a method config")
             _, component = resolve_config(part)
+            if use_gating and component.peft_type == "BOTTLENECK":  # its own config says so: its folder loads alone
+                component = dataclasses.replace(component, use_gating=True)
             resolved.append(component)
-        return cls(*resolved)
+        return ConfigUnion(*resolved, use_gating=use_gating, prefix_convention=convention)
 
     def validate(self) -> None:
         if not self.configs:
@@ -76,32 +99,56 @@ class ConfigUnion:
                                                or config.classifier_heads()):  # fmt: skip
                 raise NotImplementedError(f"ConfigUnion component {index} (LORA): bias, modules_to_save and task heads "
                                           "are not supported in unions yet")  # fmt: skip
+            if self.prefix_convention != "peft" and config.peft_type == "PROMPT_TUNING":
+                raise ValueError(f"ConfigUnion component {index} is PROMPT_TUNING: prefix_convention applies to prefix tuning")
+            if self.use_gating and config.peft_type not in GATED:
+                raise NotImplementedError(f"ConfigUnion component {index} is {config.peft_type}, which has no UniPELT gate; "
+                                          f"a gated union takes {list(GATED)}")  # fmt: skip
 
     def to_dict(self) -> dict:
         """{"peft_type": "UNION", "configs": [each component's fields, with its peft_type]}: the
         dict form `from_any` (and so `peftkern.patch`) takes back."""
-        return {"peft_type": self.peft_type,
+        return {"peft_type": self.peft_type, "use_gating": self.use_gating, "prefix_convention": self.prefix_convention,
                 "configs": [{**dataclasses.asdict(c), "peft_type": c.peft_type} for c in self.configs]}  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"ConfigUnion({', '.join(type(c).__name__ for c in self.configs)})"
+        options = (", use_gating=True" if self.use_gating else "") + (
+            f", prefix_convention={self.prefix_convention!r}" if self.prefix_convention != "peft" else "")
+        return f"{type(self).__name__}({', '.join(type(c).__name__ for c in self.configs)}{options})"
 
 
 class MAMConfig(ConfigUnion):
     """The mix-and-match adapter (He et al., ICLR 2022) with AdapterHub's `MAMConfig` defaults:
     prefix tuning (30 virtual tokens, the MLP reparametrisation with 800 hidden units and tanh)
     plus a parallel adapter on the FFN (`ParBnConfig()`: reduction_factor=2, scaling=4.0,
-    "mam_adapter" init). Either part may be given instead. The prefix is PEFT's (positions of the
-    real tokens numbered from the prefix length; on grouped-query attention an embedding of
-    [virtual tokens, KV width]), which is where it differs from AdapterHub's (docs/hybrids.md)."""
+    "mam_adapter" init). Either part may be given instead. The prefix follows PEFT's conventions
+    unless prefix_convention="adapterhub" (positions from 0, a [P, hidden] embedding under
+    grouped-query attention: AdapterHub's MAM; docs/hybrids.md)."""
 
-    def __init__(self, prefix_tuning=None, adapter=None):
+    def __init__(self, prefix_tuning=None, adapter=None, prefix_convention: str = "peft"):
         if prefix_tuning is None:
             prefix_tuning = PrefixTuningConfig(num_virtual_tokens=30, prefix_projection=True, encoder_hidden_size=800)
-        super().__init__(prefix_tuning, adapter if adapter is not None else ParBnConfig())
+        super().__init__(prefix_tuning, adapter if adapter is not None else ParBnConfig(),
+                         prefix_convention=prefix_convention)  # fmt: skip
 
-    def __repr__(self) -> str:
-        return f"MAMConfig({', '.join(type(c).__name__ for c in self.configs)})"
+
+
+class UniPELTConfig(ConfigUnion):
+    """UniPELT (Mao et al., ACL 2022) with AdapterHub's `UniPELTConfig` defaults, every component
+    gated: prefix tuning (10 virtual tokens through AdapterHub's MLP: 512 hidden units, tanh), a
+    sequential bottleneck adapter after the FFN (`SeqBnConfig(reduction_factor=16)`, AdapterHub's
+    "bert" init) and LoRA (r=8 on the attention's query and value; AdapterHub's alpha=2 is kept
+    but unused: a gated LoRA drops α/r). Any part may be given instead; it is gated too.
+    prefix_convention as for MAMConfig."""
+
+    def __init__(self, prefix_tuning=None, adapter=None, lora=None, prefix_convention: str = "peft"):
+        if prefix_tuning is None:
+            prefix_tuning = PrefixTuningConfig(num_virtual_tokens=10, prefix_projection=True, encoder_hidden_size=512)
+        if adapter is None:
+            adapter = SeqBnConfig(reduction_factor=16, init_weights="bert")
+        if lora is None:
+            lora = LoraConfig(r=8, lora_alpha=2, target_modules=["q_proj", "v_proj"])
+        super().__init__(prefix_tuning, adapter, lora, use_gating=True, prefix_convention=prefix_convention)
 
 
 CONFIG = ConfigUnion
@@ -164,8 +211,12 @@ def plan_patch(model, config: ConfigUnion, adapter_name: str, **options):
     planned = []
     for folder, name, component in parts:
         kind = KINDS[component.peft_type]
-        plan = method_module(component.peft_type).plan_patch(model, component, name,
-                                                             **(options if kind == "layer" else {}))  # fmt: skip
+        extra = dict(options) if kind == "layer" else {}
+        if config.use_gating:
+            extra["use_gating"] = True
+        if config.prefix_convention != "peft" and component.peft_type == "PREFIX_TUNING":
+            extra["convention"] = config.prefix_convention
+        plan = method_module(component.peft_type).plan_patch(model, component, name, **extra)
         planned.append((folder, kind, plan))
     check_conflicts([(folder, kind, plan.modules) for folder, kind, plan in planned])
     ordered = sorted(planned, key=lambda p: _ORDER.index(p[1]))  # stable: the union's order within a kind
@@ -175,6 +226,20 @@ def plan_patch(model, config: ConfigUnion, adapter_name: str, **options):
             plan(record)
 
     return apply
+
+
+def gate_tensors(model, config: ConfigUnion, adapter_name: str) -> dict[str, dict]:
+    """{folder: {AdapterHub-style name: live gate tensor}} of a gated union's LoRA and prefix
+    components (their own formats, PEFT's, have no place for gates); a bottleneck adapter's gates
+    are in its own checkpoint. Empty for an ungated union."""
+    if not config.use_gating:
+        return {}
+    found = {}
+    for folder, name, component in components(config, adapter_name):
+        collect = getattr(method_module(component.peft_type), "gate_tensors", None)
+        if collect is not None:
+            found[folder] = collect(model, name)
+    return found
 
 
 def adapter_tensors(model, adapter_name: str):
