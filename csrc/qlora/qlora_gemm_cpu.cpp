@@ -14,9 +14,12 @@
 // a tile is a column band W[:, k0:k1] (one decode call per row) and writes grad_x[:, k0:k1] alone:
 // tiles never write the same output element, no reduction across threads, deterministic.
 //
-// Threading: at::parallel_for over tiles with each GEMM single-threaded (nested parallel regions
-// run inline), not sequential tiles with multithreaded GEMMs: the decode then runs on every core
-// too, and a tile's decode overlaps the other thread's GEMM. Tile size: see tile_extent.
+// Threading: tiles in sequence, each decoded by all threads (at::parallel_for) and multiplied by
+// ATen's multithreaded GEMM, rather than at::parallel_for over tiles with a single-threaded GEMM
+// per thread. The latter was measured 5-15x slower on the shared 2-core machine: MKL called inside
+// an OpenMP parallel region spun in libgomp (perf: ~40% of cycles), burning the CPU time the other
+// thread needed (user time 15x that of one thread; OMP_WAIT_POLICY=PASSIVE removed it, but that is
+// the user's setting, not ours). Tile size: see tile_extent.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -31,23 +34,21 @@ namespace peftkern {
 namespace qlora {
 namespace {
 
-// The decode buffer of one thread, in bytes, when the caller passes tile_bytes = 0. Half the
-// per-core L2 of the CPUs here (1 MiB): the tile is written once by the decode and read back by the
-// GEMM's packing from L2, and the rest of L2 holds the GEMM's own panels. bench/bench_qlora.py
-// (test_qlora_fused_tile_bytes) measured this against 256 KiB .. 4 MiB; see DESIGN.md.
-constexpr int64_t kDefaultTileBytes = 512 * 1024;
+// The decode buffer, in bytes, when the caller passes tile_bytes = 0: an L3-resident tile (the
+// CPUs here have 32 MiB of L3, 1 MiB of L2 per core). MKL packs the tile into its own L2-sized
+// panels anyway, so an L2-sized tile buys nothing and costs narrow GEMMs (N = 16..64 columns lose
+// MKL's blocking) and more parallel regions. Measured 256 KiB .. 8 MiB (bench/bench_qlora.py,
+// DESIGN.md "QLoRA"): 256 KiB up to 6x slower than 4 MiB, 1 MiB 0-40% slower, 8 MiB within noise.
+constexpr int64_t kDefaultTileBytes = 4 * 1024 * 1024;
+// Elements one thread decodes at least (smaller pieces are not worth waking another thread).
+constexpr int64_t kDecodeGrain = 16384;
 
 // Rows (forward) or columns (backward) per tile: as many as fit `tile_bytes` given the other
-// extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 16,
-// and small enough that every thread gets at least two tiles when the matrix allows it.
+// extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 16.
 int64_t tile_extent(int64_t tile_bytes, int64_t other, int64_t element_size, int64_t total, int64_t min_extent) {
   const int64_t budget = tile_bytes > 0 ? tile_bytes : kDefaultTileBytes;
   int64_t extent = budget / std::max<int64_t>(1, other * element_size);
   extent = std::max<int64_t>(min_extent, extent / 16 * 16);
-  if (tile_bytes == 0) {  // balance: >= 2 tiles per thread, never below min_extent
-    const int64_t balanced = ceil_div(total, 2 * at::get_num_threads());
-    extent = std::min(extent, std::max<int64_t>(min_extent, ceil_div(balanced, 16) * 16));
-  }
   return std::max<int64_t>(1, std::min(extent, total));
 }
 
@@ -58,24 +59,24 @@ void fwd_tiles(const at::Tensor& x, const uint8_t* packed, const GemmArgs& a, co
   const int64_t K = a.in_features, N = a.out_features;
   // A tile of 1 row when tests pass a tiny tile_bytes: every boundary case (rows starting
   // mid-block, mid-byte) gets exercised.
-  const int64_t rows = tile_extent(a.tile_bytes, K, sizeof(T), N, a.tile_bytes > 0 ? 1 : 16);
-  const int64_t tiles = ceil_div(N, rows);
-  at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // worker threads: plain kernels, no autograd
-    at::Tensor buffer = at::empty({rows, K}, x.options());  // [rows, K], this thread's tile of W
-    for (int64_t t = first_tile; t < end_tile; ++t) {
-      const int64_t n0 = t * rows, n = std::min(rows, N - n0);
-      nf4::cpu::decode_range(packed, a.scales, a.blocksize, n0 * K, n * K, buffer.mutable_data_ptr<T>());
-      const at::Tensor w = buffer.narrow(0, 0, n);  // [n, K]
-      at::Tensor o = out.narrow(1, n0, n);          // [M, n], leading dimension N
-      if (bias.has_value()) {
-        at::addmm_out(o, bias->narrow(0, n0, n), x, w.t());
-      } else {
-        at::mm_out(o, x, w.t());
-      }
-      if (a.rank > 0) o.addmm_(*xa, lora_b->narrow(0, n0, n).t(), /*beta=*/1, /*alpha=*/scaling);
+  const int64_t rows = tile_extent(a.tile_bytes, K, sizeof(T), N, a.tile_bytes > 0 ? 1 : 64);
+  at::Tensor buffer = at::empty({rows, K}, x.options());  // [rows, K]: one tile of W, reused
+  T* w_ptr = buffer.mutable_data_ptr<T>();
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t n = std::min(rows, N - n0);
+    // The tile's rows are one contiguous stretch of the flat weight: each thread decodes a part.
+    at::parallel_for(0, n * K, kDecodeGrain, [&](int64_t begin, int64_t end) {
+      nf4::cpu::decode_range(packed, a.scales, a.blocksize, n0 * K + begin, end - begin, w_ptr + begin);
+    });
+    const at::Tensor w = buffer.narrow(0, 0, n);  // [n, K]
+    at::Tensor o = out.narrow(1, n0, n);          // [M, n], leading dimension N
+    if (bias.has_value()) {
+      at::addmm_out(o, bias->narrow(0, n0, n), x, w.t());
+    } else {
+      at::mm_out(o, x, w.t());
     }
-  });
+    if (a.rank > 0) o.addmm_(*xa, lora_b->narrow(0, n0, n).t(), /*beta=*/1, /*alpha=*/scaling);
+  }
 }
 
 template <typename T>
@@ -84,22 +85,21 @@ void bwd_input_tiles(const at::Tensor& grad_out, const uint8_t* packed, const Ge
                      at::Tensor& grad_x) {
   const int64_t K = a.in_features, N = a.out_features;
   const int64_t cols = tile_extent(a.tile_bytes, N, sizeof(T), K, a.tile_bytes > 0 ? 1 : 64);
-  const int64_t tiles = ceil_div(K, cols);
-  at::parallel_for(0, tiles, 1, [&](int64_t first_tile, int64_t end_tile) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    at::Tensor buffer = at::empty({N * cols}, grad_out.options());
-    for (int64_t t = first_tile; t < end_tile; ++t) {
-      const int64_t k0 = t * cols, k = std::min(cols, K - k0);
-      T* w_ptr = buffer.mutable_data_ptr<T>();
-      for (int64_t row = 0; row < N; ++row) {  // W[row, k0:k0+k] -> buffer row `row`, [N, k] contiguous
+  at::Tensor buffer = at::empty({N * cols}, grad_out.options());
+  T* w_ptr = buffer.mutable_data_ptr<T>();
+  for (int64_t k0 = 0; k0 < K; k0 += cols) {
+    const int64_t k = std::min(cols, K - k0);
+    // W[:, k0:k0+k] -> buffer [N, k] contiguous, one decode call per row, rows split over threads.
+    at::parallel_for(0, N, std::max<int64_t>(1, kDecodeGrain / k), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
         nf4::cpu::decode_range(packed, a.scales, a.blocksize, row * K + k0, k, w_ptr + row * k);
       }
-      const at::Tensor w = buffer.narrow(0, 0, N * k).view({N, k});
-      at::Tensor g = grad_x.narrow(1, k0, k);  // [M, k], leading dimension K
-      at::mm_out(g, grad_out, w);
-      if (a.rank > 0) g.addmm_(*grad_xa, lora_a->narrow(1, k0, k));
-    }
-  });
+    });
+    const at::Tensor w = buffer.narrow(0, 0, N * k).view({N, k});
+    at::Tensor g = grad_x.narrow(1, k0, k);  // [M, k], leading dimension K
+    at::mm_out(g, grad_out, w);
+    if (a.rank > 0) g.addmm_(*grad_xa, lora_a->narrow(1, k0, k));
+  }
 }
 
 at::Tensor nf4_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
