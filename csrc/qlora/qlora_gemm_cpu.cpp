@@ -40,13 +40,19 @@ namespace {
 // MKL's blocking) and more parallel regions. Measured 256 KiB .. 8 MiB (bench/bench_qlora.py,
 // DESIGN.md "QLoRA"): 256 KiB up to 6x slower than 4 MiB, 1 MiB 0-40% slower, 8 MiB within noise.
 constexpr int64_t kDefaultTileBytes = 4 * 1024 * 1024;
+constexpr int64_t kMinTileBytes = 512 * 1024;
 // Elements one thread decodes at least (smaller pieces are not worth waking another thread).
 constexpr int64_t kDecodeGrain = 16384;
 
-// Rows (forward) or columns (backward) per tile: as many as fit `tile_bytes` given the other
+// Rows (forward) or columns (backward) per tile: as many as fit the budget given the other
 // extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 16.
+// Default budget: kDefaultTileBytes, but at most an eighth of the dense weight (and at least
+// kMinTileBytes), so that the buffer stays a small fraction of what dequantize-whole allocates:
+// the peak-memory saving of the fused path is the dense weight minus this buffer.
 int64_t tile_extent(int64_t tile_bytes, int64_t other, int64_t element_size, int64_t total, int64_t min_extent) {
-  const int64_t budget = tile_bytes > 0 ? tile_bytes : kDefaultTileBytes;
+  const int64_t weight_bytes = other * total * element_size;
+  const int64_t budget = tile_bytes > 0 ? tile_bytes
+                                        : std::min(kDefaultTileBytes, std::max(kMinTileBytes, weight_bytes / 8));
   int64_t extent = budget / std::max<int64_t>(1, other * element_size);
   extent = std::max<int64_t>(min_extent, extent / 16 * 16);
   return std::max<int64_t>(1, std::min(extent, total));
