@@ -104,8 +104,14 @@ def test_strided_inputs(generator):
                                             tile_bytes=1)  # fmt: skip
         check(got, reference_fwd(xs, weight, bias, xa, lora_b, 0.5), torch.float32, (11, 37))
     g_s = torch.randn(11, 74, generator=generator)[:, 1::2]
-    got = qlora_ops.nf4_lora_linear_bwd_input(g_s, weight, xa, lora_a.t().contiguous().t(), tile_bytes=1)
-    check(got, reference_bwd(g_s, weight, xa, lora_a), torch.float32, (11, 45))
+    g_expanded = torch.randn(1, 37, generator=generator).expand(11, 37)  # strides (0, 1)
+    g_scalar = torch.randn((), generator=generator).expand(11, 37)  # strides (0, 0), as from loss.sum()
+    for g in (g_s, g_expanded, g_scalar):
+        got = qlora_ops.nf4_lora_linear_bwd_input(g, weight, xa, lora_a.t().contiguous().t(), tile_bytes=1)
+        check(got, reference_bwd(g, weight, xa, lora_a), torch.float32, (11, 45))
+    x_expanded = torch.randn(1, 45, generator=generator).expand(11, 45)
+    got = qlora_ops.nf4_lora_linear_fwd(x_expanded, weight, bias, xa, lora_b, 0.5, tile_bytes=1)
+    check(got, reference_fwd(x_expanded, weight, bias, xa, lora_b, 0.5), torch.float32, (11, 37))
 
 
 @pytest.mark.parametrize("out_f, in_f, tokens", [(0, 64, 2), (16, 64, 0), (16, 0, 2), (0, 0, 3)])

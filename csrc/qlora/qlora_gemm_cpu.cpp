@@ -58,6 +58,15 @@ int64_t tile_extent(int64_t tile_bytes, int64_t other, int64_t element_size, int
   return std::max<int64_t>(1, std::min(extent, total));
 }
 
+// `t` as BLAS can read it (one unit stride, the other at least the row length), else a contiguous
+// copy: made once here, where ATen's GEMM would otherwise copy it again for every tile (an
+// expanded grad_out from loss.sum().backward() has strides (0, 0)).
+at::Tensor blas_ready(const at::Tensor& t) {
+  const bool rows = t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1));
+  const bool cols = t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0));
+  return rows || cols ? t : t.contiguous();
+}
+
 template <typename T>
 void fwd_tiles(const at::Tensor& x, const uint8_t* packed, const GemmArgs& a, const std::optional<at::Tensor>& bias,
                const std::optional<at::Tensor>& xa, const std::optional<at::Tensor>& lora_b, double scaling,
@@ -121,7 +130,7 @@ at::Tensor nf4_lora_linear_fwd_cpu(const at::Tensor& x, const at::Tensor& packed
   at::Tensor out = new_output({args.tokens, out_features}, x.options());
   if (out.numel() == 0) return out;
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_linear_fwd_cpu", [&] {
-    fwd_tiles<scalar_t>(x, packed.const_data_ptr<uint8_t>(), args, bias, xa, lora_b, scaling, out);
+    fwd_tiles<scalar_t>(blas_ready(x), packed.const_data_ptr<uint8_t>(), args, bias, xa, lora_b, scaling, out);
   });
   return out;
 }
@@ -143,7 +152,8 @@ at::Tensor nf4_lora_linear_bwd_input_cpu(const at::Tensor& grad_out, const at::T
     return grad_x.zero_();
   }
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(grad_out.scalar_type(), "nf4_lora_linear_bwd_input_cpu", [&] {
-    bwd_input_tiles<scalar_t>(grad_out, packed.const_data_ptr<uint8_t>(), args, grad_xa, lora_a, grad_x);
+    bwd_input_tiles<scalar_t>(blas_ready(grad_out), packed.const_data_ptr<uint8_t>(), args, grad_xa, lora_a,
+                              grad_x);
   });
   return grad_x;
 }
