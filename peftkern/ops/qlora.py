@@ -26,8 +26,9 @@ from .lora import lora_linear_reference, prepare_dropout
 
 
 class _NF4LoraLinear(torch.autograd.Function):
-    """lora_linear over an NF4 base: the dequantized weight lives only inside forward and inside
-    backward (recomputed there), never between them; saved: x, the mask, A, B and xa."""
+    """lora_linear over an NF4 base: on CPU the dense weight never exists whole (the fused ops
+    decode it tile by tile); elsewhere it lives only inside forward and inside backward
+    (recomputed there), never between them. Saved: x, the mask, A, B and xa."""
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale, dense):
