@@ -93,3 +93,97 @@ def test_qlora_training(benchmark, record, impl, device, dtype):
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=1, iterations=1)
     record(f"qlora fwd+bwd 512tok {str(dtype)[6:]} {device}", impl, OUT * IN // 2, device, flops=4 * 512 * IN * OUT)
+
+
+# --------------------------------------------------------------------------------------------
+# Training / prefill on CPU: the fused dequant + GEMM (nf4_lora_linear_fwd / _bwd_input) against
+# dequantize-whole + GEMM, per direction, on the real shapes (out, in): SmolLM2-135M's (the demo's
+# model) and a 7B-like MLP's; 16-4096 tokens, float32, r = 16. These are the numbers behind
+# qlora.FUSED_MIN_TOKENS (DESIGN.md "QLoRA"). PEFTKERN_BENCH_FUSED_TOKENS="16,512" narrows the sweep.
+# --------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+FUSED_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (5632, 2048), (2048, 5632)]
+FUSED_TOKENS = [int(t) for t in os.environ.get("PEFTKERN_BENCH_FUSED_TOKENS", "16,64,256,1024,4096").split(",")]
+
+
+def fused_case(out_f, in_f, tokens):
+    torch.manual_seed(0)
+    nf4 = peftkern.nf4_quantize(torch.randn(out_f, in_f) * 0.02, 64, double_quant=True)
+    a, b = torch.randn(RANK, in_f) / in_f**0.5, torch.randn(out_f, RANK) / RANK**0.5
+    x, g = torch.randn(tokens, in_f), torch.randn(tokens, out_f)
+    return nf4, a, b, x, g, x @ a.t()
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("impl", ["fused", "deq+gemm"])
+@pytest.mark.parametrize("tokens", FUSED_TOKENS)
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_qlora_fused_vs_dequant(benchmark, record, shape, tokens, impl, direction):
+    """One direction of the QLoRA layer (forward: out and xa; backward: grad x, A, B), fused vs
+    dequantize-whole + peftkern::lora_linear_fwd/bwd (the path before the fused op)."""
+    out_f, in_f = shape
+    nf4, a, b, x, g, xa = fused_case(out_f, in_f, tokens)
+    s = ALPHA / RANK
+    if impl == "fused":
+        fwd = lambda: qlora_ops.nf4_lora_linear_fused_fwd(x, nf4, None, a, b, s, None, 1.0)  # noqa: E731
+        bwd = lambda: qlora_ops.nf4_lora_linear_fused_bwd(g, x, nf4, a, b, xa, s, None, 1.0)  # noqa: E731
+    else:
+        fwd = lambda: torch.ops.peftkern.lora_linear_fwd(x, nf4.dequantize(x.dtype), None, a, b, s, None, 1.0)  # noqa: E731
+        bwd = lambda: torch.ops.peftkern.lora_linear_bwd(g, x, nf4.dequantize(g.dtype), a, b, xa, s, None, 1.0)  # noqa: E731
+    big = tokens * in_f * out_f > 2e9
+    benchmark.pedantic(fwd if direction == "fwd" else bwd, rounds=3 if big else 10, warmup_rounds=1, iterations=1)
+    record(f"qlora {direction} {out_f}x{in_f} {tokens}tok float32 cpu", impl, out_f * in_f // 2, "cpu",
+           flops=2 * tokens * in_f * out_f, memory_mb=peak_cpu_mb(fwd if direction == "fwd" else bwd))  # fmt: skip
+
+
+def peak_cpu_mb(fn) -> float:
+    """Peak CPU memory allocated while fn runs, MB above what was live when it started: every
+    allocation and free through PyTorch's CPU allocator (torch.profiler's memory events, which
+    include those made inside our C++ ops), summed in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]  # fmt: skip
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+@pytest.mark.parametrize("path", ["fused", "deq+gemm"])
+@pytest.mark.parametrize("model", ["smollm2-135m-4layers", "llama7b-mlp-1layer"])
+def test_qlora_step_peak_memory(benchmark, record, monkeypatch, model, path):
+    """Peak CPU memory of one QLoRA training step (forward, backward, AdamW) of a Llama quantized by
+    peftkern.patch(quantize="nf4"), with the fused path and with dequantize-whole forced
+    (FUSED_MIN_TOKENS above the token count). SmolLM2-135M's dimensions (4 of its 30 layers, its
+    49152 vocabulary), and one 7B-like layer (2048 / 5632, vocabulary 4096). 2 × 128 tokens."""
+    import transformers
+
+    torch.manual_seed(0)
+    if model.startswith("smollm"):
+        config = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                          tie_word_embeddings=True, attn_implementation="sdpa")  # fmt: skip
+    else:
+        config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=1,
+                                          num_attention_heads=16, num_key_value_heads=16, vocab_size=4096,
+                                          attn_implementation="sdpa")  # fmt: skip
+    net = peftkern.patch(transformers.LlamaForCausalLM(config), {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+                         quantize="nf4")  # fmt: skip
+    net.train()
+    monkeypatch.setattr(qlora_ops, "FUSED_MIN_TOKENS", 1 if path == "fused" else 10**9)
+    ids = torch.randint(0, config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        net(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+    record(f"qlora step peak memory {model} float32 cpu", path, 0, "cpu", memory_mb=peak_cpu_mb(step))

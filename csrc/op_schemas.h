@@ -58,6 +58,23 @@ inline void define_kernel_ops(torch::Library& m) {
       "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
       "int out_features, Tensor? bias, Tensor? xa, Tensor? lora_b, float scaling) -> Tensor");
 
+  // --- QLoRA training and prefill on CPU: fused NF4 dequant + GEMM, csrc/qlora/qlora_gemm_cpu.cpp --
+  // out = x·deq(W)ᵀ + bias + scaling·xa·lora_bᵀ for x [M, K] (any strides), W [out_features, K] in
+  // NF4 (as nf4_lora_gemv), bias [out_features], xa = dropout(x)·Aᵀ [M, r], lora_b [out_features, r],
+  // all in x's dtype. W is decoded a tile at a time into a per-thread buffer of about tile_bytes
+  // (0: the default) that feeds the GEMM; the dense weight is never materialised. CPU only.
+  m.def(
+      "nf4_lora_linear_fwd(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
+      "int out_features, Tensor? bias, Tensor? xa, Tensor? lora_b, float scaling, int tile_bytes) -> Tensor");
+  // grad_x = grad_out·deq(W) + grad_xa·lora_a for grad_out [M, N], W [N, in_features] in NF4,
+  // grad_xa = scaling·grad_out·B [M, r] and lora_a [r, in_features] (both optional; a dropout mask
+  // is applied by the caller to its own LoRA term instead). Tiled like nf4_lora_linear_fwd. CPU only.
+  m.def(
+      "nf4_lora_linear_bwd_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
+      "int in_features, Tensor? grad_xa, Tensor? lora_a, int tile_bytes) -> Tensor");
+
   // --- DoRA, csrc/dora/ ---------------------------------------------------------------------------
   // norms[i] = || W[i, :] + scaling * (B[i, :] @ A) ||_2 over the input dim, for weight [N, K],
   // lora_a [r, K], lora_b [N, r]: DoRA's (detached) weight norm in one pass, never forming

@@ -3,9 +3,12 @@
 
     out = x·deq(W)ᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ
 
-Training and prefill: the weight is dequantized into x's dtype inside forward and again inside
-backward (`_NF4LoraLinear`), feeding `peftkern::lora_linear_fwd` / `lora_linear_bwd`; saved for
-backward: x, the dropout mask, A, B and xa = dropout(x)·Aᵀ. Decode sizes in inference: the GEMV
+Training and prefill (`_NF4LoraLinear`): on CPU from `FUSED_MIN_TOKENS` tokens the fused ops
+`peftkern::nf4_lora_linear_fwd` / `nf4_lora_linear_bwd_input` decode the weight tile by tile into a
+cache-sized buffer feeding the GEMM (the dense weight never exists); otherwise the weight is
+dequantized into x's dtype inside forward and again inside backward, feeding
+`peftkern::lora_linear_fwd` / `lora_linear_bwd`. Saved for backward either way: x, the dropout
+mask, A, B and xa = dropout(x)·Aᵀ. Decode sizes in inference: the GEMV
 `peftkern::nf4_lora_gemv` reads the 4-bit weight once (bias and LoRA-B in its epilogue).
 """
 
@@ -23,17 +26,22 @@ from .lora import lora_linear_reference, prepare_dropout
 
 
 class _NF4LoraLinear(torch.autograd.Function):
-    """lora_linear over an NF4 base: the dequantized weight lives only inside forward and inside
-    backward (recomputed there), never between them; saved: x, the mask, A, B and xa."""
+    """lora_linear over an NF4 base: on CPU the dense weight never exists whole (the fused ops
+    decode it tile by tile); elsewhere it lives only inside forward and inside backward
+    (recomputed there), never between them. Saved: x, the mask, A, B and xa."""
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale, dense):
-        if dense is None:  # a caller that already dequantized (DoRA) passes it in
-            dense = weight.dequantize(x.dtype)
-        if _ext.has_kernel("lora_linear_fwd", x.device.type):
-            out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale)
-        else:  # no compiled library: the reference, with backward by autograd through it (below)
-            out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale), None
+        if dense is None and use_fused_gemm(x, weight):  # the weight decoded tile by tile, never whole
+            out, xa = nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+        else:
+            if dense is None:  # a caller that already dequantized (DoRA) passes it in
+                dense = weight.dequantize(x.dtype)
+            if _ext.has_kernel("lora_linear_fwd", x.device.type):
+                out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask,
+                                                             keep_scale)  # fmt: skip
+            else:  # no compiled library: the reference, with backward by autograd through it (below)
+                out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale), None
         ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
         ctx.weight, ctx.scaling, ctx.keep_scale = weight, scaling, keep_scale
         return out
@@ -41,6 +49,12 @@ class _NF4LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        if xa is not None and use_fused_gemm(grad_out, ctx.weight):
+            grad_x, grad_a, grad_b = nf4_lora_linear_fused_bwd(
+                grad_out, x, ctx.weight, lora_a, lora_b, xa, ctx.scaling, mask, ctx.keep_scale
+            )
+            grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
         dense = ctx.weight.dequantize(grad_out.dtype)  # recomputed, not stored
         if xa is not None:
             grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
@@ -54,6 +68,109 @@ class _NF4LoraLinear(torch.autograd.Function):
                 grad_x, grad_a, grad_b = torch.autograd.grad(out, leaves, grad_out)
         grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
         return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Training and prefill on CPU: the fused NF4 dequant + GEMM (peftkern::nf4_lora_linear_fwd and
+# nf4_lora_linear_bwd_input, csrc/qlora/qlora_gemm_cpu.cpp).
+# --------------------------------------------------------------------------------------------
+
+# From this many tokens (rows of x, or of grad_out in backward) a CPU QLoRA layer takes the fused
+# ops instead of dequantize-whole + GEMM. Measured with bench/bench_qlora.py
+# (test_qlora_fused_vs_dequant; bench/results/qlora-fused-cpu-2core-2026-12-02.txt; DESIGN.md
+# "QLoRA"), float32, 16-4096 tokens: 2-4x faster at 16-64 tokens on the 7B-like shapes, parity
+# within noise at 1024-4096 tokens and on SmolLM2-135M's shapes; no size lost beyond the noise, and
+# the fused path never allocates the dense weight, so it is taken from the first token.
+FUSED_MIN_TOKENS = 1
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def use_fused_gemm(x2: torch.Tensor, weight) -> bool:
+    """Whether a training / prefill NF4 linear over x2 [T, in] (or a grad_out [T, out]) takes the
+    fused dequant + GEMM: CPU, the op compiled, a dtype it takes, at least FUSED_MIN_TOKENS rows."""
+    return (
+        x2.device.type == "cpu"
+        and x2.dtype in _FUSED_DTYPES
+        and x2.shape[0] >= FUSED_MIN_TOKENS
+        and _ext.has_kernel("nf4_lora_linear_fwd", "cpu")
+    )
+
+
+def _quant_state(weight):
+    """The NF4 weight's tensors and sizes as the ops take them (nested ones None without double
+    quantization)."""
+    n = weight.nested
+    return (weight.packed, weight.absmax, n.absmax if n else None, n.code if n else None,
+            n.offset.reshape(1) if n else None, weight.blocksize, n.blocksize if n else 0)  # fmt: skip
+
+
+def nf4_lora_linear_fwd_reference(x, weight, bias, xa, lora_b, scaling):
+    """The spec of `peftkern::nf4_lora_linear_fwd`: dequantize into x's dtype, then plain matmuls."""
+    out = x @ weight.dequantize(x.dtype).t()
+    if bias is not None:
+        out = out + bias
+    if xa is not None:
+        out = out + scaling * (xa @ lora_b.t())
+    return out
+
+
+def nf4_lora_linear_bwd_input_reference(grad_out, weight, grad_xa, lora_a):
+    """The spec of `peftkern::nf4_lora_linear_bwd_input`: grad_out·deq(W) + grad_xa·lora_a."""
+    grad_x = grad_out @ weight.dequantize(grad_out.dtype)
+    return grad_x + grad_xa @ lora_a if grad_xa is not None else grad_x
+
+
+@_ext.register_fake("nf4_lora_linear_fwd")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, out_features,
+      bias, xa, lora_b, scaling, tile_bytes):  # fmt: skip
+    return x.new_empty((x.shape[0], out_features))
+
+
+@_ext.register_fake("nf4_lora_linear_bwd_input")
+def _(grad_out, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+      in_features, grad_xa, lora_a, tile_bytes):  # fmt: skip
+    return grad_out.new_empty((grad_out.shape[0], in_features))
+
+
+def nf4_lora_linear_fwd(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0, tile_bytes=0):
+    """x·deq(W)ᵀ + b + scaling·xa·lora_bᵀ by the fused CPU op where compiled (else the reference),
+    never materialising deq(W). x [T, in]; weight an NF4Weight [out, in]; bias, xa [T, r] and
+    lora_b [out, r] in x's dtype. tile_bytes: the per-thread decode buffer (0: the op's default)."""
+    if not (x.device.type == "cpu" and _ext.has_kernel("nf4_lora_linear_fwd", "cpu")):
+        return nf4_lora_linear_fwd_reference(x, weight, bias, xa, lora_b, scaling)
+    return torch.ops.peftkern.nf4_lora_linear_fwd(x, *_quant_state(weight), weight.shape[0], bias, xa, lora_b,
+                                                  float(scaling), tile_bytes)  # fmt: skip
+
+
+def nf4_lora_linear_bwd_input(grad_out, weight, grad_xa=None, lora_a=None, tile_bytes=0):
+    """grad_out·deq(W) + grad_xa·lora_a by the fused CPU op where compiled (else the reference)."""
+    if not (grad_out.device.type == "cpu" and _ext.has_kernel("nf4_lora_linear_bwd_input", "cpu")):
+        return nf4_lora_linear_bwd_input_reference(grad_out, weight, grad_xa, lora_a)
+    return torch.ops.peftkern.nf4_lora_linear_bwd_input(grad_out, *_quant_state(weight), weight.shape[1], grad_xa,
+                                                        lora_a, tile_bytes)  # fmt: skip
+
+
+def nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
+    """`peftkern::lora_linear_fwd` over an NF4 weight, with no dense weight: -> (out, xa)."""
+    xd = x * mask * keep_scale if mask is not None else x
+    xa = xd @ lora_a.t()  # [T, r]: T·K·r FLOP, negligible next to the base GEMM
+    has_lora = lora_a.shape[0] > 0
+    out = nf4_lora_linear_fwd(x, weight, bias, xa if has_lora else None, lora_b if has_lora else None, scaling)
+    return out, xa
+
+
+def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, mask, keep_scale):
+    """`peftkern::lora_linear_bwd` over an NF4 weight, with no dense weight: -> (grad_x, grad_a,
+    grad_b). Same formulas: the rank-r factors scaled, xd recomputed from x and the mask."""
+    grad_b = (grad_out.t() @ xa).mul_(scaling)  # [N, r]
+    grad_xa = (grad_out @ lora_b).mul_(scaling)  # [T, r]
+    grad_a = grad_xa.t() @ (x * mask * keep_scale if mask is not None else x)  # [r, K]
+    if mask is None and lora_a.shape[0] > 0:  # the LoRA term accumulated by the op into grad_x's tiles
+        return nf4_lora_linear_bwd_input(grad_out, weight, grad_xa, lora_a), grad_a, grad_b
+    grad_x = nf4_lora_linear_bwd_input(grad_out, weight)
+    if mask is not None:  # dropout: the LoRA path's gradient is masked, the base path's is not
+        grad_x.addcmul_(grad_xa @ lora_a, mask, value=keep_scale)
+    return grad_x, grad_a, grad_b
 
 
 # --------------------------------------------------------------------------------------------
