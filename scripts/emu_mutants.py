@@ -93,6 +93,10 @@ MUTANTS = [
            "for (int offset = kWarp / 2; offset > 0; offset >>= 1) {",
            "for (int offset = kWarp / 4; offset > 0; offset >>= 1) {",
            "tests/test_relora_op.py", "ReLoRA NF4 merge: the block's new absmax skips the first shuffle (half the lanes)"),
+    Mutant("dropout-strided-x-read-as-contiguous", "csrc/dropout/dropout_cuda.cu",
+           "const T xv = x[(e / k) * s0 + (e % k) * s1];",
+           "const T xv = x[e * s1];",
+           "tests/test_dropout_op.py", "LoRA dropout: x indexed by the flat element index, as if its rows were packed"),
 ]  # fmt: skip
 
 

@@ -5,7 +5,7 @@
 
 Training and prefill: the weight is dequantized into x's dtype inside forward and again inside
 backward (`_NF4LoraLinear`), feeding `peftkern::lora_linear_fwd` / `lora_linear_bwd`; saved for
-backward: x, the dropout mask, A, B and xa = dropout(x)·Aᵀ. Decode sizes in inference: the GEMV
+backward: x, A, B and xa = dropout(x)·Aᵀ (no dropout mask: drawn again from (seed, offset)). Decode sizes in inference: the GEMV
 `peftkern::nf4_lora_gemv` reads the 4-bit weight once (bias and LoRA-B in its epilogue).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from .. import _ext
 from .common import autocast_inputs
-from .lora import lora_linear_reference, prepare_dropout
+from .lora import lora_linear_reference, prepare_dropout, reference_mask
 
 # --------------------------------------------------------------------------------------------
 # Training and prefill: dequantize + the LoRA op, the weight recomputed in backward.
@@ -24,36 +24,37 @@ from .lora import lora_linear_reference, prepare_dropout
 
 class _NF4LoraLinear(torch.autograd.Function):
     """lora_linear over an NF4 base: the dequantized weight lives only inside forward and inside
-    backward (recomputed there), never between them; saved: x, the mask, A, B and xa."""
+    backward (recomputed there), never between them; saved: x, A, B and xa. `drop` is the
+    call's dropout (p, seed, offset), drawn again in backward."""
 
     @staticmethod
-    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale, dense):
+    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, drop, dense):
         if dense is None:  # a caller that already dequantized (DoRA) passes it in
             dense = weight.dequantize(x.dtype)
         if _ext.has_kernel("lora_linear_fwd", x.device.type):
-            out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale)
+            out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, *drop)
         else:  # no compiled library: the reference, with backward by autograd through it (below)
-            out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale), None
-        ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
-        ctx.weight, ctx.scaling, ctx.keep_scale = weight, scaling, keep_scale
+            out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, *reference_mask(x, drop)), None
+        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.weight, ctx.scaling, ctx.drop = weight, scaling, drop
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        x, lora_a, lora_b, xa = ctx.saved_tensors
         dense = ctx.weight.dequantize(grad_out.dtype)  # recomputed, not stored
         if xa is not None:
             grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
-                grad_out, x, dense, lora_a, lora_b, xa, ctx.scaling, mask, ctx.keep_scale
+                grad_out, x, dense, lora_a, lora_b, xa, ctx.scaling, *ctx.drop
             )
         else:
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b)]
-                out = lora_linear_reference(leaves[0], dense, None, leaves[1], leaves[2], ctx.scaling, mask,
-                                            ctx.keep_scale)  # fmt: skip
+                out = lora_linear_reference(leaves[0], dense, None, leaves[1], leaves[2], ctx.scaling,
+                                            *reference_mask(x, ctx.drop))  # fmt: skip
                 grad_x, grad_a, grad_b = torch.autograd.grad(out, leaves, grad_out)
         grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,13 +100,13 @@ def nf4_lora_gemv(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0):
     )  # fmt: skip
 
 
-def use_gemv(x2, tensors, mask, dense) -> bool:
+def use_gemv(x2, tensors, drop, dense) -> bool:
     """Whether an NF4 linear over x2 [T, in] takes the decode GEMV: few tokens, a device with the
-    kernel, no dropout mask, no caller-dequantized weight, nothing that needs a gradient."""
+    kernel, no dropout, no caller-dequantized weight, nothing that needs a gradient."""
     return (
         x2.shape[0] <= GEMV_MAX_TOKENS
         and x2.device.type in _GEMV_DEVICES
-        and mask is None
+        and drop[0] == 0.0
         and dense is None
         and _ext.has_kernel("nf4_lora_gemv", x2.device.type)
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)))
@@ -119,14 +120,14 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
     device with the kernel (CPU and CUDA), the GEMV that reads the 4-bit weight once runs instead
     (LoRA-B and bias in its epilogue)."""
     x, bias, lora_a, lora_b = autocast_inputs(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
-    x2, mask, keep_scale = prepare_dropout(x, dropout, training, "nf4_lora_linear")
-    if use_gemv(x2, (bias, lora_a, lora_b), mask, dense):
+    x2, drop = prepare_dropout(x, dropout, training, "nf4_lora_linear")
+    if use_gemv(x2, (bias, lora_a, lora_b), drop, dense):
         x2 = x2.contiguous()
         xa = (x2 @ lora_a.t()).contiguous() if lora_a.shape[0] > 0 else None
         out = nf4_lora_gemv(x2, weight, bias, xa, lora_b.contiguous() if xa is not None else None, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
     dense = dense.detach() if dense is not None else None
-    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale, dense)
+    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), drop, dense)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
