@@ -2,8 +2,8 @@
 //
 // Every kernel walks the flat element range [0, n) of its tensor in tasks of whole Philox
 // blocks (at::parallel_for over blocks of 4 elements), and each task in chunks of kChunkBlocks
-// blocks: first the chunk's words (one loop of independent Philox evaluations, no branch, which
-// the compiler unrolls and vectorises), then the chunk's elements (a second branch-free loop,
+// blocks: first the chunk's words (kLanes Philox evaluations side by side, vectorised:
+// fill_words), then the chunk's elements (a second branch-free loop,
 // vectorised where the input is contiguous). Which thread draws a block never changes the word:
 // the result is the same for any thread count, and the same as the CUDA kernels'.
 #include <ATen/Parallel.h>
@@ -23,14 +23,54 @@ namespace {
 constexpr int64_t kChunkBlocks = 256;            // 1,024 elements: 4 KiB of words, in L1
 constexpr int64_t kGrainBlocks = 16 * kChunkBlocks;  // ~16K elements per parallel task
 
+constexpr int kLanes = 8;  // Philox blocks evaluated side by side
+
 // words[4·b + l] = word l of block first_block + b, for b in [0, blocks).
-void fill_words(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks, uint32_t* words) {
-  for (int64_t b = 0; b < blocks; ++b) {
+// Philox's rounds are a chain of dependent 32×32→64-bit products per block: one block at a time
+// the CPU waits on each product. Here kLanes blocks run lane-parallel (structure of arrays), the
+// same rounds as philox::single_round, so the compiler turns each round into vector multiplies
+// (pmuludq; vpmuludq in the AVX2 clone, chosen at load time by target_clones, baseline x86-64
+// otherwise). Integer arithmetic only: the words are those of philox::block_words (the tests hold
+// the masks to the plain-PyTorch Philox bit for bit, this path and the scalar tail alike).
+__attribute__((target_clones("avx2", "default"))) void fill_words(uint64_t seed, uint64_t offset,
+                                                                  int64_t first_block, int64_t blocks,
+                                                                  uint32_t* words) {
+  int64_t b = 0;
+  for (; b + kLanes <= blocks; b += kLanes) {
+    uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t g = static_cast<uint64_t>(first_block + b + l);
+      c0[l] = static_cast<uint32_t>(g);
+      c1[l] = static_cast<uint32_t>(g >> 32);
+      c2[l] = static_cast<uint32_t>(offset);
+      c3[l] = static_cast<uint32_t>(offset >> 32);
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      for (int l = 0; l < kLanes; ++l) {
+        const uint64_t p0 = static_cast<uint64_t>(philox::kRoundMultiplier0) * c0[l];
+        const uint64_t p1 = static_cast<uint64_t>(philox::kRoundMultiplier1) * c2[l];
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ k0;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ k1;
+        c1[l] = static_cast<uint32_t>(p1);
+        c3[l] = static_cast<uint32_t>(p0);
+        c0[l] = n0;
+        c2[l] = n2;
+      }
+      k0 += philox::kWeylKey0;
+      k1 += philox::kWeylKey1;
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      uint32_t* w = words + 4 * (b + l);
+      w[0] = c0[l];
+      w[1] = c1[l];
+      w[2] = c2[l];
+      w[3] = c3[l];
+    }
+  }
+  for (; b < blocks; ++b) {  // the chunk's last blocks, fewer than kLanes
     const philox::Words w = philox::block_words(seed, offset, static_cast<uint64_t>(first_block + b));
-    words[4 * b] = w.w[0];
-    words[4 * b + 1] = w.w[1];
-    words[4 * b + 2] = w.w[2];
-    words[4 * b + 3] = w.w[3];
+    for (int l = 0; l < 4; ++l) words[4 * b + l] = w.w[l];
   }
 }
 
