@@ -198,6 +198,41 @@ def check_dora(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# Random123's philox4x32-10 known answers: (counter words, key words, output words).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]  # fmt: skip
+
+
+def check_dropout(device: str, generator: torch.Generator) -> list[Result]:
+    """The mask-free dropout must be exact (error 0): Random123's known answers through
+    philox_words, and lora_dropout / lora_dropout_mask on `device` bit for bit against the
+    plain-PyTorch Philox (the CPU and CUDA kernels then draw the same decisions)."""
+    as_i64 = dropout_ops._as_int64
+    results = []
+    for counter, key, expected in PHILOX_KAT:
+        group, seed = as_i64(counter[0] | counter[1] << 32), as_i64(key[0] | key[1] << 32)
+        got = torch.ops.peftkern.philox_words(torch.tensor([group], device=device), seed,
+                                              as_i64(counter[2] | counter[3] << 32)).cpu()  # fmt: skip
+        ok = got.tolist() == [list(expected)]
+        results.append(Result("philox_words (Random123 KAT)", device, "uint32", (1, 4), 0, 0.0 if ok else 1.0, ok))
+    for dtype in (*DTYPES, torch.float64):
+        for shape in [(1, 1), (13, 33), (257, 129), (0, 7)]:
+            seed, offset = (int(v) for v in torch.randint(-(2**62), 2**62, (2,), generator=generator))
+            x = torch.randn(shape, generator=generator).to(dtype)
+            want = dropout_ops.lora_dropout_reference(x, 0.3, seed, offset)
+            got = torch.ops.peftkern.lora_dropout(x.to(device), 0.3, seed, offset).cpu()
+            mask = torch.ops.peftkern.lora_dropout_mask(x.to(device), 0.3, seed, offset).cpu()
+            ok = torch.equal(got, want) and torch.equal(mask, dropout_ops.lora_dropout_mask_reference(shape, 0.3, seed,
+                                                                                                      offset))  # fmt: skip
+            results.append(Result("lora_dropout", device, str(dtype).removeprefix("torch."), shape, 0,
+                                  0.0 if ok else 1.0, ok))  # fmt: skip
+    return results
+
+
 def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
     """nf4_lora_gemv (the QLoRA decode path) against its float32 reference: max error relative
     to the output's scale. Shapes: rows straddling blocks and bytes (odd in), aligned rows (the
@@ -558,6 +593,7 @@ def check_relora(device: str, generator: torch.Generator) -> list[Result]:
 CHECKS = {
     "nf4": check_nf4,
     "lora": check_lora,
+    "dropout": check_dropout,
     "dora": check_dora,
     "qlora_gemv": check_qlora_gemv,
     "ia3": check_ia3,

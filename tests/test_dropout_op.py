@@ -12,19 +12,14 @@ import pytest
 import torch
 
 from peftkern.ops import dropout as dropout_ops
+from peftkern.testing import PHILOX_KAT, check_dropout
 
 from .conftest import emulation_enabled
 
 ops = torch.ops.peftkern
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
-# Random123 1.14 kat_vectors, "philox4x32 10": counter words, key words, expected output words.
-KAT = [
-    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
-]  # fmt: skip
+KAT = PHILOX_KAT  # Random123 1.14 kat_vectors, "philox4x32 10": counter words, key words, output words
 
 
 def _i64(v):
@@ -146,6 +141,11 @@ def test_dropped_non_finite_inputs_stay_non_finite():
     assert 0 < int(mask.sum()) < mask.numel()
     assert torch.isnan(out[~mask & torch.isfinite(x).logical_not()]).all()
     assert torch.equal(out[~mask & torch.isfinite(x)], torch.zeros(int((~mask & torch.isfinite(x)).sum())))
+
+
+def test_self_check_entry_passes_on_cpu(generator):
+    results = check_dropout("cpu", generator)
+    assert len(results) == 3 + 4 * 4 and all(r.passed for r in results), [r for r in results if not r.passed]
 
 
 # --- Statistics ----------------------------------------------------------------------------------
