@@ -34,18 +34,35 @@ inline void define_kernel_ops(torch::Library& m) {
   // The NF4 code table the kernels use (float32 [16], CPU), exported so Python never copies it.
   m.def("nf4_code_table() -> Tensor");
 
+  // --- LoRA dropout without a mask, csrc/dropout/ ----------------------------------------------
+  // Element e = i·K + j of x [M, K] is kept iff uniform(Philox word e of stream (seed, offset))
+  // < 1 − p (common/philox.h, dropout/dropout_math.h); kept elements scaled by 1/(1 − p).
+  // xd = x ⊙ m/(1 − p): x [M, K] any strides, p in [0, 1); a new contiguous [M, K] tensor.
+  m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");
+  // out += x ⊙ m/(1 − p) in place (the LoRA backward's grad_x term); out [M, K] contiguous.
+  m.def("lora_dropout_accumulate_(Tensor(a!) out, Tensor x, float p, int seed, int offset) -> ()");
+  // The keep decisions m (bool, x's shape, element e = flat row-major index) that lora_dropout
+  // applies; tests and the plain-PyTorch reference only (the LoRA ops never materialise it).
+  m.def("lora_dropout_mask(Tensor x, float p, int seed, int offset) -> Tensor");
+  // The float32 uniforms (word >> 8)·2⁻²⁴ of elements 0 .. numel − 1 of stream (seed, offset),
+  // in x's shape (x gives only shape and device).
+  m.def("philox_uniform(Tensor x, int seed, int offset) -> Tensor");
+  // Raw Philox4x32-10 words of counter blocks: groups int64 [G] (read as uint64) ->
+  // int64 [G, 4], counter (group, offset), key seed (checked against Random123's vectors).
+  m.def("philox_words(Tensor groups, int seed, int offset) -> Tensor");
+
   // --- LoRA on dense bases, csrc/lora/ ---------------------------------------------------------
-  // out = x·Wᵀ + b + scaling·(xd·Aᵀ)·Bᵀ with xd = x ⊙ dropout_mask · keep_scale (xd = x when no
-  // mask). x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r], dropout_mask [M, K]
-  // bool. Also returns xa = xd·Aᵀ [M, r], which the backward reuses.
+  // out = x·Wᵀ + b + scaling·(xd·Aᵀ)·Bᵀ with xd = lora_dropout(x, dropout_p, seed, offset)
+  // (xd = x when dropout_p = 0). x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r].
+  // Also returns xa = xd·Aᵀ [M, r], which the backward reuses.
   m.def(
       "lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "float scaling, Tensor? dropout_mask, float keep_scale) -> (Tensor out, Tensor xa)");
+      "float scaling, float dropout_p, int seed, int offset) -> (Tensor out, Tensor xa)");
   // Gradients of lora_linear_fwd for x, lora_a and lora_b (the base weight and bias are frozen);
-  // recomputes xd from x and the mask rather than storing it.
+  // draws the forward's dropout decisions again from (seed, offset): no mask, no xd stored.
   m.def(
       "lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor xa, float scaling, Tensor? dropout_mask, float keep_scale) -> "
+      "Tensor xa, float scaling, float dropout_p, int seed, int offset) -> "
       "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
 
   // --- QLoRA at decode sizes, csrc/qlora/ ----------------------------------------------------------
@@ -134,20 +151,20 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def("ia3_grouped_scale(Tensor t, Tensor scales, Tensor row_adapter) -> Tensor");
 
   // --- Scaled LoRA (VeRA, AdaLoRA), csrc/scaled_lora/ ---------------------------------------------
-  // out = x·Wᵀ + b + scaling·((xd·Aᵀ ⊙ rank_scale)·Bᵀ) ⊙ out_scale, xd = x ⊙ dropout_mask · keep_scale.
+  // out = x·Wᵀ + b + scaling·((xd·Aᵀ ⊙ rank_scale)·Bᵀ) ⊙ out_scale, xd = lora_dropout(x, dropout_p, seed, offset).
   // x [M, K], weight [N, K], bias [N], lora_a [r, K], lora_b [N, r] (any strides: VeRA's slices of
   // its shared matrices), rank_scale r elements (VeRA λ_d, AdaLoRA E [r, 1]) and out_scale N
   // elements (VeRA λ_b), both optional, read in float32 (double for double x). Returns xa = xd·Aᵀ.
   m.def(
       "scaled_lora_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
-      "Tensor? rank_scale, Tensor? out_scale, float scaling, Tensor? dropout_mask, float keep_scale) -> "
+      "Tensor? rank_scale, Tensor? out_scale, float scaling, float dropout_p, int seed, int offset) -> "
       "(Tensor out, Tensor xa)");
   // Gradients of scaled_lora_linear_fwd: grad_x always; grad_a, grad_b, grad_rank_scale,
   // grad_out_scale where output_mask says so (else [0]: frozen A / B cost no GEMM). The scale
   // gradients (dλ, dE) are column sums over the backward's own intermediates; deterministic.
   m.def(
       "scaled_lora_linear_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, "
-      "Tensor xa, Tensor? rank_scale, Tensor? out_scale, float scaling, Tensor? dropout_mask, float keep_scale, "
+      "Tensor xa, Tensor? rank_scale, Tensor? out_scale, float scaling, float dropout_p, int seed, int offset, "
       "bool[4] output_mask) -> (Tensor grad_x, Tensor grad_a, Tensor grad_b, Tensor grad_rank_scale, "
       "Tensor grad_out_scale)");
 

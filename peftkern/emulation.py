@@ -258,13 +258,23 @@ class ScheduleRace(AssertionError):
 def _emulated_kernel(name: str, schedules, seed: int):
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
     calls = [0]
+    # Arguments the op writes (`Tensor(a!)`): each schedule starts from their original values, and
+    # what it leaves in them is compared like an output; the first schedule's values are kept.
+    mutable = [i for i, arg in enumerate(op._schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
 
     def kernel(*args, **kwargs):
         calls[0] += 1
+        originals = [args[i].clone() for i in mutable]
         results = []
         for mode in schedules:
+            for i, original in zip(mutable, originals):
+                args[i].copy_(original)
             set_schedule(mode, seed + calls[0])
-            results.append(op(*args, **kwargs))
+            out = op(*args, **kwargs)
+            results.append((out, *(args[i].clone() for i in mutable)) if mutable else out)
+        if mutable:
+            for i, written in zip(mutable, results[0][1:]):
+                args[i].copy_(written)
         for mode, other in zip(schedules[1:], results[1:]):
             found = _first_difference(results[0], other)
             if found:
@@ -273,7 +283,7 @@ def _emulated_kernel(name: str, schedules, seed: int):
                     f"differ at {found}: a race between GPU threads or blocks"
                 )
         set_schedule("forward")
-        return results[0]
+        return results[0][0] if mutable else results[0]
 
     return kernel
 

@@ -15,6 +15,7 @@ import torch
 
 from .ops import adapter as adapter_ops
 from .ops import dora as dora_ops
+from .ops import dropout as dropout_ops
 from .ops import grouped as grouped_ops
 from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
@@ -112,18 +113,36 @@ GEMM_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1.6e
 LORA_SHAPES = [(1, 7, 5, 2), (13, 33, 17, 4), (64, 96, 80, 16), (3, 5, 4, 8), (9, 1, 3, 1)]  # (tokens, in, out, r)
 
 
-def lora_linear_errors(x, w, b, a, bb, mask, keep_scale, scaling, generator) -> dict[str, float]:
+def dropout_mask_of(x, drop):
+    """(mask, keep scale) on the CPU for the float64 references: the decisions the op draws for
+    x under drop = (p, seed, offset), materialised by `lora_dropout_mask` (its own tests check it
+    against Random123's vectors, the plain-PyTorch Philox and the statistics)."""
+    p, seed, offset = drop
+    if p == 0.0:
+        return None, 1.0
+    return dropout_ops.lora_dropout_mask(x.detach(), p, seed, offset).cpu(), 1.0 / (1.0 - p)
+
+
+def random_dropout(generator, p=0.3):
+    """A (p, seed, offset) dropout with seed and offset drawn from the test's generator."""
+    seed, offset = (int(v) for v in torch.randint(-(2**62), 2**62, (2,), generator=generator))
+    return (p, seed, offset)
+
+
+def lora_linear_errors(x, w, b, a, bb, drop, scaling, generator) -> dict[str, float]:
     """Worst error / allowed error of lora_linear_fwd's output and of its gradients for x, A, B
-    (pass: <= 1). Allowed: tolerance(dtype) * the same computation on absolute values in float64,
-    i.e. the sum of |terms| that bounds a GEMM's rounding error, element by element; so a result
-    that cancels to almost nothing is judged on its terms, not on itself. NaN gives inf."""
+    (pass: <= 1), under drop = (p, seed, offset) (lora.NO_DROPOUT: none). Allowed:
+    tolerance(dtype) * the same computation on absolute values in float64, i.e. the sum of
+    |terms| that bounds a GEMM's rounding error, element by element; so a result that cancels to
+    almost nothing is judged on its terms, not on itself. NaN gives inf. The reference gets the
+    op's dropout decisions as a mask (`dropout_mask_of`)."""
     x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
-    out, _ = torch.ops.peftkern.lora_linear_fwd(x, w, b, a, bb, scaling, mask, keep_scale)
+    out, _ = torch.ops.peftkern.lora_linear_fwd(x, w, b, a, bb, scaling, *drop)
+    cpu_mask, keep_scale = dropout_mask_of(x, drop)
 
     def reference64(transform):
         leaves = [transform(t.detach().double().cpu()).requires_grad_() if t is not None else None
                   for t in (x, w, b, a, bb)]  # fmt: skip
-        cpu_mask = mask.cpu() if mask is not None else None
         return lora_ops.lora_linear_reference(*leaves, scaling, cpu_mask, keep_scale), leaves
 
     exact, leaves = reference64(lambda t: t)
@@ -145,8 +164,8 @@ def random_lora_inputs(shape, dtype, device, generator, bias=True, dropout=False
         t = torch.randn(size, generator=generator, dtype=torch.float64) / max(size[-1], 1) ** 0.5
         return t.to(device=device, dtype=dtype)
 
-    mask = (torch.rand(m, k, generator=generator) > 0.3).to(device) if dropout else None
-    return rand(m, k), rand(n, k), rand(n) if bias else None, rand(r, k), rand(n, r), mask
+    drop = random_dropout(generator) if dropout else lora_ops.NO_DROPOUT
+    return rand(m, k), rand(n, k), rand(n) if bias else None, rand(r, k), rand(n, r), drop
 
 
 def check_lora(device: str, generator: torch.Generator) -> list[Result]:
@@ -154,8 +173,8 @@ def check_lora(device: str, generator: torch.Generator) -> list[Result]:
     for dtype in DTYPES:
         for shape in LORA_SHAPES:
             for dropout in (False, True):
-                x, w, b, a, bb, mask = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
-                errors = lora_linear_errors(x, w, b, a, bb, mask, 1 / 0.7 if dropout else 1.0, 0.75, generator)
+                x, w, b, a, bb, drop = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
+                errors = lora_linear_errors(x, w, b, a, bb, drop, 0.75, generator)
                 worst = max(errors.values())
                 results.append(Result("lora_linear_fwd+bwd", device, str(dtype).removeprefix("torch."), shape,
                                       0, worst, worst <= 1.0))  # fmt: skip
@@ -176,6 +195,41 @@ def check_dora(device: str, generator: torch.Generator) -> list[Result]:
             allowed = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
             results.append(Result("dora_weight_norm", device, str(dtype).removeprefix("torch."), (n, k, r), 0,
                                   error, error <= allowed))  # fmt: skip
+    return results
+
+
+# Random123's philox4x32-10 known answers: (counter words, key words, output words).
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF, 0xFFFFFFFF), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]  # fmt: skip
+
+
+def check_dropout(device: str, generator: torch.Generator) -> list[Result]:
+    """The mask-free dropout must be exact (error 0): Random123's known answers through
+    philox_words, and lora_dropout / lora_dropout_mask on `device` bit for bit against the
+    plain-PyTorch Philox (the CPU and CUDA kernels then draw the same decisions)."""
+    as_i64 = dropout_ops._as_int64
+    results = []
+    for counter, key, expected in PHILOX_KAT:
+        group, seed = as_i64(counter[0] | counter[1] << 32), as_i64(key[0] | key[1] << 32)
+        got = torch.ops.peftkern.philox_words(torch.tensor([group], device=device), seed,
+                                              as_i64(counter[2] | counter[3] << 32)).cpu()  # fmt: skip
+        ok = got.tolist() == [list(expected)]
+        results.append(Result("philox_words (Random123 KAT)", device, "uint32", (1, 4), 0, 0.0 if ok else 1.0, ok))
+    for dtype in (*DTYPES, torch.float64):
+        for shape in [(1, 1), (13, 33), (257, 129), (0, 7)]:
+            seed, offset = (int(v) for v in torch.randint(-(2**62), 2**62, (2,), generator=generator))
+            x = torch.randn(shape, generator=generator).to(dtype)
+            want = dropout_ops.lora_dropout_reference(x, 0.3, seed, offset)
+            got = torch.ops.peftkern.lora_dropout(x.to(device), 0.3, seed, offset).cpu()
+            mask = torch.ops.peftkern.lora_dropout_mask(x.to(device), 0.3, seed, offset).cpu()
+            ok = torch.equal(got, want) and torch.equal(mask, dropout_ops.lora_dropout_mask_reference(shape, 0.3, seed,
+                                                                                                      offset))  # fmt: skip
+            results.append(Result("lora_dropout", device, str(dtype).removeprefix("torch."), shape, 0,
+                                  0.0 if ok else 1.0, ok))  # fmt: skip
     return results
 
 
@@ -450,7 +504,7 @@ def random_scaled_lora_inputs(shape, dtype, device, generator, rank_scale=True, 
     for float64), each of either sign; strided: A a column slice of a wider matrix (VeRA's
     vera_A[:, :in]) and B a row slice (vera_B[:out, :])."""
     m, k, n, r = shape
-    x, w, b, a, bb, mask = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
+    x, w, b, a, bb, drop = random_lora_inputs(shape, dtype, device, generator, dropout=dropout)
     if strided:
         wide_a = torch.randn(r, k + 5, generator=generator, dtype=torch.float64) / max(k, 1) ** 0.5
         tall_b = torch.randn(n + 3, r, generator=generator, dtype=torch.float64) / max(r, 1) ** 0.5
@@ -458,10 +512,10 @@ def random_scaled_lora_inputs(shape, dtype, device, generator, rank_scale=True, 
     scale_dtype = acc_dtype(dtype)
     rs = torch.randn(r, generator=generator, dtype=torch.float64).to(device=device, dtype=scale_dtype)
     os_ = torch.randn(n, generator=generator, dtype=torch.float64).to(device=device, dtype=scale_dtype)
-    return x, w, b, a, bb, rs if rank_scale else None, os_ if out_scale else None, mask
+    return x, w, b, a, bb, rs if rank_scale else None, os_ if out_scale else None, drop
 
 
-def scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, keep_scale, scaling, train_ab, generator) -> dict[str, float]:
+def scaled_lora_errors(x, w, b, a, bb, rs, os_, drop, scaling, train_ab, generator) -> dict[str, float]:
     """Worst error / allowed error of scaled_lora_linear_fwd's output and of its gradients for x,
     the scales present and (train_ab) A and B (pass: <= 1), judged as lora_linear_errors: against
     the float64 reference, allowed GEMM_TOLERANCE[dtype] times the same computation on absolute
@@ -472,15 +526,15 @@ def scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, keep_scale, scaling, train
     trained = {"x": "x", "a": "a", "b": "b_", "rank_scale": "rank_scale", "out_scale": "out_scale"}
     leaves = {k: (t.detach().requires_grad_() if k in [trained[n] for n in names] else t) for k, t in tensors.items()}
     out, _ = torch.ops.peftkern.scaled_lora_linear_fwd(leaves["x"], w, b, leaves["a"], leaves["b_"],
-                                                       leaves["rank_scale"], leaves["out_scale"], scaling, mask,
-                                                       keep_scale)  # fmt: skip
+                                                       leaves["rank_scale"], leaves["out_scale"], scaling,
+                                                       *drop)  # fmt: skip
+    cpu_mask, keep_scale = dropout_mask_of(x, drop)
     g = torch.randn(out.shape, generator=generator).to(out.dtype)
     got = torch.autograd.grad(out, [leaves[trained[n]] for n in names], g.to(out.device))
 
     def reference64(transform):
         ls = {k: (transform(t.detach().double().cpu()).requires_grad_() if t is not None else None)
               for k, t in tensors.items()}  # fmt: skip
-        cpu_mask = mask.cpu() if mask is not None else None
         s = abs(scaling) if transform is torch.abs else scaling
         return scaled_lora_ops.scaled_lora_linear_reference(ls["x"], ls["w"], ls["b"], ls["a"], ls["b_"], s,
                                                             ls["rank_scale"], ls["out_scale"], cpu_mask,
@@ -504,10 +558,9 @@ def check_scaled_lora(device: str, generator: torch.Generator) -> list[Result]:
         for shape in SCALED_LORA_SHAPES:
             for rank_scale, out_scale, train_ab in SCALED_LORA_VARIANTS:
                 for dropout, strided in ((False, False), (True, True)):
-                    x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs(
+                    x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs(
                         shape, dtype, device, generator, rank_scale, out_scale, dropout, strided)  # fmt: skip
-                    errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, 1 / 0.7 if dropout else 1.0, 0.8,
-                                                train_ab, generator)  # fmt: skip
+                    errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, drop, 0.8, train_ab, generator)
                     worst = max(errors.values())
                     name = "scaled_lora " + "".join(c for c, on in zip("RO", (rank_scale, out_scale)) if on) + (
                         "" if train_ab else " frozen AB")  # fmt: skip
@@ -540,6 +593,7 @@ def check_relora(device: str, generator: torch.Generator) -> list[Result]:
 CHECKS = {
     "nf4": check_nf4,
     "lora": check_lora,
+    "dropout": check_dropout,
     "dora": check_dora,
     "qlora_gemv": check_qlora_gemv,
     "ia3": check_ia3,

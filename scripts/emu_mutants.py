@@ -97,6 +97,10 @@ MUTANTS = [
            "  const V result = scratch[0];\n  __syncthreads();  // scratch is reused by the next reduction\n",
            "  const V result = scratch[0];\n",
            "tests/test_proxy_op.py", "Proxy-tuning logits: a block reduction returns without the barrier that keeps the next one from overwriting its result"),
+    Mutant("dropout-strided-x-read-as-contiguous", "csrc/dropout/dropout_cuda.cu",
+           "const T xv = x[(e / k) * s0 + (e % k) * s1];",
+           "const T xv = x[e * s1];",
+           "tests/test_dropout_op.py", "LoRA dropout: x indexed by the flat element index, as if its rows were packed"),
 ]  # fmt: skip
 
 

@@ -1,6 +1,7 @@
 """DoRA: the fused weight-norm kernel against its reference, and DoRA layers against Hugging Face
-PEFT (dense bases on Llama and GPT-2's Conv1D, with and without dropout; NF4 bases against PEFT +
-bitsandbytes)."""
+PEFT (dense bases on Llama and GPT-2's Conv1D, with and without dropout: under dropout PEFT's
+nn.Dropout is replaced by peftkern's draws, since the two generators differ; NF4 bases against
+PEFT + bitsandbytes)."""
 
 import copy
 
@@ -9,6 +10,7 @@ import torch
 
 import peftkern
 from peftkern.ops import dora as dora_ops
+from peftkern.ops import dropout as dropout_ops
 
 from .conftest import requires_cuda
 from .helpers import QLORA_TARGETS, TARGETS, assert_matches_peft, batch, lora_pair, tiny_model
@@ -70,9 +72,30 @@ def test_dora_matches_peft(arch, generator):
     compare_with_peft(theirs, ours, batch(generator))
 
 
+class _PeftkernDropout(torch.nn.Module):
+    """Stands in for PEFT's nn.Dropout: peftkern's decisions (same distribution as torch's
+    bernoulli, different draws), by the plain-PyTorch Philox reference, (seed, offset) drawn from
+    torch's generator as peftkern's layers draw it: an injected mask, identical on both sides."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        return dropout_ops.lora_dropout_reference(x2, self.p, *dropout_ops.draw_seed(x.device)).view(x.shape)
+
+
 def test_dora_with_dropout_matches_peft_in_training(generator):
-    """Both draw their dropout masks with torch's dropout, once per layer: same seed, same masks."""
+    """PEFT's dropout modules replaced by peftkern's draws; both models draw once per layer in the
+    same order, so the same seed gives the same decisions."""
     theirs, ours = lora_pair("llama", target_modules=TARGETS["llama"], use_dora=True, lora_dropout=0.2)
+    replaced = 0
+    for module in theirs.modules():
+        if isinstance(getattr(module, "lora_dropout", None), torch.nn.ModuleDict):
+            module.lora_dropout["default"] = _PeftkernDropout(module.lora_dropout["default"].p)
+            replaced += 1
+    assert replaced > 0
     theirs.train()
     ours.train()
     inputs = batch(generator)

@@ -7,6 +7,7 @@ import torch
 
 from peftkern import NF4Weight, _ext
 from peftkern.ops import scaled_lora as ops_py
+from peftkern.ops.lora import NO_DROPOUT
 from peftkern.testing import (
     SCALED_LORA_SHAPES,
     SCALED_LORA_VARIANTS,
@@ -25,10 +26,9 @@ ops = torch.ops.peftkern
 @pytest.mark.parametrize("dropout, strided", [(False, False), (True, True), (False, True)])
 def test_matches_reference(dtype, rank_scale, out_scale, train_ab, dropout, strided, generator):
     for shape in SCALED_LORA_SHAPES:
-        x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs(shape, dtype, "cpu", generator, rank_scale,
+        x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs(shape, dtype, "cpu", generator, rank_scale,
                                                                   out_scale, dropout, strided)  # fmt: skip
-        errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, 1 / 0.7 if dropout else 1.0, 0.8, train_ab,
-                                    generator)  # fmt: skip
+        errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, drop, 0.8, train_ab, generator)
         assert all(e <= 1.0 for e in errors.values()), (shape, errors)
 
 
@@ -38,11 +38,11 @@ def test_the_judge_fails_a_wrong_result_and_a_nan(generator, monkeypatch):
     reference = ops_py.scaled_lora_linear_reference
     monkeypatch.setattr(ops_py, "scaled_lora_linear_reference",
                         lambda *args, **kw: reference(*args[:5], args[5] * 1.001, *args[6:], **kw))  # fmt: skip
-    assert max(scaled_lora_errors(x, w, b, a, bb, rs, os_, None, 1.0, 0.8, True, generator).values()) > 1.0
+    assert max(scaled_lora_errors(x, w, b, a, bb, rs, os_, NO_DROPOUT, 0.8, True, generator).values()) > 1.0
     monkeypatch.setattr(ops_py, "scaled_lora_linear_reference", reference)
     x = x.clone()
     x[3, 5] = float("nan")
-    errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, None, 1.0, 0.8, True, generator)
+    errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, NO_DROPOUT, 0.8, True, generator)
     assert errors["out"] == float("inf")
 
 
@@ -54,35 +54,36 @@ def test_self_check_entry_passes_on_cpu(generator):
 
 def test_without_scales_it_is_the_lora_op(generator):
     x, w, b, a, bb, _, _, _ = random_scaled_lora_inputs((9, 12, 7, 3), torch.float32, "cpu", generator)
-    got = ops.scaled_lora_linear_fwd(x, w, b, a, bb, None, None, 0.7, None, 1.0)[0]
-    torch.testing.assert_close(got, ops.lora_linear_fwd(x, w, b, a, bb, 0.7, None, 1.0)[0])
+    drop = (0.4, 99, 3)  # and draws the same dropout decisions
+    got = ops.scaled_lora_linear_fwd(x, w, b, a, bb, None, None, 0.7, *drop)[0]
+    torch.testing.assert_close(got, ops.lora_linear_fwd(x, w, b, a, bb, 0.7, *drop)[0])
 
 
 @pytest.mark.parametrize("rank_scale, out_scale, train_ab", SCALED_LORA_VARIANTS)
 def test_gradcheck_float64(rank_scale, out_scale, train_ab, generator):
-    x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs((6, 5, 4, 3), torch.float64, "cpu", generator,
+    x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs((6, 5, 4, 3), torch.float64, "cpu", generator,
                                                               rank_scale, out_scale, dropout=True, strided=True)  # fmt: skip
     inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, a, bb, rs, os_, b)]
     if not train_ab:
         inputs[1], inputs[2] = a, bb
 
     def f(x, a, bb, rs, os_, b):
-        return ops.scaled_lora_linear_fwd(x, w, b, a, bb, rs, os_, 1.7, mask, 1.25)[0]
+        return ops.scaled_lora_linear_fwd(x, w, b, a, bb, rs, os_, 1.7, *drop)[0]
 
     assert torch.autograd.gradcheck(f, tuple(inputs))
 
 
 def test_opcheck(generator):
-    x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs((7, 9, 5, 3), torch.float32, "cpu", generator,
+    x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs((7, 9, 5, 3), torch.float32, "cpu", generator,
                                                               dropout=True, strided=True)  # fmt: skip
-    torch.library.opcheck(ops.scaled_lora_linear_fwd.default, (x, w, b, a, bb, rs, os_, 0.5, mask, 1.5))
+    torch.library.opcheck(ops.scaled_lora_linear_fwd.default, (x, w, b, a, bb, rs, os_, 0.5, *drop))
     torch.library.opcheck(ops.scaled_lora_linear_fwd.default,
-                          (x.requires_grad_(), w, b, a, bb, rs.requires_grad_(), None, 0.5, None, 1.0))  # fmt: skip
-    out, xa = ops.scaled_lora_linear_fwd(x.detach(), w, b, a, bb, rs, os_, 0.5, mask, 1.5)
+                          (x.requires_grad_(), w, b, a, bb, rs.requires_grad_(), None, 0.5, *NO_DROPOUT))  # fmt: skip
+    out, xa = ops.scaled_lora_linear_fwd(x.detach(), w, b, a, bb, rs, os_, 0.5, *drop)
     g = torch.randn_like(out)
     for wanted in ([True, True, True, True], [False, False, True, True], [True, False, False, True]):
         torch.library.opcheck(ops.scaled_lora_linear_bwd.default,
-                              (g, x.detach(), w, a, bb, xa.detach(), rs.detach(), os_, 0.5, mask, 1.5, wanted))  # fmt: skip
+                              (g, x.detach(), w, a, bb, xa.detach(), rs.detach(), os_, 0.5, *drop, wanted))  # fmt: skip
 
 
 def _gemms_in_backward(out) -> int:
@@ -111,15 +112,17 @@ def test_frozen_a_and_b_cost_no_gradient_gemm(kernels, generator):
     assert (frozen, trained) == (4 * runs, 6 * runs)
 
 
-def test_backward_saves_x_mask_and_xa_only(generator):
+def test_backward_saves_x_and_xa_only_no_dropout_mask(generator):
     m, k, n, r = 9, 24, 16, 5
     x, w, b, a, bb, rs, os_, _ = random_scaled_lora_inputs((m, k, n, r), torch.float32, "cpu", generator)
     x, rs, os_ = (t.requires_grad_() for t in (x, rs, os_))
     saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         ops_py.scaled_lora_linear(x, w, b, a, bb, 1.0, rs, os_, dropout=0.3, training=True)
-    assert (m, n) not in saved  # neither v nor the output scaled: recomputed
-    assert sorted(saved) == sorted([(m, k), (n, k), (r, k), (n, r), (m, r), (r,), (n,), (m, k)]), saved
+    shapes = [tuple(t.shape) for t in saved]
+    assert (m, n) not in shapes  # neither v nor the output scaled: recomputed
+    assert not any(t.dtype == torch.bool for t in saved)  # the dropout decisions are drawn again
+    assert sorted(shapes) == sorted([(m, k), (n, k), (r, k), (n, r), (m, r), (r,), (n,)]), shapes
 
 
 def test_scale_gradients_are_deterministic(generator):
@@ -207,24 +210,24 @@ def test_nf4_base_matches_the_dequantized_dense_base(dtype, generator):
         (lambda t: {**t, "rs": t["rs"][:-1]}, "rank_scale must have 2 elements"),
         (lambda t: {**t, "os": t["os"][:-1]}, "out_scale must have 5 elements"),
         (lambda t: {**t, "os": t["os"].int()}, "out_scale must be"),
-        (lambda t: {**t, "mask": torch.ones(2, 2, dtype=torch.bool)}, "dropout_mask is"),
+        (lambda t: {**t, "p": 1.0}, r"p must be in \[0, 1\)"),
     ],
 )
 def test_bad_input_gets_a_clear_error(mutate, message, generator):
-    x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs((4, 6, 5, 2), torch.float32, "cpu", generator,
+    x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs((4, 6, 5, 2), torch.float32, "cpu", generator,
                                                               dropout=True)  # fmt: skip
-    t = mutate({"x": x, "w": w, "b": b, "a": a, "bb": bb, "rs": rs, "os": os_, "mask": mask})
+    t = mutate({"x": x, "w": w, "b": b, "a": a, "bb": bb, "rs": rs, "os": os_, "p": drop[0]})
     with pytest.raises(RuntimeError, match=message):
-        ops.scaled_lora_linear_fwd(t["x"], t["w"], t["b"], t["a"], t["bb"], t["rs"], t["os"], 1.0, t["mask"], 1.0)
+        ops.scaled_lora_linear_fwd(t["x"], t["w"], t["b"], t["a"], t["bb"], t["rs"], t["os"], 1.0, t["p"], *drop[1:])
 
 
 def test_backward_refuses_a_scale_gradient_without_the_scale(generator):
     x, w, b, a, bb, rs, os_, _ = random_scaled_lora_inputs((4, 6, 5, 2), torch.float32, "cpu", generator)
-    out, xa = ops.scaled_lora_linear_fwd(x, w, b, a, bb, None, None, 1.0, None, 1.0)
+    out, xa = ops.scaled_lora_linear_fwd(x, w, b, a, bb, None, None, 1.0, *NO_DROPOUT)
     with pytest.raises(RuntimeError, match="no out_scale"):
-        ops.scaled_lora_linear_bwd(out, x, w, a, bb, xa, None, None, 1.0, None, 1.0, [True, True, False, True])
+        ops.scaled_lora_linear_bwd(out, x, w, a, bb, xa, None, None, 1.0, *NO_DROPOUT, [True, True, False, True])
     with pytest.raises(RuntimeError, match="xa is"):
-        ops.scaled_lora_linear_bwd(out, x, w, a, bb, xa[:, :1], rs, os_, 1.0, None, 1.0, [True] * 4)
+        ops.scaled_lora_linear_bwd(out, x, w, a, bb, xa[:, :1], rs, os_, 1.0, *NO_DROPOUT, [True] * 4)
 
 
 @requires_cuda
@@ -232,7 +235,7 @@ def test_backward_refuses_a_scale_gradient_without_the_scale(generator):
 def test_cuda_matches_reference(dtype, generator):
     for shape in SCALED_LORA_SHAPES:
         for rank_scale, out_scale, train_ab in SCALED_LORA_VARIANTS:
-            x, w, b, a, bb, rs, os_, mask = random_scaled_lora_inputs(shape, dtype, "cuda", generator, rank_scale,
+            x, w, b, a, bb, rs, os_, drop = random_scaled_lora_inputs(shape, dtype, "cuda", generator, rank_scale,
                                                                       out_scale, dropout=True, strided=True)  # fmt: skip
-            errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, mask, 1.25, 0.5, train_ab, generator)
+            errors = scaled_lora_errors(x, w, b, a, bb, rs, os_, drop, 0.5, train_ab, generator)
             assert all(e <= 1.0 for e in errors.values()), (shape, errors)

@@ -1,19 +1,20 @@
 // LoRA on a dense base: forward and hand-written backward.
 //
-//   out = x·Wᵀ + b + s·(xd·Aᵀ)·Bᵀ,   xd = x ⊙ mask · keep_scale  (dropout; xd = x without it)
+//   out = x·Wᵀ + b + s·(xd·Aᵀ)·Bᵀ,   xd = x ⊙ m/(1−p)  (dropout; xd = x without it)
 //
 // Shapes: x [M, K], W [N, K] (any strides: a transposed view serves fan_in_fan_out bases),
-// b [N], A [r, K], B [N, r], mask [M, K] bool. Python flattens leading dims into M.
+// b [N], A [r, K], B [N, r]. Python flattens leading dims into M. The dropout decisions m are
+// drawn from (seed, offset) by csrc/dropout/ and drawn again in backward: no mask exists.
 //
 // What this version fuses (every GEMM is the vendor BLAS — MKL/oneDNN on CPU, cuBLAS(Lt) on
 // CUDA — reached through ATen, so one implementation serves both devices):
 //   * the bias rides in the base GEMM's epilogue (addmm), the LoRA-B product is accumulated into
 //     the same output buffer by the GEMM's beta=1 epilogue (no [M, N] temporary, no extra add);
-//   * backward stores only x (an alias, no copy), the bool dropout mask and xa = xd·Aᵀ [M, r];
-//     xd is recomputed from x and the mask instead of being stored ([M, K] floats saved);
+//   * backward stores only x (an alias, no copy) and xa = xd·Aᵀ [M, r]; xd is one pass that
+//     draws the decisions again, freed after the GEMM that reads it (no [M, K] saved);
 //   * dx accumulates the LoRA term into the base term's buffer the same way.
 // Not yet: one GEMM over W stacked with A (reads x once) and custom GEMM kernels with the
-// dropout in their prologue: see DESIGN.md.
+// dropout in their prologue: see DESIGN.md ("LoRA dropout without a mask").
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,6 +22,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../dropout/dropout_host.h"
 
 namespace peftkern {
 namespace lora {
@@ -32,7 +34,7 @@ constexpr const char* kBwd = "lora_linear_bwd";
 // Validates shapes; returns (M, K, N, r).
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_lora_args(
     const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const std::optional<at::Tensor>& dropout_mask) {
+    const at::Tensor& lora_b, double dropout_p) {
   check_dtype(x, op, "x", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2, op,
@@ -46,34 +48,23 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_lora_args(
   check_like(weight, op, "weight", x);
   check_like(lora_a, op, "lora_a", x);
   check_like(lora_b, op, "lora_b", x);
-  if (dropout_mask) {
-    check_dtype(*dropout_mask, op, "dropout_mask", {at::kBool});
-    TORCH_CHECK(dropout_mask->sizes() == x.sizes(), op, ": dropout_mask is ", dropout_mask->sizes(),
-                " but x is ", x.sizes());
-    check_device(*dropout_mask, op, "dropout_mask", x, "x");
-  }
+  dropout::check_p(op, dropout_p);
   return {m, k, n, r};
 }
 
-at::Tensor dropped_input(const at::Tensor& x, const std::optional<at::Tensor>& mask,
-                         double keep_scale) {
-  return mask ? x * *mask * keep_scale : x;
-}
-
-// -> (out [M, N], xa [M, r]); xa is what backward needs besides x and the mask.
+// -> (out [M, N], xa [M, r]); xa is what backward needs besides x.
 std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at::Tensor& weight,
                                                    const std::optional<at::Tensor>& bias,
                                                    const at::Tensor& lora_a,
                                                    const at::Tensor& lora_b, double scaling,
-                                                   const std::optional<at::Tensor>& dropout_mask,
-                                                   double keep_scale) {
-  const auto [m, k, n, r] = check_lora_args(kFwd, x, weight, lora_a, lora_b, dropout_mask);
+                                                   double dropout_p, int64_t seed, int64_t offset) {
+  const auto [m, k, n, r] = check_lora_args(kFwd, x, weight, lora_a, lora_b, dropout_p);
   if (bias) {
     check_like(*bias, kFwd, "bias", x);
     check_numel(*bias, kFwd, "bias", n);
   }
   at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  at::Tensor xa = at::mm(dropped_input(x, dropout_mask, keep_scale), lora_a.t());
+  at::Tensor xa = at::mm(dropout::lora_input(x, dropout_p, seed, offset), lora_a.t());
   out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
   return {out, xa};
 }
@@ -82,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scaling,
-    const std::optional<at::Tensor>& dropout_mask, double keep_scale) {
-  const auto [m, k, n, r] = check_lora_args(kBwd, x, weight, lora_a, lora_b, dropout_mask);
+    double dropout_p, int64_t seed, int64_t offset) {
+  const auto [m, k, n, r] = check_lora_args(kBwd, x, weight, lora_a, lora_b, dropout_p);
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kBwd,
               ": grad_out is ", grad_out.sizes(), ", expected [", m, ", ", n, "]");
   check_like(grad_out, kBwd, "grad_out", x);
@@ -92,10 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [M, r] factors, not the big ones.
   at::Tensor grad_b = at::mm(grad_out.t(), xa).mul_(scaling);  // [N, r]
   at::Tensor grad_xa = at::mm(grad_out, lora_b).mul_(scaling);  // [M, r]
-  at::Tensor grad_a = at::mm(grad_xa.t(), dropped_input(x, dropout_mask, keep_scale));  // [r, K]
+  at::Tensor grad_a = at::mm(grad_xa.t(), dropout::lora_input(x, dropout_p, seed, offset));  // [r, K]
   at::Tensor grad_x = at::mm(grad_out, weight);  // [M, K]
-  if (dropout_mask) {
-    grad_x.addcmul_(at::mm(grad_xa, lora_a), *dropout_mask, keep_scale);
+  if (dropout_p > 0.0) {  // (grad_xa·A) ⊙ m/(1−p) added in one pass that draws m again
+    dropout::accumulate_lora_grad(grad_x, at::mm(grad_xa, lora_a), dropout_p, seed, offset);
   } else {
     grad_x.addmm_(grad_xa, lora_a);
   }

@@ -179,19 +179,19 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& we
                                        const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                        const at::Tensor& lora_b, const std::optional<at::Tensor>& rank_scale,
                                        const std::optional<at::Tensor>& out_scale, double scaling,
-                                       const std::optional<at::Tensor>& dropout_mask, double keep_scale) {
+                                       double dropout_p, int64_t seed, int64_t offset) {
   const CudaDeviceGuard guard(x);
-  return CudaOps::fwd(x, weight, bias, lora_a, lora_b, rank_scale, out_scale, scaling, dropout_mask, keep_scale);
+  return CudaOps::fwd(x, weight, bias, lora_a, lora_b, rank_scale, out_scale, scaling, dropout_p, seed, offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
     const at::Tensor& lora_b, const at::Tensor& xa, const std::optional<at::Tensor>& rank_scale,
-    const std::optional<at::Tensor>& out_scale, double scaling, const std::optional<at::Tensor>& dropout_mask,
-    double keep_scale, std::array<bool, 4> output_mask) {
+    const std::optional<at::Tensor>& out_scale, double scaling, double dropout_p,
+    int64_t seed, int64_t offset, std::array<bool, 4> output_mask) {
   const CudaDeviceGuard guard(x);
-  return CudaOps::bwd(grad_out, x, weight, lora_a, lora_b, xa, rank_scale, out_scale, scaling, dropout_mask,
-                      keep_scale, output_mask);
+  return CudaOps::bwd(grad_out, x, weight, lora_a, lora_b, xa, rank_scale, out_scale, scaling, dropout_p, seed,
+                      offset, output_mask);
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 // Scaled LoRA on a dense base: host code shared by CPU and CUDA (checks, GEMMs through ATen, the
 // calls into the device's fused kernels).
 //
-//   out = x·Wᵀ + b + s·((xd·Aᵀ ⊙ rank_scale)·Bᵀ) ⊙ out_scale,   xd = x ⊙ mask · keep_scale
+//   out = x·Wᵀ + b + s·((xd·Aᵀ ⊙ rank_scale)·Bᵀ) ⊙ out_scale,   xd = x ⊙ m/(1−p)
+//
+// m: LoRA dropout's keep decisions, drawn from (seed, offset) by csrc/dropout/ in forward and
+// drawn again in backward (no mask exists; xd lives only for the GEMM that reads it).
 //
 // Shapes: x [M, K], W [N, K] (any strides: a transposed view serves fan_in_fan_out bases), b [N],
 // A [r, K], B [N, r] (any strides: VeRA passes slices of its shared matrices), rank_scale with r
@@ -12,12 +15,12 @@
 //   fwd: out = addmm(b, x, Wᵀ); xa = xd·Aᵀ (GEMM); u = xa ⊙ rank_scale (one pass over [M, r]);
 //        with out_scale: v = u·Bᵀ (GEMM) and ONE epilogue pass out += s·v ⊙ out_scale in place;
 //        without: out += s·u·Bᵀ by the GEMM's beta=1 epilogue (no [M, N] temporary).
-//        Saved for backward: x (an alias), the mask, xa [M, r]; u and v are recomputed.
+//        Saved for backward: x (an alias) and xa [M, r]; u, v and xd are recomputed.
 //   bwd: with out_scale, ONE pass over g: gs = g ⊙ out_scale and dλ_b = s·Σ_rows g ⊙ v (v
 //        recomputed by one GEMM only when dλ_b is wanted); raw = gs·B (GEMM); with rank_scale,
 //        ONE pass over raw: dxa = s·raw ⊙ rank_scale (in place) and dλ_d = s·Σ_rows raw ⊙ xa;
 //        dB = s·gsᵀ·u, dA = dxaᵀ·xd (each only when asked: frozen A / B skip their GEMMs);
-//        dx = g·W + (dxa·A) ⊙ mask · keep_scale.
+//        dx = g·W + (dxa·A) ⊙ m/(1−p) (one pass drawing m again).
 //
 // `Kernels` is the device's set of fused kernels (scaled_lora_cpu.cpp, scaled_lora_cuda.cu):
 //   scale_columns(src [M, W], l [W] acc, alpha, out [M, W])   out = alpha·src ⊙ l (out may be src)
@@ -36,6 +39,7 @@
 #include "../common/accumulate.h"
 #include "../common/checks.h"
 #include "../common/outputs.h"
+#include "../dropout/dropout_host.h"
 
 namespace peftkern {
 namespace scaled_lora {
@@ -46,7 +50,7 @@ struct Sizes {
 
 inline Sizes check_args(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
                         const at::Tensor& lora_b, const std::optional<at::Tensor>& rank_scale,
-                        const std::optional<at::Tensor>& out_scale, const std::optional<at::Tensor>& dropout_mask) {
+                        const std::optional<at::Tensor>& out_scale) {
   check_dtype(x, op, "x", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [tokens, in_features], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 2 && lora_a.dim() == 2 && lora_b.dim() == 2, op,
@@ -70,22 +74,12 @@ inline Sizes check_args(const char* op, const at::Tensor& x, const at::Tensor& w
     check_device(*out_scale, op, "out_scale", x, "x");
     check_numel(*out_scale, op, "out_scale", n);
   }
-  if (dropout_mask) {
-    check_dtype(*dropout_mask, op, "dropout_mask", {at::kBool});
-    TORCH_CHECK(dropout_mask->sizes() == x.sizes(), op, ": dropout_mask is ", dropout_mask->sizes(), " but x is ",
-                x.sizes());
-    check_device(*dropout_mask, op, "dropout_mask", x, "x");
-  }
   return {m, k, n, r};
 }
 
 // A scale flattened, contiguous, in the accumulation dtype (a copy of r or N numbers at most).
 inline at::Tensor scale_acc(const at::Tensor& scale, const at::Tensor& x) {
   return scale.reshape(-1).to(acc_dtype(x.scalar_type())).contiguous();
-}
-
-inline at::Tensor dropped_input(const at::Tensor& x, const std::optional<at::Tensor>& mask, double keep_scale) {
-  return mask ? x * *mask * keep_scale : x;
 }
 
 template <class Kernels>
@@ -106,15 +100,16 @@ struct Ops {
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                                                 const at::Tensor& lora_b, const std::optional<at::Tensor>& rank_scale,
                                                 const std::optional<at::Tensor>& out_scale, double scaling,
-                                                const std::optional<at::Tensor>& dropout_mask, double keep_scale) {
-    const Sizes s = check_args(kFwd, x, weight, lora_a, lora_b, rank_scale, out_scale, dropout_mask);
+                                                double dropout_p, int64_t seed, int64_t offset) {
+    const Sizes s = check_args(kFwd, x, weight, lora_a, lora_b, rank_scale, out_scale);
+    dropout::check_p(kFwd, dropout_p);
     if (bias) {
       check_like(*bias, kFwd, "bias", x);
       check_numel(*bias, kFwd, "bias", s.n);
     }
     at::Tensor out = bias ? at::addmm(bias->reshape(-1), x, weight.t()) : at::mm(x, weight.t());
     out = out.contiguous();  // a no-op for ATen's GEMM outputs; the epilogue writes it in place
-    at::Tensor xa = at::mm(dropped_input(x, dropout_mask, keep_scale), lora_a.t()).contiguous();
+    at::Tensor xa = at::mm(dropout::lora_input(x, dropout_p, seed, offset), lora_a.t()).contiguous();
     const at::Tensor u = rank_scaled(xa, rank_scale ? scale_acc(*rank_scale, x) : at::Tensor());
     if (out_scale) {
       const at::Tensor v = at::mm(u, lora_b.t()).contiguous();
@@ -131,9 +126,10 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
       const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
       const at::Tensor& lora_b, const at::Tensor& xa, const std::optional<at::Tensor>& rank_scale,
-      const std::optional<at::Tensor>& out_scale, double scaling, const std::optional<at::Tensor>& dropout_mask,
-      double keep_scale, std::array<bool, 4> output_mask) {
-    const Sizes s = check_args(kBwd, x, weight, lora_a, lora_b, rank_scale, out_scale, dropout_mask);
+      const std::optional<at::Tensor>& out_scale, double scaling, double dropout_p,
+      int64_t seed, int64_t offset, std::array<bool, 4> output_mask) {
+    const Sizes s = check_args(kBwd, x, weight, lora_a, lora_b, rank_scale, out_scale);
+    dropout::check_p(kBwd, dropout_p);
     TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == s.m && grad_out.size(1) == s.n, kBwd, ": grad_out is ",
                 grad_out.sizes(), ", expected [", s.m, ", ", s.n, "]");
     check_like(grad_out, kBwd, "grad_out", x);
@@ -177,10 +173,10 @@ struct Ops {
       grad_xa.mul_(scaling);
     }
     const at::Tensor grad_b = need_b ? at::mm(gs.t(), u).mul_(scaling) : none();
-    const at::Tensor grad_a = need_a ? at::mm(grad_xa.t(), dropped_input(x, dropout_mask, keep_scale)) : none();
+    const at::Tensor grad_a = need_a ? at::mm(grad_xa.t(), dropout::lora_input(x, dropout_p, seed, offset)) : none();
     at::Tensor grad_x = at::mm(grad_out, weight);
-    if (dropout_mask) {
-      grad_x.addcmul_(at::mm(grad_xa, lora_a), *dropout_mask, keep_scale);
+    if (dropout_p > 0.0) {
+      dropout::accumulate_lora_grad(grad_x, at::mm(grad_xa, lora_a), dropout_p, seed, offset);
     } else {
       grad_x.addmm_(grad_xa, lora_a);
     }

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import mixed, targeting
 from ..ops import dora as dora_ops
+from ..ops import dropout as dropout_ops
 from ..ops import grouped as grouped_ops
 from ..ops import lora as lora_ops
 from ..ops import qlora as qlora_ops
@@ -460,7 +461,10 @@ class LoraLinear(MultiAdapterLayer):
         if not (self.training and p > 0.0):
             out = scale * lora_part(x)
             return out + bias if bias is not None else out
-        dropped = nn.functional.dropout(x, p, training=True)
+        # peftkern's mask-free dropout (Philox from (seed, offset), no mask saved: its backward draws
+        # again), not torch's bernoulli: the same distribution as PEFT's, different draws.
+        x2 = x.reshape(-1, x.shape[-1])
+        dropped = dropout_ops.lora_dropout(x2, p, *dropout_ops.draw_seed(x.device)).view(x.shape)
         return base_part(x, True) + scale * lora_part(dropped) - base_part(dropped, False)
 
     def unloaded(self) -> nn.Module:

@@ -6,9 +6,14 @@ formula of `peftkern::lora_linear_fwd` (its backward is the op `lora_linear_bwd`
 
 The same with the base held in NF4 (QLoRA) is `peftkern.ops.qlora`.
 
-What backward keeps: x (an alias of the layer input, not a copy), the bool dropout mask, and
-xa = dropout(x)·Aᵀ ([tokens, r]); dropout(x) is recomputed. The base W and b are frozen in LoRA;
-if a caller does make them trainable, their gradients are computed too (never silently dropped).
+What backward keeps: x (an alias of the layer input, not a copy) and xa = dropout(x)·Aᵀ
+([tokens, r]). No dropout mask: the op draws its decisions from (seed, offset) with Philox
+(`peftkern.ops.dropout`) and draws them again in backward; dropout(x) is recomputed. The base W
+and b are frozen in LoRA; if a caller does make them trainable, their gradients are computed too
+(never silently dropped).
+
+The reference takes the dropout as a bool mask (the spec given the decisions); tests get the
+op's decisions from `dropout.lora_dropout_mask(x, p, seed, offset)`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from . import dropout as _dropout
 from .common import autocast_inputs
 
 # --------------------------------------------------------------------------------------------
@@ -40,37 +46,37 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling, dropout_mask
 
 
 @_ext.register_fake("lora_linear_fwd")
-def _(x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale):
+def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, offset):
     return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
 @_ext.register_fake("lora_linear_bwd")
-def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_mask, keep_scale):
+def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, offset):
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, dropout_mask, keep_scale = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1], dropout_mask)
-    ctx.scaling, ctx.keep_scale = scaling, keep_scale
+    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, offset = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
+    ctx.scaling, ctx.dropout = scaling, (dropout_p, seed, offset)
     ctx.has_bias = bias is not None
     ctx.set_materialize_grads(False)  # xa is rarely used downstream: no zero gradient, no wasted GEMMs
 
 
 def _backward(ctx, grad_out, grad_xa):
-    x, weight, lora_a, lora_b, xa, dropout_mask = ctx.saved_tensors
+    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros((x.shape[0], weight.shape[0]))
     needs = ctx.needs_input_grad
     grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
-        grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, dropout_mask, ctx.keep_scale
+        grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, *ctx.dropout
     )
     if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
-        grad_a = grad_a + grad_xa.t() @ _dropped(x, dropout_mask, ctx.keep_scale)
-        grad_x = grad_x + _dropped(grad_xa @ lora_a, dropout_mask, ctx.keep_scale)
+        grad_a = grad_a + grad_xa.t() @ _dropout.lora_dropout(x, *ctx.dropout)
+        grad_x = grad_x + _dropout.lora_dropout(grad_xa @ lora_a, *ctx.dropout)
     grad_weight = grad_out.t() @ x if needs[1] else None
     grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
-    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None
+    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 if _ext.op_exists("lora_linear_fwd"):
@@ -82,14 +88,28 @@ if _ext.op_exists("lora_linear_fwd"):
 # --------------------------------------------------------------------------------------------
 
 
+NO_DROPOUT = (0.0, 0, 0)
+
+
 def prepare_dropout(x: torch.Tensor, dropout: float, training: bool, op: str):
-    """x flattened to [tokens, in], and the dropout mask and keep scale (None, 1.0 when off)."""
+    """x flattened to [tokens, in], and the call's dropout (p, seed, offset): NO_DROPOUT when off,
+    else (seed, offset) drawn from torch's generator of x's device (`dropout.draw_seed`). No mask:
+    the ops draw the decisions from (seed, offset) where they read x, forward and backward."""
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"{op}: dropout must be in [0, 1), got {dropout}")
     x2 = x.reshape(-1, x.shape[-1])
     if not (training and dropout > 0.0):
-        return x2, None, 1.0
-    return x2, torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout), 1.0 / (1.0 - dropout)
+        return x2, NO_DROPOUT
+    return x2, (float(dropout), *_dropout.draw_seed(x.device))
+
+
+def reference_mask(x2: torch.Tensor, drop) -> tuple[torch.Tensor | None, float]:
+    """(mask, keep scale) of a (p, seed, offset) dropout for the references (the fallback
+    without a compiled library): the decisions the kernels draw, materialised."""
+    p, seed, offset = drop
+    if p == 0.0:
+        return None, 1.0
+    return _dropout.lora_dropout_mask(x2, p, seed, offset), 1.0 / (1.0 - p)
 
 
 def lora_linear(
@@ -111,9 +131,9 @@ def lora_linear(
     if fan_in_fan_out:
         weight = weight.t()
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
-    x2, mask, keep_scale = prepare_dropout(x, dropout, training, "lora_linear")
+    x2, drop = prepare_dropout(x, dropout, training, "lora_linear")
     if _ext.has_kernel("lora_linear_fwd", x.device.type):
-        out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), mask, keep_scale)[0]
+        out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), *drop)[0]
     else:
-        out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+        out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, *reference_mask(x2, drop))
     return out.view(*x.shape[:-1], out.shape[-1])

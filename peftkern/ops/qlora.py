@@ -7,8 +7,8 @@ Training and prefill (`_NF4LoraLinear`): on CPU from `FUSED_MIN_TOKENS` tokens t
 `peftkern::nf4_lora_linear_fwd` / `nf4_lora_linear_bwd_input` decode the weight tile by tile into a
 cache-sized buffer feeding the GEMM (the dense weight never exists); otherwise the weight is
 dequantized into x's dtype inside forward and again inside backward, feeding
-`peftkern::lora_linear_fwd` / `lora_linear_bwd`. Saved for backward either way: x, the dropout
-mask, A, B and xa = dropout(x)·Aᵀ. Decode sizes in inference: the GEMV
+`peftkern::lora_linear_fwd` / `lora_linear_bwd`. Saved for backward either way: x, A, B and
+xa = dropout(x)·Aᵀ (no dropout mask: drawn again from (seed, offset)). Decode sizes in inference: the GEMV
 `peftkern::nf4_lora_gemv` reads the 4-bit weight once (bias and LoRA-B in its epilogue).
 """
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from . import dropout as _dropout
 from .common import autocast_inputs
-from .lora import lora_linear_reference, prepare_dropout
+from .lora import lora_linear_reference, prepare_dropout, reference_mask
 
 # --------------------------------------------------------------------------------------------
 # Training and prefill: dequantize + the LoRA op, the weight recomputed in backward.
@@ -28,46 +29,47 @@ from .lora import lora_linear_reference, prepare_dropout
 class _NF4LoraLinear(torch.autograd.Function):
     """lora_linear over an NF4 base: on CPU the dense weight never exists whole (the fused ops
     decode it tile by tile); elsewhere it lives only inside forward and inside backward
-    (recomputed there), never between them. Saved: x, the mask, A, B and xa."""
+    (recomputed there), never between them. Saved: x, A, B and xa. `drop` is the call's dropout
+    (p, seed, offset), drawn again in backward."""
 
     @staticmethod
-    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, mask, keep_scale, dense):
+    def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, drop, dense):
         if dense is None and use_fused_gemm(x, weight):  # the weight decoded tile by tile, never whole
-            out, xa = nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale)
+            out, xa = nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, drop)
         else:
             if dense is None:  # a caller that already dequantized (DoRA) passes it in
                 dense = weight.dequantize(x.dtype)
             if _ext.has_kernel("lora_linear_fwd", x.device.type):
-                out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, mask,
-                                                             keep_scale)  # fmt: skip
+                out, xa = torch.ops.peftkern.lora_linear_fwd(x, dense, bias, lora_a, lora_b, scaling, *drop)
             else:  # no compiled library: the reference, with backward by autograd through it (below)
-                out, xa = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, mask, keep_scale), None
-        ctx.save_for_backward(x, lora_a, lora_b, xa, mask)
-        ctx.weight, ctx.scaling, ctx.keep_scale = weight, scaling, keep_scale
+                out = lora_linear_reference(x, dense, bias, lora_a, lora_b, scaling, *reference_mask(x, drop))
+                xa = None
+        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.weight, ctx.scaling, ctx.drop = weight, scaling, drop
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, lora_a, lora_b, xa, mask = ctx.saved_tensors
+        x, lora_a, lora_b, xa = ctx.saved_tensors
         if xa is not None and use_fused_gemm(grad_out, ctx.weight):
             grad_x, grad_a, grad_b = nf4_lora_linear_fused_bwd(
-                grad_out, x, ctx.weight, lora_a, lora_b, xa, ctx.scaling, mask, ctx.keep_scale
+                grad_out, x, ctx.weight, lora_a, lora_b, xa, ctx.scaling, ctx.drop
             )
             grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
-            return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+            return grad_x, grad_bias, grad_a, grad_b, None, None, None, None
         dense = ctx.weight.dequantize(grad_out.dtype)  # recomputed, not stored
         if xa is not None:
             grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
-                grad_out, x, dense, lora_a, lora_b, xa, ctx.scaling, mask, ctx.keep_scale
+                grad_out, x, dense, lora_a, lora_b, xa, ctx.scaling, *ctx.drop
             )
         else:
             with torch.enable_grad():
                 leaves = [t.detach().requires_grad_() for t in (x, lora_a, lora_b)]
-                out = lora_linear_reference(leaves[0], dense, None, leaves[1], leaves[2], ctx.scaling, mask,
-                                            ctx.keep_scale)  # fmt: skip
+                out = lora_linear_reference(leaves[0], dense, None, leaves[1], leaves[2], ctx.scaling,
+                                            *reference_mask(x, ctx.drop))  # fmt: skip
                 grad_x, grad_a, grad_b = torch.autograd.grad(out, leaves, grad_out)
         grad_bias = grad_out.sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,26 +152,28 @@ def nf4_lora_linear_bwd_input(grad_out, weight, grad_xa=None, lora_a=None, tile_
                                                         lora_a, tile_bytes)  # fmt: skip
 
 
-def nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, mask, keep_scale):
-    """`peftkern::lora_linear_fwd` over an NF4 weight, with no dense weight: -> (out, xa)."""
-    xd = x * mask * keep_scale if mask is not None else x
-    xa = xd @ lora_a.t()  # [T, r]: T·K·r FLOP, negligible next to the base GEMM
+def nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, drop):
+    """`peftkern::lora_linear_fwd` over an NF4 weight, with no dense weight: -> (out, xa). `drop`:
+    the call's dropout (p, seed, offset)."""
+    xa = _dropout.lora_dropout(x, *drop) @ lora_a.t()  # [T, r]: T·K·r FLOP, negligible next to the base GEMM
     has_lora = lora_a.shape[0] > 0
     out = nf4_lora_linear_fwd(x, weight, bias, xa if has_lora else None, lora_b if has_lora else None, scaling)
     return out, xa
 
 
-def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, mask, keep_scale):
+def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, drop):
     """`peftkern::lora_linear_bwd` over an NF4 weight, with no dense weight: -> (grad_x, grad_a,
-    grad_b). Same formulas: the rank-r factors scaled, xd recomputed from x and the mask."""
+    grad_b). Same formulas: the rank-r factors scaled, dropout(x) drawn again from `drop`."""
+    # grad_out feeds two GEMMs and the op: an expanded one (stride 0, e.g. from .sum()) is copied once
+    grad_out = grad_out.contiguous()
     grad_b = (grad_out.t() @ xa).mul_(scaling)  # [N, r]
     grad_xa = (grad_out @ lora_b).mul_(scaling)  # [T, r]
-    grad_a = grad_xa.t() @ (x * mask * keep_scale if mask is not None else x)  # [r, K]
-    if mask is None and lora_a.shape[0] > 0:  # the LoRA term accumulated by the op into grad_x's tiles
+    grad_a = grad_xa.t() @ _dropout.lora_dropout(x, *drop)  # [r, K]
+    if drop[0] == 0.0 and lora_a.shape[0] > 0:  # the LoRA term accumulated by the op into grad_x's tiles
         return nf4_lora_linear_bwd_input(grad_out, weight, grad_xa, lora_a), grad_a, grad_b
     grad_x = nf4_lora_linear_bwd_input(grad_out, weight)
-    if mask is not None:  # dropout: the LoRA path's gradient is masked, the base path's is not
-        grad_x.addcmul_(grad_xa @ lora_a, mask, value=keep_scale)
+    if drop[0] > 0.0:  # dropout: the LoRA path's gradient is dropped as x was, the base path's is not
+        torch.ops.peftkern.lora_dropout_accumulate_(grad_x, grad_xa @ lora_a, *drop)
     return grad_x, grad_a, grad_b
 
 
@@ -216,13 +220,13 @@ def nf4_lora_gemv(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0):
     )  # fmt: skip
 
 
-def use_gemv(x2, tensors, mask, dense) -> bool:
+def use_gemv(x2, tensors, drop, dense) -> bool:
     """Whether an NF4 linear over x2 [T, in] takes the decode GEMV: few tokens, a device with the
-    kernel, no dropout mask, no caller-dequantized weight, nothing that needs a gradient."""
+    kernel, no dropout, no caller-dequantized weight, nothing that needs a gradient."""
     return (
         x2.shape[0] <= GEMV_MAX_TOKENS
         and x2.device.type in _GEMV_DEVICES
-        and mask is None
+        and drop[0] == 0.0
         and dense is None
         and _ext.has_kernel("nf4_lora_gemv", x2.device.type)
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)))
@@ -236,14 +240,14 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
     device with the kernel (CPU and CUDA), the GEMV that reads the 4-bit weight once runs instead
     (LoRA-B and bias in its epilogue)."""
     x, bias, lora_a, lora_b = autocast_inputs(x, bias, lora_a, lora_b)  # the weight dequantizes into x's dtype
-    x2, mask, keep_scale = prepare_dropout(x, dropout, training, "nf4_lora_linear")
-    if use_gemv(x2, (bias, lora_a, lora_b), mask, dense):
+    x2, drop = prepare_dropout(x, dropout, training, "nf4_lora_linear")
+    if use_gemv(x2, (bias, lora_a, lora_b), drop, dense):
         x2 = x2.contiguous()
         xa = (x2 @ lora_a.t()).contiguous() if lora_a.shape[0] > 0 else None
         out = nf4_lora_gemv(x2, weight, bias, xa, lora_b.contiguous() if xa is not None else None, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
     dense = dense.detach() if dense is not None else None
-    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), mask, keep_scale, dense)
+    out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), drop, dense)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
