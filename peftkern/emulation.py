@@ -257,6 +257,9 @@ class ScheduleRace(AssertionError):
 
 def _emulated_kernel(name: str, schedules, seed: int):
     op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    # An op that writes its inputs in place (`Tensor(a!)` in the schema) runs each schedule on fresh
+    # copies of them, which join its results in the comparison; the first schedule's land in the inputs.
+    mutated = [i for i, a in enumerate(op._schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
     calls = [0]
 
     def kernel(*args, **kwargs):
@@ -264,7 +267,11 @@ def _emulated_kernel(name: str, schedules, seed: int):
         results = []
         for mode in schedules:
             set_schedule(mode, seed + calls[0])
-            results.append(op(*args, **kwargs))
+            run_args = list(args)
+            for i in mutated:
+                run_args[i] = args[i].clone()
+            out = op(*run_args, **kwargs)
+            results.append((out, [run_args[i] for i in mutated]) if mutated else out)
         for mode, other in zip(schedules[1:], results[1:]):
             found = _first_difference(results[0], other)
             if found:
@@ -273,7 +280,11 @@ def _emulated_kernel(name: str, schedules, seed: int):
                     f"differ at {found}: a race between GPU threads or blocks"
                 )
         set_schedule("forward")
-        return results[0]
+        if not mutated:
+            return results[0]
+        for i, written in zip(mutated, results[0][1]):
+            args[i].copy_(written)
+        return results[0][0]
 
     return kernel
 

@@ -93,6 +93,14 @@ MUTANTS = [
            "for (int offset = kWarp / 2; offset > 0; offset >>= 1) {",
            "for (int offset = kWarp / 4; offset > 0; offset >>= 1) {",
            "tests/test_relora_op.py", "ReLoRA NF4 merge: the block's new absmax skips the first shuffle (half the lanes)"),
+    Mutant("masked-adamw-philox-counter-per-thread", "csrc/masked_adamw/masked_adamw_cuda.cu",
+           "philox::block_words(mask.seed, mask.offset, static_cast<uint64_t>(q))",
+           "philox::block_words(mask.seed, mask.offset, static_cast<uint64_t>(threadIdx.x))",
+           "tests/test_masked_adamw_op.py", "masked AdamW F: the Philox counter is the thread's index, not the group's"),
+    Mutant("masked-adamw-grid-stride-stops-early", "csrc/masked_adamw/masked_adamw_cuda.cu",
+           "q < groups; q += stride) {\n    float factor[4];\n    group_factors(mask, q, factor);\n    const int64_t first",
+           "q < groups && q < stride; q += stride) {\n    float factor[4];\n    group_factors(mask, q, factor);\n    const int64_t first",
+           "tests/test_masked_adamw_op.py", "masked AdamW: the grid-stride loop stops after the first stride"),
 ]  # fmt: skip
 
 

@@ -54,6 +54,7 @@ def generator(request):
 EMULATED_MODULES = {
     "test_nf4", "test_nf4_bitsandbytes", "test_nf4_golden", "test_nf4_nonfinite", "test_qlora_gemv", "test_dora",
     "test_ia3_op", "test_adapter_op", "test_grouped_op", "test_op_inputs", "test_scaled_lora_op", "test_relora_op",
+    "test_masked_adamw_op",
 }  # fmt: skip
 
 
