@@ -184,6 +184,18 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def(
       "proxy_logits(Tensor base, Tensor expert, Tensor anti_expert, float alpha, float temperature, int top_k, "
       "float top_p, int min_tokens_to_keep) -> Tensor");
+  // --- Child-Tuning's fused masked AdamW, csrc/masked_adamw/ -----------------------------------
+  // One AdamW step of ChildTuningAdamW on one tensor, in place: g = grad ⊙ M; moments; p += -step_size·m /
+  // (sqrt(v) + eps); p += -lr·wd·p. M: bit e of mask_bits (uint8 [ceil(n / 8)], mode D), else keep/reserve_p
+  // with keep = Philox(seed, offset, e) < reserve_p (mode F; reserve_p 1 = AdamW). param and grad float32 /
+  // bf16 / fp16, moments float32, all of param's shape. See csrc/masked_adamw/masked_adamw_math.h.
+  m.def(
+      "masked_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor? mask_bits, "
+      "float reserve_p, int seed, int offset, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float step_size) -> ()");
+  // Mode F's keep decisions for a tensor shaped like `like` (bool, like's device): the mask masked_adamw_
+  // applies for the same (reserve_p, seed, offset), materialised for tests.
+  m.def("masked_adamw_keep_mask(Tensor like, float reserve_p, int seed, int offset) -> Tensor");
 }
 
 }  // namespace peftkern

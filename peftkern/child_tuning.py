@@ -11,7 +11,9 @@ Two faces:
     ChildTuning(optimizer, reserve_p, mode, gradient_mask=None)   wraps ANY torch optimizer
     ChildTuningAdamW(params, lr, ..., reserve_p, mode)            the reference's optimizer
                                                                   (eps 1e-6, decoupled weight decay
-                                                                  applied after the update)
+                                                                  applied after the update);
+                                                                  fused=True: one kernel pass per
+                                                                  tensor (peftkern.ops.masked_adamw)
 
 Full-weight training: NF4 (4-bit) bases cannot be trained and are refused."""
 
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from .methods.bases import nf4_base_weight
+from .ops import masked_adamw as masked_adamw_ops
 
 MODES = ("F", "D")
 
@@ -128,19 +131,30 @@ class ChildTuning(torch.optim.Optimizer):
 class ChildTuningAdamW(torch.optim.Optimizer):
     """The reference's ChildTuningAdamW (AliceMind), same arithmetic: the masked gradient, Adam
     moments, denominator sqrt(v) + eps with the bias correction folded into the step size, then
-    decoupled weight decay p -= lr·wd·p applied AFTER the update to every entry (masked or not)."""
+    decoupled weight decay p -= lr·wd·p applied AFTER the update to every entry (masked or not).
+    `fused=True`: each tensor's step is one pass of the fused masked-AdamW op (the same bits in
+    float32; D's masks kept as packed bits, F's drawn in the kernel from `generator`; float32
+    moments; see docs/child-tuning.md)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  correct_bias: bool = True, reserve_p: float = 1.0, mode: str = "F", *,
-                 gradient_mask: dict | None = None, generator: torch.Generator | None = None):  # fmt: skip
+                 gradient_mask: dict | None = None, generator: torch.Generator | None = None,
+                 fused: bool = False):  # fmt: skip
         if lr < 0.0 or not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0 or eps < 0.0:
             raise ValueError(f"ChildTuningAdamW: invalid lr={lr}, betas={betas} or eps={eps}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias))
         self.reserve_p, self.mode = _check_reserve_p(reserve_p), _check_mode(mode)
-        check_trainable(None, [p for g in self.param_groups for p in g["params"]])
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        check_trainable(None, all_params)
         if mode == "D" and gradient_mask is None:
             raise ValueError("child_tuning: mode 'D' needs gradient_mask (peftkern.child_tuning.fisher_mask)")
-        self.gradient_mask, self.generator = gradient_mask, generator
+        self.generator, self.fused = generator, bool(fused)
+        self.gradient_mask, self.mask_bits = gradient_mask, None
+        if self.fused:  # D keeps only the packed bits (1 bit per weight), not the bool masks
+            _check_fusable(all_params, gradient_mask if mode == "D" else None)
+            if mode == "D":
+                self.gradient_mask = None
+                self.mask_bits = {p: masked_adamw_ops.pack_mask(m) for p, m in gradient_mask.items()}
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -149,6 +163,9 @@ class ChildTuningAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.fused:
+                self._fused_step(group)
+                continue
             _mask_gradients(group["params"], self.mode, self.reserve_p, self.gradient_mask, self.generator)
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -170,6 +187,47 @@ class ChildTuningAdamW(torch.optim.Optimizer):
                 p.addcdiv_(exp_avg, denom, value=-step_size)
                 p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+    def _fused_step(self, group) -> None:
+        """The group's step through the fused op (peftkern.ops.masked_adamw), one pass per tensor:
+        the same arithmetic, float32 moments, p.grad left unmasked. F draws its masks in the kernel
+        (Philox; seed and offsets from `generator` or the device's default generator, new every
+        step and tensor), so they differ from the unfused path's torch.bernoulli draws."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        seed, offset = 0, 0
+        if self.mode == "F" and self.reserve_p < 1.0:
+            seed, offset = masked_adamw_ops.philox_seed_offset(self.generator, params[0].device, len(params))
+        beta1, beta2 = group["betas"]
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["step"] += 1
+            step_size = group["lr"]
+            if group["correct_bias"]:
+                step_size = step_size * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+            bits = self.mask_bits.get(p) if self.mode == "D" else None
+            masked_adamw_ops.masked_adamw_(
+                p, p.grad, state["exp_avg"], state["exp_avg_sq"], bits, self.reserve_p if self.mode == "F" else 1.0,
+                seed, offset + i, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], step_size=step_size,
+            )  # fmt: skip
+
+
+def _check_fusable(params, gradient_mask: dict | None) -> None:
+    """What the fused op takes, refused at construction with a clear message rather than mid-step."""
+    for p in params:
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not p.is_contiguous():
+            raise ValueError(f"ChildTuningAdamW(fused=True): parameters must be contiguous float32, bfloat16 or "
+                             f"float16, got {p.dtype} of shape {tuple(p.shape)}")  # fmt: skip
+    for p, m in (gradient_mask or {}).items():
+        if m.dtype != torch.bool or m.shape != p.shape:
+            raise ValueError(f"ChildTuningAdamW(fused=True): a mode-D mask must be bool of its parameter's shape "
+                             f"{tuple(p.shape)}, got {m.dtype} {tuple(m.shape)}")  # fmt: skip
 
 
 def fisher_mask(

@@ -101,6 +101,14 @@ MUTANTS = [
            "const T xv = x[(e / k) * s0 + (e % k) * s1];",
            "const T xv = x[e * s1];",
            "tests/test_dropout_op.py", "LoRA dropout: x indexed by the flat element index, as if its rows were packed"),
+    Mutant("masked-adamw-philox-counter-per-thread", "csrc/masked_adamw/masked_adamw_cuda.cu",
+           "philox::block_words(mask.seed, mask.offset, static_cast<uint64_t>(q))",
+           "philox::block_words(mask.seed, mask.offset, static_cast<uint64_t>(threadIdx.x))",
+           "tests/test_masked_adamw_op.py", "masked AdamW F: the Philox counter is the thread's index, not the group's"),
+    Mutant("masked-adamw-grid-stride-stops-early", "csrc/masked_adamw/masked_adamw_cuda.cu",
+           "q < groups; q += stride) {\n    float factor[4];\n    group_factors(mask, q, factor);\n    const int64_t first",
+           "q < groups && q < stride; q += stride) {\n    float factor[4];\n    group_factors(mask, q, factor);\n    const int64_t first",
+           "tests/test_masked_adamw_op.py", "masked AdamW: the grid-stride loop stops after the first stride"),
 ]  # fmt: skip
 
 

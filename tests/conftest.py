@@ -66,6 +66,7 @@ EMULATED_MODULES = {
     "test_ia3_op", "test_adapter_op", "test_grouped_op", "test_op_inputs", "test_scaled_lora_op", "test_relora_op",
     "test_proxy_op",
     "test_dropout_op",
+    "test_masked_adamw_op",
 }  # fmt: skip
 
 

@@ -6,6 +6,7 @@
 // each rounding through these helpers; the host build also passes -ffp-contract=off.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -46,6 +47,25 @@ PK_HOST_DEVICE float rcp_rn(float a) {
   return __frcp_rn(a);
 #else
   return 1.0f / a;
+#endif
+}
+
+// a * b + c rounded once (a fused multiply-add): what torch's vectorised CPU kernels compute for
+// `add(x, y, alpha)` and `addcmul` (Vectorized::fmadd), so kernels matching them bit for bit spell it.
+PK_HOST_DEVICE float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// IEEE round-to-nearest square root (nvcc's sqrtf is only that without --use_fast_math).
+PK_HOST_DEVICE float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
 #endif
 }
 
