@@ -21,6 +21,7 @@ from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
 from .nf4 import NF4Weight
 from .ops import nf4 as nf4_ops
+from .ops import proxy as proxy_ops
 from .ops import qlora as qlora_ops
 from .ops import relora as relora_ops
 from .ops import scaled_lora as scaled_lora_ops
@@ -588,6 +589,34 @@ def check_relora(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# Proxy-tuning's decode-step op: (rows, vocab, expert padding), up to a real vocabulary; and
+# (temperature, top_k, top_p): the plain combine (greedy), top-k + top-p, top-p alone.
+PROXY_SHAPES = [(1, 7, 0), (3, 300, 5), (8, 32000, 64), (4, 49152, 0)]
+PROXY_FILTERS = [(1.0, 0, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.8)]
+
+
+def check_proxy(device: str, generator: torch.Generator) -> list[Result]:
+    """proxy_logits against its reference (run on the CPU, where PyTorch divides by the
+    temperature exactly): the same removed tokens, kept values within an ulp (error inf when the
+    removed sets differ)."""
+    results: list[Result] = []
+    for dtype in DTYPES:
+        for rows, vocab, pad in PROXY_SHAPES:
+            for temperature, top_k, top_p in PROXY_FILTERS:
+                b, e, a = ((torch.randn(rows, vocab + (0 if i == 0 else pad), generator=generator) * 3).to(dtype)
+                           for i in range(3))  # fmt: skip
+                got = torch.ops.peftkern.proxy_logits(b.to(device), e.to(device), a.to(device), 1.0, temperature,
+                                                      top_k, top_p, 1).cpu()  # fmt: skip
+                want = proxy_ops.proxy_logits_reference(b, e, a, 1.0, temperature, top_k, top_p, 1)
+                kept = torch.isfinite(want)
+                same = torch.equal(torch.isfinite(got), kept) and torch.equal(got.isnan(), want.isnan())
+                error = _max_error(got[kept], want[kept]) if same else float("inf")
+                bound = 2e-7 * float(want[kept].abs().max()) if kept.any() else 0.0
+                results.append(Result(f"proxy_logits T={temperature} k={top_k} p={top_p}", device,
+                                      str(dtype).removeprefix("torch."), (rows, vocab), 0, error, error <= bound))  # fmt: skip
+    return results
+
+
 # The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
 # generator) -> list[Result].
 CHECKS = {
@@ -601,4 +630,5 @@ CHECKS = {
     "grouped": check_grouped,
     "scaled_lora": check_scaled_lora,
     "relora": check_relora,
+    "proxy": check_proxy,
 }
