@@ -31,7 +31,7 @@ constexpr int kMaxTokens = 8;
 template <int TT>
 PK_TARGET_AVX512 void rows_avx512(const float* x, const uint8_t* packed, const GemvArgs& a,
                                   int64_t row_begin, int64_t row_end, float* dots) {
-  constexpr int A = TT == 1 ? 4 : TT == 2 ? 2 : 1;
+  constexpr int A = TT <= 2 ? 2 : 1;  // the two vectors of a 32-code step go to accumulators 0 and A - 1
   const int64_t K = a.in_features, N = a.out_features;
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
   for (int64_t o = row_begin; o < row_end; ++o) {
@@ -39,7 +39,6 @@ PK_TARGET_AVX512 void rows_avx512(const float* x, const uint8_t* packed, const G
     float rest[TT] = {};
     for (int t = 0; t < TT; ++t)
       for (int k = 0; k < A; ++k) acc[t][k] = _mm512_setzero_ps();
-    int slot = 0;  // which accumulator the next 16 elements go to
     for (int64_t i = 0; i < K;) {
       const int64_t e = o * K + i;
       const int64_t block = e / a.blocksize;
@@ -58,10 +57,9 @@ PK_TARGET_AVX512 void rows_avx512(const float* x, const uint8_t* packed, const G
         lookup32_ps_avx512(packed + ((o * K + j) >> 1), table, w0, w1);
         for (int t = 0; t < TT; ++t) {
           const float* xt = x + t * K + j;
-          acc[t][slot % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xt), w0, acc[t][slot % A]);
-          acc[t][(slot + 1) % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 16), w1, acc[t][(slot + 1) % A]);
+          acc[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xt), w0, acc[t][0]);
+          acc[t][A - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 16), w1, acc[t][A - 1]);
         }
-        slot = (slot + 2) % A;
       }
       for (; j < end; ++j) {
         const float w = t_mem[quant::nf4_code_at(packed, o * K + j)];
