@@ -107,22 +107,25 @@ def test_decode_range_bad_input_is_refused_clearly(generator):
         op(q.packed, q.absmax, torch.ones(1), None, None, 64, 256, 100, 0, 1, torch.float32)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 8, 9])
-def test_gemv_summation_stays_within_the_float32_bound(generator, cpu_isa, dtype, tokens):
+@pytest.mark.parametrize("tokens", [1, 2, 5, 8, 9])
+def test_gemv_summation_stays_within_the_float32_bound(generator, cpu_isa, dtype, tokens, blocksize):
     """The documented contract (csrc/qlora/qlora_cpu_x86.cpp): each path sums in its own fixed order
-    in float32, so |out - exact| <= gamma(K) * sum_i |x_i * deq(W)_i| (+ the output's rounding),
-    gamma(K) = K u / (1 - K u), u = 2^-24, checked against a float64 sum at K up to 4096, rows
-    starting mid-byte included (K odd)."""
-    for out_f, in_f in [(67, 4096), (33, 2049), (16, 777)]:
-        q = peftkern.nf4_quantize(torch.randn(out_f, in_f, generator=generator) * 0.05, 64, double_quant=True)
+    in float32, the AVX-512 chunked kernel applying each block's absmax to a partial sum, so
+    |out - exact| <= gamma(K + 2) * sum_i |x_i * deq(W)_i| (+ the output's rounding),
+    gamma(n) = n u / (1 - n u), u = 2^-24, checked against a float64 sum at K up to 4096: rows of
+    whole 128-code chunks (the chunked kernel), rows straddling blocks, rows starting mid-byte."""
+    for out_f, in_f in [(67, 4096), (21, 384), (33, 2049), (16, 777), (9, 160)]:
+        w = torch.randn(out_f, in_f, generator=generator) * 0.05
+        q = peftkern.nf4_quantize(w, blocksize, double_quant=(in_f % 2 == 0))
         x = torch.randn(tokens, in_f, generator=generator).to(dtype)
         got = qlora_ops.nf4_lora_gemv(x, q).double()
         w = q.dequantize(torch.float32).double()
         exact = x.double() @ w.t()
         magnitude = x.double().abs() @ w.abs().t()
         u = 2.0**-24
-        gamma = in_f * u / (1 - in_f * u)
+        gamma = (in_f + 2) * u / (1 - (in_f + 2) * u)
         output_rounding = exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0.0)
         excess = (got - exact).abs() - (gamma * magnitude + output_rounding * 1.01)
         assert excess.max().item() <= 0, (cpu_isa, out_f, in_f)

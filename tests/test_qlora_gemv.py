@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(not _ext.has_kernel("nf4_lora_gemv", "cpu"), rea
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
-SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096)]
+# (out, in, blocksize); (40, 256, 64) and (24, 384, 32): rows of whole 128-code chunks (the AVX-512 chunked kernel)
+SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096), (40, 256, 64),
+          (24, 384, 32)]  # fmt: skip
 
 
 def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, with_bias=True, blocksize=64,

@@ -95,7 +95,12 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
 #if defined(PK_X86)
   if (isa != cpu::Isa::kScalar) {
     // The SIMD kernels read x as float32 (T x K values: nothing next to the weight's N x K / 2 B).
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    if (isa == cpu::Isa::kAvx512 && x86::avx512_chunked_layout(args)) {
+      at::Tensor chunked = at::empty_like(xf);
+      x86::prepare_x_avx512(xf.const_data_ptr<float>(), args, chunked.mutable_data_ptr<float>());
+      xf = chunked;
+    }
     std::vector<float> dots(args.tokens * out_features);
     PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
       const scalar_t* bias_ptr = optional_data<scalar_t>(bias);

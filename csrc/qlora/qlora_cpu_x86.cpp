@@ -3,18 +3,20 @@
 // already multiplied by the block's absmax (one float32 rounding, exactly the dequantized
 // weight; one vector multiply per block), and FMA'd into float32 accumulators.
 //
-// Summation order (the contract tests/test_qlora_gemv.py checks): per token, L lanes (16 for
-// AVX-512, 8 for AVX2) times A accumulators (more when few tokens, to hide the FMA latency),
-// element i of a row going to lane i mod L of accumulator (i / L) mod A while the row is
-// 32-element aligned; elements of a mid-byte head or a tail shorter than 32 codes go to one
-// scalar sum. At the end of the row the accumulators are added, the lanes reduced as a tree and
-// the scalar sum added. Deterministic (no dependence on threads); not bit-identical to the scalar
-// path (8 partial sums, separate multiply and add), so each path is held to the same float32
-// bound: |error| <= gamma(K) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
+// Summation order (the contract tests/test_nf4_simd.py checks): per token, float32 vector lanes
+// (16 for AVX-512, 8 for AVX2) and 1-2 accumulators (2 when few tokens, to hide the FMA latency),
+// each 32-code step of a segment FMA'd into them; elements of a mid-byte head or a tail shorter
+// than 32 codes go to one scalar sum; at the end of the row the accumulators are added, the lanes
+// reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of whole 128-code
+// chunks, below) sums x * code per lane within a chunk and applies the block's absmax to that
+// partial sum. Deterministic (no dependence on threads); not bit-identical to the scalar path
+// (8 partial sums, separate multiply and add), so each path is held to one float32 bound:
+// |error| <= gamma(K + 2) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
 #include "qlora_cpu_x86.h"
 
 #if defined(PK_X86)
 #include <algorithm>
+#include <vector>
 
 #include "../nf4/nf4_simd_x86.h"
 
@@ -127,6 +129,68 @@ PK_TARGET_AVX2 void rows_avx2(const float* x, const uint8_t* packed, const GemvA
   }
 }
 
+// ---- The chunked AVX-512 kernel: rows whose length is a multiple of 128 and of the blocksize ----
+// (every LLM projection: 2048, 4096, 5632, 11008, ... with blocksize 64). 64 packed bytes are one
+// zmm of 16 dwords; dword i holds codes 8i .. 8i + 7 of the 128-code chunk, and shifting it right
+// by 4s puts code 8i + kOrder[s] in the low 4 bits, all vpermps reads. So 8 shifts (integer ALU,
+// not the shuffle ports) + 8 vpermps decode 128 codes, a third of the shuffles of widening the
+// bytes first; x is permuted once per call into the same order (kChunkOrder), so no output needs
+// reordering. The codes stay unscaled: per chunk, sum_s x_s * code_s per lane, then times the
+// lane's block absmax (a 16-lane vector of the chunk's 1, 2 or 4 block scales), FMA'd into the
+// row's accumulator.
+constexpr int kChunk = 128;
+constexpr int kChunkOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+// xp[t, c * 128 + 16 s + i] = x[t, c * 128 + 8 i + kChunkOrder[s]]
+void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < K; c += kChunk) {
+      const float* src = x + t * K + c;
+      float* dst = xp + t * K + c;
+      for (int s = 0; s < 8; ++s)
+        for (int i = 0; i < 16; ++i) dst[16 * s + i] = src[8 * i + kChunkOrder[s]];
+    }
+  }
+}
+
+template <int TT>
+PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
+                                          int64_t row_begin, int64_t row_end, float* dots) {
+  constexpr int A = TT <= 2 ? 2 : 1;  // partial sums per token within a chunk
+  const int64_t K = a.in_features, N = a.out_features, bs = a.blocksize;
+  const int64_t blocks_per_row = K / bs;
+  const __m512 codes = _mm512_load_ps(kNf4Table);
+  // lane i covers codes 8i .. 8i + 7 of a chunk: block (8 i) / bs of the chunk's first block
+  alignas(64) int32_t lane_block_mem[16];
+  for (int i = 0; i < 16; ++i) lane_block_mem[i] = static_cast<int32_t>(8 * i / bs);
+  const __m512i lane_block = _mm512_load_si512(lane_block_mem);
+  std::vector<float> row_scales(blocks_per_row + 16, 0.0f);  // + 16: the last chunk's vector load
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    for (int64_t b = 0; b < blocks_per_row; ++b) row_scales[b] = a.scales(o * blocks_per_row + b);
+    const uint8_t* p = packed + o * (K / 2);
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += kChunk) {
+      const __m512i d = _mm512_loadu_si512(p + c / 2);
+      const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(row_scales.data() + c / bs));
+      __m512 sum[TT][A];
+      for (int t = 0; t < TT; ++t)
+        for (int k = 0; k < A; ++k) sum[t][k] = _mm512_setzero_ps();
+      for (int s = 0; s < 8; ++s) {
+        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * s), codes);
+        for (int t = 0; t < TT; ++t) {
+          sum[t][s % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + c + 16 * s), w, sum[t][s % A]);
+        }
+      }
+      for (int t = 0; t < TT; ++t) {
+        const __m512 chunk = A == 2 ? _mm512_add_ps(sum[t][0], sum[t][A - 1]) : sum[t][0];
+        acc[t] = _mm512_fmadd_ps(chunk, scale, acc[t]);
+      }
+    }
+    for (int t = 0; t < TT; ++t) dots[t * N + o] = _mm512_reduce_add_ps(acc[t]);
+  }
+}
+
 // Tokens in chunks of up to kMaxTokens, each chunk one pass over the rows' weight.
 template <template <int> class Rows>
 void by_token_chunks(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
@@ -154,6 +218,12 @@ struct Avx512Rows {
   }
 };
 template <int TT>
+struct Avx512ChunkedRows {
+  static void run(const float* x, const uint8_t* p, const GemvArgs& a, int64_t b, int64_t e, float* d) {
+    rows_avx512_chunked<TT>(x, p, a, b, e, d);
+  }
+};
+template <int TT>
 struct Avx2Rows {
   static void run(const float* x, const uint8_t* p, const GemvArgs& a, int64_t b, int64_t e, float* d) {
     rows_avx2<TT>(x, p, a, b, e, d);
@@ -162,9 +232,21 @@ struct Avx2Rows {
 
 }  // namespace
 
+bool avx512_chunked_layout(const GemvArgs& a) {
+  return a.in_features % kChunk == 0 && a.in_features % a.blocksize == 0;
+}
+
+void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked) {
+  permute_x_for_chunks(x, a.tokens, a.in_features, x_chunked);
+}
+
 void gemv_dots_avx512(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                       int64_t row_end, float* dots) {
-  by_token_chunks<Avx512Rows>(x, packed, a, row_begin, row_end, dots);
+  if (avx512_chunked_layout(a)) {
+    by_token_chunks<Avx512ChunkedRows>(x, packed, a, row_begin, row_end, dots);
+  } else {
+    by_token_chunks<Avx512Rows>(x, packed, a, row_begin, row_end, dots);
+  }
 }
 void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                     int64_t row_end, float* dots) {

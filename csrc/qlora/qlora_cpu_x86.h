@@ -11,6 +11,10 @@ namespace peftkern {
 namespace qlora {
 namespace x86 {
 
+// The AVX-512 kernel reads x in its own order where the layout allows (avx512_chunked_layout):
+// gemv_dots_avx512 then takes x_chunked, which prepare_x_avx512 writes ([tokens, K] float32).
+bool avx512_chunked_layout(const GemvArgs& a);
+void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked);
 void gemv_dots_avx512(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                       int64_t row_end, float* dots);
 void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
