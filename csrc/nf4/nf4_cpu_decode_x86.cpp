@@ -27,54 +27,67 @@ inline T* decode_scalar_part(const uint8_t* packed, const T* table, int64_t& i, 
   return o;
 }
 
-PK_TARGET_AVX512 void avx512_f32(const uint8_t* packed, const quant::BlockScales& scales,
-                                          int64_t blocksize, int64_t first, int64_t count, float* out) {
-  const __m512 nf4 = _mm512_load_ps(kNf4Table);
+// Calls segment(block, begin, end, scale) for each block segment of [first, first + count), the
+// scales decoded 16 blocks at a time (block_scales_avx512) and no division per block.
+template <typename Segment>
+PK_TARGET_AVX512 inline void for_each_segment_avx512(const quant::BlockScales& scales, int64_t blocksize,
+                                                     int64_t first, int64_t count, Segment&& segment) {
+  if (count <= 0) return;
   const int64_t end = first + count;
-  float* o = out;
-  for (int64_t e = first; e < end;) {
-    const int64_t block = e / blocksize;
-    const int64_t segment_end = std::min(end, (block + 1) * blocksize);
-    const __m512 table = _mm512_mul_ps(nf4, _mm512_set1_ps(scales(block)));
+  const int64_t first_block = first / blocksize, last_block = (end - 1) / blocksize;
+  alignas(64) float block_scale[16];
+  for (int64_t b0 = first_block; b0 <= last_block; b0 += 16) {
+    const int64_t blocks = std::min<int64_t>(16, last_block - b0 + 1);
+    block_scales_avx512(scales, b0, blocks, block_scale);
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t b = b0 + k;
+      segment(std::max(first, b * blocksize), std::min(end, (b + 1) * blocksize), block_scale[k]);
+    }
+  }
+}
+
+PK_TARGET_AVX512 void avx512_f32(const uint8_t* packed, const quant::BlockScales& scales,
+                                 int64_t blocksize, int64_t first, int64_t count, float* out) {
+  const __m512 nf4 = _mm512_load_ps(kNf4Table);
+  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, float scale)
+                                                              PK_TARGET_AVX512 {
+    const __m512 table = _mm512_mul_ps(nf4, _mm512_set1_ps(scale));
+    float* o = out + (i - first);
     alignas(64) float t[quant::kNf4Codes];
-    _mm512_store_ps(t, table);
-    int64_t i = e;
-    o = decode_scalar_part(packed, t, i, std::min(segment_end, i + (i & 1)), o);
+    const bool ragged = (i & 1) || ((segment_end - i) & 31);  // a mid-byte head or a short tail
+    if (ragged) _mm512_store_ps(t, table);
+    if (i & 1) o = decode_scalar_part(packed, t, i, i + 1, o);
     for (; i + 32 <= segment_end; i += 32, o += 32) {
       __m512 lo, hi;
       lookup32_ps_avx512(packed + (i >> 1), table, lo, hi);
       _mm512_storeu_ps(o, lo);
       _mm512_storeu_ps(o + 16, hi);
     }
-    o = decode_scalar_part(packed, t, i, segment_end, o);
-    e = segment_end;
-  }
+    if (ragged) decode_scalar_part(packed, t, i, segment_end, o);
+  });
 }
 
 // bf16 / fp16 out: the table as 16-bit values, stored twice in one zmm for vpermw.
 template <typename T>
 PK_TARGET_AVX512 void avx512_16(const uint8_t* packed, const quant::BlockScales& scales,
-                                             int64_t blocksize, int64_t first, int64_t count, T* out) {
+                                int64_t blocksize, int64_t first, int64_t count, T* out) {
   static_assert(sizeof(T) == 2);
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
-  const int64_t end = first + count;
-  T* o = out;
-  for (int64_t e = first; e < end;) {
-    const int64_t block = e / blocksize;
-    const int64_t segment_end = std::min(end, (block + 1) * blocksize);
-    const __m512 product = _mm512_mul_ps(nf4, _mm512_set1_ps(scales(block)));
+  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, float scale)
+                                                              PK_TARGET_AVX512 {
+    const __m512 product = _mm512_mul_ps(nf4, _mm512_set1_ps(scale));
     const __m256i words = std::is_same_v<T, c10::BFloat16> ? to_bf16_avx512(product) : to_fp16_avx512(product);
     const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(words), words, 1);
+    T* o = out + (i - first);
     alignas(32) T t[quant::kNf4Codes];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(t), words);
-    int64_t i = e;
-    o = decode_scalar_part(packed, t, i, std::min(segment_end, i + (i & 1)), o);
+    const bool ragged = (i & 1) || ((segment_end - i) & 31);
+    if (ragged) _mm256_store_si256(reinterpret_cast<__m256i*>(t), words);
+    if (i & 1) o = decode_scalar_part(packed, t, i, i + 1, o);
     for (; i + 32 <= segment_end; i += 32, o += 32) {
       _mm512_storeu_si512(o, lookup32_epi16_avx512(packed + (i >> 1), table));
     }
-    o = decode_scalar_part(packed, t, i, segment_end, o);
-    e = segment_end;
-  }
+    if (ragged) decode_scalar_part(packed, t, i, segment_end, o);
+  });
 }
 
 PK_TARGET_AVX2 void avx2_f32(const uint8_t* packed, const quant::BlockScales& scales,

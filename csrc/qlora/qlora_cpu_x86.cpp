@@ -16,7 +16,6 @@
 
 #if defined(PK_X86)
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../nf4/nf4_simd_x86.h"
@@ -151,28 +150,6 @@ void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) 
       for (int s = 0; s < 8; ++s)
         for (int i = 0; i < 16; ++i) dst[16 * s + i] = src[8 * i + kChunkOrder[s]];
     }
-  }
-}
-
-// The absmax of `count` consecutive blocks from `first`: a copy, or the double-quantized ones
-// decoded 16 at a time (gathers from the 256-entry code and the nested absmax; the same
-// roundings as quant::nested_absmax_value).
-PK_TARGET_AVX512 void block_scales_avx512(const quant::BlockScales& scales, int64_t first, int64_t count,
-                                          float* out) {
-  if (scales.absmax != nullptr) {
-    std::memcpy(out, scales.absmax + first, count * sizeof(float));
-    return;
-  }
-  const __m512 offset = _mm512_set1_ps(*scales.nested_offset);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(scales.nested_blocksize));
-  for (int64_t b = 0; b < count; b += 16) {
-    const __mmask16 valid = count - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - b)) - 1);
-    const __m512i code = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, scales.codes + first + b));
-    const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, code, scales.nested_code, 4);
-    const __m512i group = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(first + b)), lane), shift);
-    const __m512 nested = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, group, scales.nested_absmax, 4);
-    _mm512_mask_storeu_ps(out + b, valid, _mm512_add_ps(_mm512_mul_ps(value, nested), offset));
   }
 }
 
