@@ -95,6 +95,13 @@ def test_non_finite_absmax_decodes_as_the_scalar_path(generator, cpu_isa, dtype,
         torch.testing.assert_close(got, reference(q, dtype)[first:first + count], rtol=0, atol=0, equal_nan=True)
 
 
+def test_decode_range_passes_opcheck(generator):
+    q = peftkern.nf4_quantize(torch.randn(300, generator=generator), 64)
+    m = q.nested
+    torch.library.opcheck(torch.ops.peftkern.nf4_decode_range,
+                          (q.packed, q.absmax, m.absmax, m.code, m.offset.reshape(1), 64, 256, 300, 37, 101, torch.bfloat16))
+
+
 def test_decode_range_bad_input_is_refused_clearly(generator):
     q = peftkern.nf4_quantize(torch.randn(100, generator=generator), 64, double_quant=False)
     op = torch.ops.peftkern.nf4_decode_range
