@@ -4,6 +4,10 @@ plain-PyTorch reference, in one run, on the weight shapes of a 1B-class model.
     python -m pytest bench/bench_nf4.py            # CPU (and CUDA where a GPU is visible)
     python -m pytest bench/bench_nf4.py --benchmark-json bench/results/nf4-<machine>.json
 
+"peftkern-<isa>" forces each CPU SIMD path this CPU supports (scalar, avx2, avx512; "peftkern" is
+the one chosen at load). "memcpy" copies as many bytes as dequantize moves, in the same run (same
+working-set size: these machines have very large L3 caches), the "of memcpy (same size)" column.
+
 Bytes counted (the floor): dequantize reads the packed codes (n/2 B) and the double-quantized
 absmax (n/blocksize B + a few floats) and writes n * 2 B of bf16; quantize reads n * 2 B of
 bf16 and writes the codes and the absmax.
@@ -22,6 +26,7 @@ except ImportError:  # the bench still runs, without that column
 
 SHAPES = {"mlp 5632x2048": (5632, 2048), "attn 2048x2048": (2048, 2048)}
 BLOCKSIZE = 64
+ISAS = ["scalar", "avx2", "avx512"]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and peftkern.has_cuda_kernels() else [])
 
 
@@ -47,7 +52,7 @@ def run(benchmark, fn, device, rounds):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["peftkern", "bitsandbytes", "reference", "memcpy"])
+@pytest.mark.parametrize("impl", ["peftkern", *(f"peftkern-{isa}" for isa in ISAS), "bitsandbytes", "reference", "memcpy"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_dequantize(benchmark, record, shape_name, impl, device):
     shape = SHAPES[shape_name]
@@ -57,6 +62,18 @@ def test_dequantize(benchmark, record, shape_name, impl, device):
     benchmark.group = f"dequantize {shape_name} {device}"
     if impl == "peftkern":
         fn = q.dequantize
+    elif impl.startswith("peftkern-"):
+        isa = impl.removeprefix("peftkern-")
+        if device != "cpu" or isa not in peftkern.supported_cpu_isas():
+            pytest.skip(f"no {isa} path on {device}")
+
+        def fn():
+            before = peftkern.cpu_isa()
+            peftkern.set_cpu_isa(isa)
+            try:
+                q.dequantize()
+            finally:
+                peftkern.set_cpu_isa(before)
     elif impl == "bitsandbytes":
         if bnb_functional is None:
             pytest.skip("bitsandbytes not installed")
@@ -71,7 +88,7 @@ def test_dequantize(benchmark, record, shape_name, impl, device):
         src = torch.empty(dequant_bytes(n) // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
-    run(benchmark, fn, device, rounds=5 if impl == "reference" else 20)
+    run(benchmark, fn, device, rounds=5 if impl in ("reference", "peftkern-scalar") else 20)
     record(f"dequantize bf16 {shape_name} {device}", impl, dequant_bytes(n), device)
 
 

@@ -57,18 +57,21 @@ def pytest_terminal_summary(terminalreporter):
     write("")
     write("peftkern bench summary (median times; GB/s counts the bytes the op must read + write)")
     write(f"memcpy bandwidth in this run: {', '.join(f'{d} {g:.1f} GB/s' for d, g in _MEMCPY_GBPS.items())}")
-    header = (f"{'case':<44}{'impl':<14}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'GFLOP/s':>9}"
+    header = (f"{'case':<44}{'impl':<20}{'median ms':>11}{'GB/s':>9}{'of memcpy':>11}{'same-size':>11}{'GFLOP/s':>9}"
               f"{'vs peftkern':>13}{'MB':>9}")  # fmt: skip
     write(header)
     write("-" * len(header))
     ours = {row[0]: row[2] for row in _ROWS if row[1] == "peftkern"}
+    copies = {row[0]: row[3] for row in _ROWS if row[1] == "memcpy"}  # a copy of the same bytes, same run
     for group, impl, median, gbps, fraction, gflops, memory_mb in _ROWS:
         speedup = f"{median / ours[group]:.2f}x" if group in ours else "-"
+        same_size = f"{gbps / copies[group]:.0%}" if group in copies else "-"
         flops_text = f"{gflops:.1f}" if gflops else "-"
         memory_text = f"{memory_mb:.1f}" if memory_mb is not None else "-"
-        write(f"{group:<44}{impl:<14}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{flops_text:>9}{speedup:>13}"
-              f"{memory_text:>9}")  # fmt: skip
+        write(f"{group:<44}{impl:<20}{median * 1e3:>11.3f}{gbps:>9.2f}{fraction:>10.0%}{same_size:>11}{flops_text:>9}"
+              f"{speedup:>13}{memory_text:>9}")  # fmt: skip
     write("('vs peftkern' = that implementation's time / peftkern's: above 1x, peftkern is faster;")
+    write(" same-size = GB/s over that of the case's 'memcpy' row, a copy of the same bytes in the same run;")
     write(" MB = peak device memory of the step on a GPU, bytes saved for backward on a CPU)")
     _write_floor_overheads(write)
     slower = [(g, i, m / ours[g]) for g, i, m, *_ in _ROWS

@@ -1,10 +1,12 @@
-// Library-level ops: build information and the debug switch that poisons fresh outputs.
+// Library-level ops: build information and the debug switch that poisons fresh outputs (the CPU
+// ISA ops live in common/cpu_isa.cpp).
 #include <torch/library.h>
 
 #include <atomic>
 #include <sstream>
 #include <string>
 
+#include "common/cpu_isa.h"
 #include "common/outputs.h"
 
 #if defined(PEFTKERN_WITH_CUDA)
@@ -40,7 +42,19 @@ std::string build_info() {
 #endif
   s << ", \"cuda_archs\": \"" << PEFTKERN_CUDA_ARCHS << "\"";
   s << ", \"torch\": \"" << PEFTKERN_TORCH_VERSION << "\"";
-  s << ", \"compiler\": \"" << compiler_name() << "\"}";
+  s << ", \"compiler\": \"" << compiler_name() << "\"";
+  // The CPU SIMD path in use (a bad PEFTKERN_CPU_ISA is reported here rather than thrown) and
+  // every path this CPU supports.
+  s << ", \"cpu_isa\": \"";
+  try {
+    s << cpu::isa_name(cpu::active_isa());
+  } catch (const std::exception&) {
+    s << "error: invalid PEFTKERN_CPU_ISA";
+  }
+  s << "\", \"cpu_isas_supported\": [";
+  const auto isas = cpu::supported_isas();
+  for (size_t i = 0; i < isas.size(); ++i) s << (i ? ", " : "") << "\"" << isas[i] << "\"";
+  s << "]}";
   return s.str();
 }
 

@@ -4,7 +4,7 @@ Ops live in `torch.ops.peftkern.*` (compiled, csrc/) with plain-PyTorch referenc
 `peftkern.ops`; this module is the public API.
 """
 
-from ._ext import build_info, has_cuda_kernels
+from ._ext import build_info, cpu_isa, has_cuda_kernels, set_cpu_isa, supported_cpu_isas
 from .multi_adapter import active_adapter, add_adapter, delete_adapter, disable_adapter, list_adapters, set_adapter
 from .io import save_adapter
 from .load import load_adapter
@@ -64,6 +64,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "build_info",
+    "cpu_isa",
     "has_cuda_kernels",
     "load_adapter",
     "nf4_dequantize",
@@ -74,6 +75,8 @@ __all__ = [
     "print_trainable_parameters",
     "proxy_generate",
     "save_adapter",
+    "set_cpu_isa",
+    "supported_cpu_isas",
     "unmerge",
     "unpatch",
     "update_and_allocate",

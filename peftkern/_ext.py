@@ -122,3 +122,22 @@ def set_poison_outputs(enabled: bool) -> None:
     writes it, so an unwritten element is caught. Off by default (it costs a memset)."""
     if _C is not None:
         torch.ops.peftkern.set_poison_outputs(enabled)
+
+
+def cpu_isa() -> str:
+    """The SIMD path the CPU NF4 decode and QLoRA GEMV kernels take now: "scalar", "avx2" or
+    "avx512" (chosen once from cpuid, or forced by PEFTKERN_CPU_ISA; DESIGN.md "CPU ISA dispatch")."""
+    return torch.ops.peftkern.cpu_isa() if _C is not None else "scalar"
+
+
+def set_cpu_isa(isa: str) -> None:
+    """Forces a CPU SIMD path for this process; raises RuntimeError (naming what the CPU supports) for
+    an unknown ISA or one this CPU lacks."""
+    if _C is None:
+        raise RuntimeError(f"peftkern's op library is not loaded: {_LOAD_ERROR}")
+    torch.ops.peftkern.set_cpu_isa(isa)
+
+
+def supported_cpu_isas() -> list[str]:
+    """Every CPU SIMD path this machine (and build) can run, scalar first."""
+    return list(torch.ops.peftkern.cpu_isas_supported()) if _C is not None else ["scalar"]

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
     info = _ext.build_info()
     print(f"peftkern build: {info}")
+    if "cpu_isa" in info:
+        print(f"CPU SIMD path: {info['cpu_isa']} (this CPU supports {', '.join(info['cpu_isas_supported'])}; "
+              "PEFTKERN_CPU_ISA forces one)")
     if not _ext.available():
         print("FAIL: the compiled op library is missing; build it with `pip install --no-build-isolation -e .`")
         return 1

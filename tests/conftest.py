@@ -74,11 +74,41 @@ def emulation_enabled() -> bool:
     return os.environ.get("PEFTKERN_SKIP_EMULATION", "").strip().lower() not in ("1", "true", "yes", "on")
 
 
+# The CPU SIMD paths (csrc/common/cpu_isa.h). A test that takes the `cpu_isa` fixture runs its CPU
+# kernels once per path ("cpu-scalar", "cpu-avx2", "cpu-avx512"; those this CPU lacks skip with the
+# reason) and, in an emulated module, once more with the emulated CUDA kernels (no ISA there).
+CPU_ISAS = ["scalar", "avx2", "avx512"]
+
+
 def pytest_generate_tests(metafunc):
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
     needs_gpu = any(m.kwargs.get("reason") == requires_cuda.kwargs["reason"] for m in metafunc.definition.iter_markers("skipif"))
-    if "kernels" in metafunc.fixturenames and module in EMULATED_MODULES and emulation_enabled() and not needs_gpu:
+    emulate = "kernels" in metafunc.fixturenames and module in EMULATED_MODULES and emulation_enabled() and not needs_gpu
+    if "cpu_isa" in metafunc.fixturenames:
+        cases = [("cpu", isa) for isa in CPU_ISAS] + ([("cuda-emulated", None)] if emulate else [])
+        metafunc.parametrize("kernels, cpu_isa", cases, ids=[k if i is None else f"{k}-{i}" for k, i in cases],
+                             indirect=True)  # fmt: skip
+    elif emulate:
         metafunc.parametrize("kernels", ["cpu", "cuda-emulated"], indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """The CPU SIMD path this test runs on (forced with set_cpu_isa, the load-time choice restored
+    after); None under the emulated CUDA kernels."""
+    isa = getattr(request, "param", None)
+    if isa is None:
+        yield None
+        return
+    supported = _ext.supported_cpu_isas()
+    if isa not in supported:
+        pytest.skip(f"this CPU cannot run the {isa} path (it supports {', '.join(supported)})")
+    before = _ext.cpu_isa()
+    _ext.set_cpu_isa(isa)
+    try:
+        yield isa
+    finally:
+        _ext.set_cpu_isa(before)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_code_table_is_the_spec():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_quantize_and_dequantize_match_reference(dtype, blocksize, generator):
+def test_quantize_and_dequantize_match_reference(dtype, blocksize, generator, cpu_isa):
     for shape in SHAPES:
         w = random_weight(shape, dtype, generator)
         packed, absmax = ops.nf4_quantize(w, blocksize)
@@ -67,7 +67,7 @@ def test_quantize_blockwise_8bit_takes_every_float_dtype(dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_nested_dequantize_matches_reference(dtype, generator):
+def test_nested_dequantize_matches_reference(dtype, generator, cpu_isa):
     code = nf4_ops.dynamic_code_8bit()
     for shape in SHAPES + [(300, 257)]:  # > 256 blocks: several nested blocks, one partial
         for blocksize in (32, 64, 4096):
@@ -158,7 +158,7 @@ def test_reference_fallback_gives_the_same_result(monkeypatch, generator):
         (lambda: ops.quantize_blockwise_8bit(torch.ones(8), torch.ones(255), 256), "code must have 256 elements"),
     ],
 )  # fmt: skip
-def test_bad_input_gets_a_clear_error(call, message):
+def test_bad_input_gets_a_clear_error(call, message, cpu_isa):
     with pytest.raises(RuntimeError, match=message):
         call()
 

@@ -33,7 +33,7 @@ def assert_same(got, want):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("special", SPECIALS, ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("n, where", [(256, [3]), (256, [70, 200]), (150, [140]), (7, [0])])  # full blocks, tail
-def test_nf4_quantize_of_nan_and_inf_is_the_references(generator, device, dtype, special, n, where):
+def test_nf4_quantize_of_nan_and_inf_is_the_references(generator, device, dtype, special, n, where, cpu_isa):
     w = weights(generator, special, n, where).to(device, dtype)
     packed, absmax = torch.ops.peftkern.nf4_quantize(w, 64)
     want_packed, want_absmax = nf4_ops.nf4_quantize_reference(w, 64)
@@ -55,7 +55,7 @@ def test_8bit_quantize_of_nan_and_inf_is_the_references(generator, device, speci
     assert_same(absmax, want_absmax)
 
 
-def test_double_quantized_nf4_weight_with_nan_is_the_references(generator):
+def test_double_quantized_nf4_weight_with_nan_is_the_references(generator, cpu_isa):
     w = weights(generator, float("nan"), 64 * 300, [64 * 7 + 1])
     quantized = peftkern.nf4_quantize(w, 64, double_quant=True)
     nested = quantized.nested

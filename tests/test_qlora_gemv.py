@@ -16,7 +16,9 @@ pytestmark = pytest.mark.skipif(not _ext.has_kernel("nf4_lora_gemv", "cpu"), rea
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
-SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096)]
+# (out, in, blocksize); (40, 256, 64) and (24, 384, 32): rows of whole 128-code chunks (the AVX-512 chunked kernel)
+SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096), (40, 256, 64),
+          (24, 384, 32)]  # fmt: skip
 
 
 def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, with_bias=True, blocksize=64,
@@ -49,14 +51,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype, shape, tokens", CASES)
-def test_cpu_kernel_matches_reference(generator, dtype, shape, tokens):
+def test_cpu_kernel_matches_reference(generator, dtype, shape, tokens, cpu_isa):
     check(generator, "cpu", dtype, shape, tokens)
 
 
 @pytest.mark.parametrize("options", [dict(nested=False), dict(rank=0), dict(with_bias=False), dict(strided=True)],
                          ids=["plain-absmax", "no-adapter", "no-bias", "strided-rows"])  # fmt: skip
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-def test_variants(generator, device, options):
+def test_variants(generator, device, options, cpu_isa):
     for shape in [(37, 45, 64), (64, 96, 128)]:
         check(generator, device, torch.float32, shape, 3, **options)
 
@@ -68,14 +70,14 @@ def test_cuda_kernel_matches_reference(generator, dtype, shape, tokens):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
-def test_empty_shapes(generator, device):
+def test_empty_shapes(generator, device, cpu_isa):
     for out_f, in_f, tokens in [(0, 64, 2), (16, 64, 0), (16, 0, 2)]:
         x, weight, bias, xa, lora_b = inputs(generator, out_f, in_f, tokens, torch.float32, device)
         got = qlora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.5)
         torch.testing.assert_close(got, qlora_ops.nf4_lora_gemv_reference(x, weight, bias, xa, lora_b, 0.5))
 
 
-def test_bad_input_is_refused_clearly(generator):
+def test_bad_input_is_refused_clearly(generator, cpu_isa):
     x, weight, bias, xa, lora_b = inputs(generator, 16, 64, 2, torch.float32, "cpu")
     op = torch.ops.peftkern.nf4_lora_gemv
     n = weight.nested

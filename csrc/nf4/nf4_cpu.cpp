@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 
 #include "nf4_cpu_decode.h"
 #include "nf4_host.h"
@@ -115,6 +116,39 @@ at::Tensor nf4_dequantize_nested_cpu(const at::Tensor& packed, const at::Tensor&
   return out;
 }
 
+at::Tensor nf4_decode_range_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                               int64_t nested_blocksize, int64_t numel, int64_t first, int64_t count,
+                               at::ScalarType dtype) {
+  constexpr const char* op = "nf4_decode_range";
+  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value() &&
+                  nested_absmax.has_value() == nested_offset.has_value(),
+              op, ": nested_absmax, nested_code and nested_offset go together");
+  quant::BlockScales scales{};
+  if (nested_absmax.has_value()) {
+    check_dequantize_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                            nested_blocksize, {numel}, dtype);
+    scales.codes = absmax.const_data_ptr<uint8_t>();
+    scales.nested_absmax = nested_absmax->const_data_ptr<float>();
+    scales.nested_code = nested_code->const_data_ptr<float>();
+    scales.nested_offset = nested_offset->const_data_ptr<float>();
+    scales.nested_blocksize = nested_blocksize;
+  } else {
+    check_dequantize(packed, absmax, blocksize, {numel}, dtype);
+    scales.absmax = absmax.const_data_ptr<float>();
+  }
+  TORCH_CHECK(first >= 0 && count >= 0 && first + count <= numel, op, ": the range [", first, ", ",
+              first, " + ", count, ") must lie inside the ", numel, " elements");
+  at::Tensor out = new_output({count}, packed.options().dtype(dtype));
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, op, [&] {
+    cpu::decode_range(packed.const_data_ptr<uint8_t>(), scales, blocksize, first, count,
+                      out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cpu(const at::Tensor& x,
                                                                const at::Tensor& code,
                                                                int64_t blocksize) {
@@ -179,6 +213,7 @@ TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
   m.impl("nf4_quantize", &peftkern::nf4::nf4_quantize_cpu);
   m.impl("nf4_dequantize", &peftkern::nf4::nf4_dequantize_cpu);
   m.impl("nf4_dequantize_nested", &peftkern::nf4::nf4_dequantize_nested_cpu);
+  m.impl("nf4_decode_range", &peftkern::nf4::nf4_decode_range_cpu);
   m.impl("quantize_blockwise_8bit", &peftkern::nf4::quantize_blockwise_8bit_cpu);
   m.impl("dequantize_blockwise_8bit", &peftkern::nf4::dequantize_blockwise_8bit_cpu);
 }

@@ -1,13 +1,17 @@
 // CPU implementation of nf4_lora_gemv (see qlora_host.h): the 4-bit weight is read once, decoded
 // in registers a block-segment at a time, and dotted with every token; bias and the LoRA-B
 // product are added in the same pass over the output. Parallel over output rows.
+// Two kinds of row kernel, chosen by the ISA dispatch (common/cpu_isa.h): the portable one below
+// (the spec of the summation, 8 partial sums), or the AVX-512 / AVX2 ones (qlora_cpu_x86.cpp).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "../common/cpu_isa.h"
 #include "../common/dispatch.h"
+#include "qlora_cpu_x86.h"
 #include "qlora_host.h"
 
 namespace peftkern {
@@ -29,10 +33,26 @@ inline float dot(const T* x, const float* w, int64_t len) {
   return sum;
 }
 
+// The epilogue of out[t, o]: the weight's dot product plus bias plus the LoRA term, rounded once.
+template <typename T>
+inline void finish(float dot, int64_t t, int64_t o, const GemvArgs& a, const T* bias, const T* xa,
+                   const T* lora_b, float scaling, T* out) {
+  float y = dot;
+  if (bias != nullptr) y += static_cast<float>(bias[o]);
+  if (a.rank > 0) {
+    float lora = 0.0f;
+    for (int64_t r = 0; r < a.rank; ++r) {
+      lora += static_cast<float>(xa[t * a.rank + r]) * static_cast<float>(lora_b[o * a.rank + r]);
+    }
+    y += scaling * lora;
+  }
+  out[t * a.out_features + o] = static_cast<T>(y);
+}
+
 template <typename T>
 void gemv_rows(const T* x, const uint8_t* packed, const GemvArgs& a, const T* bias, const T* xa,
                const T* lora_b, float scaling, T* out, int64_t row_begin, int64_t row_end) {
-  const int64_t K = a.in_features, N = a.out_features, tokens = a.tokens;
+  const int64_t K = a.in_features, tokens = a.tokens;
   float table[quant::kNf4Codes];
   for (int c = 0; c < quant::kNf4Codes; ++c) table[c] = quant::nf4_value(c);
   std::vector<float> acc(tokens), part(tokens), w(std::min<int64_t>(K, a.blocksize));
@@ -52,18 +72,7 @@ void gemv_rows(const T* x, const uint8_t* packed, const GemvArgs& a, const T* bi
       }
       i = end;
     }
-    for (int64_t t = 0; t < tokens; ++t) {
-      float y = acc[t];
-      if (bias != nullptr) y += static_cast<float>(bias[o]);
-      if (a.rank > 0) {
-        float lora = 0.0f;
-        for (int64_t r = 0; r < a.rank; ++r) {
-          lora += static_cast<float>(xa[t * a.rank + r]) * static_cast<float>(lora_b[o * a.rank + r]);
-        }
-        y += scaling * lora;
-      }
-      out[t * N + o] = static_cast<T>(y);
-    }
+    for (int64_t t = 0; t < tokens; ++t) finish(acc[t], t, o, a, bias, xa, lora_b, scaling, out);
   }
 }
 
@@ -82,6 +91,36 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output({args.tokens, out_features}, x.options());
   if (out.numel() == 0) return out;
+  [[maybe_unused]] const cpu::Isa isa = cpu::active_isa();
+#if defined(PK_X86)
+  if (isa != cpu::Isa::kScalar) {
+    // The SIMD kernels read x as float32 (T x K values: nothing next to the weight's N x K / 2 B).
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    if (isa == cpu::Isa::kAvx512 && x86::avx512_chunked_layout(args)) {
+      at::Tensor chunked = at::empty_like(xf);
+      x86::prepare_x_avx512(xf.const_data_ptr<float>(), args, chunked.mutable_data_ptr<float>());
+      xf = chunked;
+    }
+    std::vector<float> dots(args.tokens * out_features);
+    PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
+      const scalar_t* bias_ptr = optional_data<scalar_t>(bias);
+      const scalar_t* xa_ptr = optional_data<scalar_t>(xa);
+      const scalar_t* b_ptr = optional_data<scalar_t>(lora_b);
+      scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
+        const auto rows = isa == cpu::Isa::kAvx512 ? x86::gemv_dots_avx512 : x86::gemv_dots_avx2;
+        rows(xf.const_data_ptr<float>(), packed.const_data_ptr<uint8_t>(), args, begin, end, dots.data());
+        for (int64_t o = begin; o < end; ++o) {
+          for (int64_t t = 0; t < args.tokens; ++t) {
+            finish(dots[t * out_features + o], t, o, args, bias_ptr, xa_ptr, b_ptr,
+                   static_cast<float>(scaling), out_ptr);
+          }
+        }
+      });
+    });
+    return out;
+  }
+#endif
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
     const scalar_t* bias_ptr = optional_data<scalar_t>(bias);
     const scalar_t* xa_ptr = optional_data<scalar_t>(xa);

@@ -159,6 +159,11 @@ def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
+@_ext.register_fake("nf4_decode_range")
+def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, numel, first, count, dtype):
+    return packed.new_empty((count,), dtype=dtype)
+
+
 @_ext.register_fake("quantize_blockwise_8bit")
 def _(x, code, blocksize):
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)

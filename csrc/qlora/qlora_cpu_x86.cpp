@@ -1,0 +1,260 @@
+// AVX-512 and AVX2 row kernels of the CPU nf4_lora_gemv: the codes are decoded in registers by
+// table permutes (nf4/nf4_simd_x86.h) straight into deq(W) values, i.e. through a 16-entry table
+// already multiplied by the block's absmax (one float32 rounding, exactly the dequantized
+// weight; one vector multiply per block), and FMA'd into float32 accumulators.
+//
+// Summation order (the contract tests/test_nf4_simd.py checks): per token, float32 vector lanes
+// (16 for AVX-512, 8 for AVX2) and 1-2 accumulators (2 when few tokens, to hide the FMA latency),
+// each 32-code step of a segment FMA'd into them; elements of a mid-byte head or a tail shorter
+// than 32 codes go to one scalar sum; at the end of the row the accumulators are added, the lanes
+// reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of whole 128-code
+// chunks, below) sums x * code per lane within a chunk and applies the block's absmax to that
+// partial sum. Deterministic (no dependence on threads); not bit-identical to the scalar path
+// (8 partial sums, separate multiply and add), so each path is held to one float32 bound:
+// |error| <= gamma(K + 2) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
+#include "qlora_cpu_x86.h"
+
+#if defined(PK_X86)
+#include <algorithm>
+#include <vector>
+
+#include "../nf4/nf4_simd_x86.h"
+
+namespace peftkern {
+namespace qlora {
+namespace x86 {
+namespace {
+
+using namespace nf4::x86;
+
+// Up to 8 tokens per pass over the weight (the registers hold TT x A accumulators).
+constexpr int kMaxTokens = 8;
+
+template <int TT>
+PK_TARGET_AVX512 void rows_avx512(const float* x, const uint8_t* packed, const GemvArgs& a,
+                                  int64_t row_begin, int64_t row_end, float* dots) {
+  constexpr int A = TT <= 2 ? 2 : 1;  // the two vectors of a 32-code step go to accumulators 0 and A - 1
+  const int64_t K = a.in_features, N = a.out_features;
+  const __m512 nf4 = _mm512_load_ps(kNf4Table);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    __m512 acc[TT][A];
+    float rest[TT] = {};
+    for (int t = 0; t < TT; ++t)
+      for (int k = 0; k < A; ++k) acc[t][k] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < K;) {
+      const int64_t e = o * K + i;
+      const int64_t block = e / a.blocksize;
+      const int64_t end = std::min(K, (block + 1) * a.blocksize - o * K);
+      const __m512 table = _mm512_mul_ps(nf4, _mm512_set1_ps(a.scales(block)));
+      alignas(64) float t_mem[16];
+      _mm512_store_ps(t_mem, table);
+      int64_t j = i;
+      if (e & 1) {  // a row starting mid-byte
+        const float w = t_mem[packed[e >> 1] & 15];
+        for (int t = 0; t < TT; ++t) rest[t] += x[t * K + j] * w;
+        ++j;
+      }
+      for (; j + 32 <= end; j += 32) {
+        __m512 w0, w1;
+        lookup32_ps_avx512(packed + ((o * K + j) >> 1), table, w0, w1);
+        for (int t = 0; t < TT; ++t) {
+          const float* xt = x + t * K + j;
+          acc[t][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xt), w0, acc[t][0]);
+          acc[t][A - 1] = _mm512_fmadd_ps(_mm512_loadu_ps(xt + 16), w1, acc[t][A - 1]);
+        }
+      }
+      for (; j < end; ++j) {
+        const float w = t_mem[quant::nf4_code_at(packed, o * K + j)];
+        for (int t = 0; t < TT; ++t) rest[t] += x[t * K + j] * w;
+      }
+      i = end;
+    }
+    for (int t = 0; t < TT; ++t) {
+      __m512 sum = acc[t][0];
+      for (int k = 1; k < A; ++k) sum = _mm512_add_ps(sum, acc[t][k]);
+      dots[t * N + o] = _mm512_reduce_add_ps(sum) + rest[t];
+    }
+  }
+}
+
+template <int TT>
+PK_TARGET_AVX2 void rows_avx2(const float* x, const uint8_t* packed, const GemvArgs& a,
+                              int64_t row_begin, int64_t row_end, float* dots) {
+  constexpr int A = TT == 1 ? 4 : TT == 2 ? 2 : 1;
+  const int64_t K = a.in_features, N = a.out_features;
+  const __m256 nf4_lo = _mm256_load_ps(kNf4Table), nf4_hi = _mm256_load_ps(kNf4Table + 8);
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    __m256 acc[TT][A];
+    float rest[TT] = {};
+    for (int t = 0; t < TT; ++t)
+      for (int k = 0; k < A; ++k) acc[t][k] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K;) {
+      const int64_t e = o * K + i;
+      const int64_t block = e / a.blocksize;
+      const int64_t end = std::min(K, (block + 1) * a.blocksize - o * K);
+      const __m256 scale = _mm256_set1_ps(a.scales(block));
+      const __m256 t0 = _mm256_mul_ps(nf4_lo, scale), t1 = _mm256_mul_ps(nf4_hi, scale);
+      alignas(32) float t_mem[16];
+      _mm256_store_ps(t_mem, t0);
+      _mm256_store_ps(t_mem + 8, t1);
+      int64_t j = i;
+      if (e & 1) {
+        const float w = t_mem[packed[e >> 1] & 15];
+        for (int t = 0; t < TT; ++t) rest[t] += x[t * K + j] * w;
+        ++j;
+      }
+      for (; j + 32 <= end; j += 32) {
+        __m256 w[4];
+        lookup32_ps_avx2(packed + ((o * K + j) >> 1), t0, t1, w);
+        for (int t = 0; t < TT; ++t) {
+          const float* xt = x + t * K + j;
+          for (int k = 0; k < 4; ++k) {
+            acc[t][k % A] = _mm256_fmadd_ps(_mm256_loadu_ps(xt + 8 * k), w[k], acc[t][k % A]);
+          }
+        }
+      }
+      for (; j < end; ++j) {
+        const float w = t_mem[quant::nf4_code_at(packed, o * K + j)];
+        for (int t = 0; t < TT; ++t) rest[t] += x[t * K + j] * w;
+      }
+      i = end;
+    }
+    for (int t = 0; t < TT; ++t) {
+      __m256 sum = acc[t][0];
+      for (int k = 1; k < A; ++k) sum = _mm256_add_ps(sum, acc[t][k]);
+      const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      dots[t * N + o] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) + rest[t];
+    }
+  }
+}
+
+// ---- The chunked AVX-512 kernel: rows whose length is a multiple of 128 and of the blocksize ----
+// (every LLM projection: 2048, 4096, 5632, 11008, ... with blocksize 64). 64 packed bytes are one
+// zmm of 16 dwords; dword i holds codes 8i .. 8i + 7 of the 128-code chunk, and shifting it right
+// by 4s puts code 8i + kOrder[s] in the low 4 bits, all vpermps reads. So 8 shifts (integer ALU,
+// not the shuffle ports) + 8 vpermps decode 128 codes, a third of the shuffles of widening the
+// bytes first; x is permuted once per call into the same order (kChunkOrder), so no output needs
+// reordering. The codes stay unscaled: per chunk, sum_s x_s * code_s per lane, then times the
+// lane's block absmax (a 16-lane vector of the chunk's 1, 2 or 4 block scales), FMA'd into the
+// row's accumulator.
+constexpr int kChunk = 128;
+constexpr int kChunkOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
+
+// xp[t, c * 128 + 16 s + i] = x[t, c * 128 + 8 i + kChunkOrder[s]]
+void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t c = 0; c < K; c += kChunk) {
+      const float* src = x + t * K + c;
+      float* dst = xp + t * K + c;
+      for (int s = 0; s < 8; ++s)
+        for (int i = 0; i < 16; ++i) dst[16 * s + i] = src[8 * i + kChunkOrder[s]];
+    }
+  }
+}
+
+template <int TT>
+PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
+                                          int64_t row_begin, int64_t row_end, float* dots) {
+  constexpr int A = TT <= 2 ? 2 : 1;  // partial sums per token within a chunk
+  const int64_t K = a.in_features, N = a.out_features, bs = a.blocksize;
+  const int64_t blocks_per_row = K / bs;
+  const __m512 codes = _mm512_load_ps(kNf4Table);
+  // lane i covers codes 8i .. 8i + 7 of a chunk: block (8 i) / bs of the chunk's first block
+  alignas(64) int32_t lane_block_mem[16];
+  for (int i = 0; i < 16; ++i) lane_block_mem[i] = static_cast<int32_t>(8 * i / bs);
+  const __m512i lane_block = _mm512_load_si512(lane_block_mem);
+  std::vector<float> row_scales(blocks_per_row + 16, 0.0f);  // + 16: the last chunk's vector load
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    block_scales_avx512(a.scales, o * blocks_per_row, blocks_per_row, row_scales.data());
+    const uint8_t* p = packed + o * (K / 2);
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += kChunk) {
+      const __m512i d = _mm512_loadu_si512(p + c / 2);
+      const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(row_scales.data() + c / bs));
+      __m512 sum[TT][A];
+      for (int t = 0; t < TT; ++t)
+        for (int k = 0; k < A; ++k) sum[t][k] = _mm512_setzero_ps();
+      for (int s = 0; s < 8; ++s) {
+        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * s), codes);
+        for (int t = 0; t < TT; ++t) {
+          sum[t][s % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + c + 16 * s), w, sum[t][s % A]);
+        }
+      }
+      for (int t = 0; t < TT; ++t) {
+        const __m512 chunk = A == 2 ? _mm512_add_ps(sum[t][0], sum[t][A - 1]) : sum[t][0];
+        acc[t] = _mm512_fmadd_ps(chunk, scale, acc[t]);
+      }
+    }
+    for (int t = 0; t < TT; ++t) dots[t * N + o] = _mm512_reduce_add_ps(acc[t]);
+  }
+}
+
+// Tokens in chunks of up to kMaxTokens, each chunk one pass over the rows' weight.
+template <template <int> class Rows>
+void by_token_chunks(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
+                     int64_t row_end, float* dots) {
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += kMaxTokens) {
+    const float* xc = x + t0 * a.in_features;
+    float* dc = dots + t0 * a.out_features;
+    switch (std::min<int64_t>(kMaxTokens, a.tokens - t0)) {
+      case 1: Rows<1>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 2: Rows<2>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 3: Rows<3>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 4: Rows<4>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 5: Rows<5>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 6: Rows<6>::run(xc, packed, a, row_begin, row_end, dc); break;
+      case 7: Rows<7>::run(xc, packed, a, row_begin, row_end, dc); break;
+      default: Rows<8>::run(xc, packed, a, row_begin, row_end, dc); break;
+    }
+  }
+}
+
+template <int TT>
+struct Avx512Rows {
+  static void run(const float* x, const uint8_t* p, const GemvArgs& a, int64_t b, int64_t e, float* d) {
+    rows_avx512<TT>(x, p, a, b, e, d);
+  }
+};
+template <int TT>
+struct Avx512ChunkedRows {
+  static void run(const float* x, const uint8_t* p, const GemvArgs& a, int64_t b, int64_t e, float* d) {
+    rows_avx512_chunked<TT>(x, p, a, b, e, d);
+  }
+};
+template <int TT>
+struct Avx2Rows {
+  static void run(const float* x, const uint8_t* p, const GemvArgs& a, int64_t b, int64_t e, float* d) {
+    rows_avx2<TT>(x, p, a, b, e, d);
+  }
+};
+
+}  // namespace
+
+bool avx512_chunked_layout(const GemvArgs& a) {
+  return a.in_features % kChunk == 0 && a.in_features % a.blocksize == 0;
+}
+
+void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked) {
+  permute_x_for_chunks(x, a.tokens, a.in_features, x_chunked);
+}
+
+void gemv_dots_avx512(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
+                      int64_t row_end, float* dots) {
+  if (avx512_chunked_layout(a)) {
+    by_token_chunks<Avx512ChunkedRows>(x, packed, a, row_begin, row_end, dots);
+  } else {
+    by_token_chunks<Avx512Rows>(x, packed, a, row_begin, row_end, dots);
+  }
+}
+void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
+                    int64_t row_end, float* dots) {
+  by_token_chunks<Avx2Rows>(x, packed, a, row_begin, row_end, dots);
+}
+
+}  // namespace x86
+}  // namespace qlora
+}  // namespace peftkern
+
+#endif  // PK_X86
