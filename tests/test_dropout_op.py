@@ -53,7 +53,7 @@ def test_uniforms_are_the_known_answer_words_scaled():
     assert torch.equal(u, want)
 
 
-def test_words_match_the_plain_pytorch_philox(generator):
+def test_words_match_the_plain_pytorch_philox(generator, cpu_isa):
     groups = torch.randint(-(2**63), 2**63 - 1, (1001,), generator=generator)
     groups[:3] = torch.tensor([0, -1, 2**32])  # first block, the last one, a carry into the high word
     for _ in range(3):
@@ -64,7 +64,7 @@ def test_words_match_the_plain_pytorch_philox(generator):
 
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 0), (257, 129), (2, 3, 7)])
-def test_mask_and_uniform_match_the_reference_bit_for_bit(shape, generator):
+def test_mask_and_uniform_match_the_reference_bit_for_bit(shape, generator, cpu_isa):
     seed, offset = _draw(generator)
     x = torch.empty(shape)
     u = ops.philox_uniform(x, seed, offset)
@@ -91,7 +91,7 @@ SHAPES = [(1, 1), (3, 5), (13, 33), (64, 96), (0, 7), (7, 0), (5, 1030)]
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
-def test_dropout_matches_the_reference_bit_for_bit(dtype, layout, generator):
+def test_dropout_matches_the_reference_bit_for_bit(dtype, layout, generator, cpu_isa):
     for shape in SHAPES:
         x = _inputs(shape, dtype, generator, layout)
         seed, offset = _draw(generator)
@@ -103,7 +103,7 @@ def test_dropout_matches_the_reference_bit_for_bit(dtype, layout, generator):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_accumulate_matches_the_reference_bit_for_bit(dtype, layout, generator):
+def test_accumulate_matches_the_reference_bit_for_bit(dtype, layout, generator, cpu_isa):
     """out += x ⊙ m/(1−p), computed in the accumulation dtype and rounded once."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     for shape in SHAPES:

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../common/accumulate.h"
+#include "../common/cpu_isa.h"
 #include "dropout_host.h"
 #include "dropout_math.h"
 
@@ -29,12 +30,12 @@ constexpr int kLanes = 8;  // Philox blocks evaluated side by side
 // Philox's rounds are a chain of dependent 32×32→64-bit products per block: one block at a time
 // the CPU waits on each product. Here kLanes blocks run lane-parallel (structure of arrays), the
 // same rounds as philox::single_round, so the compiler turns each round into vector multiplies
-// (pmuludq; vpmuludq in the AVX2 clone, chosen at load time by target_clones, baseline x86-64
-// otherwise). Integer arithmetic only: the words are those of philox::block_words (the tests hold
-// the masks to the plain-PyTorch Philox bit for bit, this path and the scalar tail alike).
-__attribute__((target_clones("avx2", "default"))) void fill_words(uint64_t seed, uint64_t offset,
-                                                                  int64_t first_block, int64_t blocks,
-                                                                  uint32_t* words) {
+// (pmuludq; vpmuludq in the AVX2 instance, which the CPU ISA dispatch of common/cpu_isa.h picks
+// — PEFTKERN_CPU_ISA forces either, so the tests run both). Integer arithmetic only: the words are
+// those of philox::block_words on every path (the tests hold the masks to the plain-PyTorch
+// Philox bit for bit, this path and the scalar tail alike).
+__attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64_t offset, int64_t first_block,
+                                                           int64_t blocks, uint32_t* words) {
   int64_t b = 0;
   for (; b + kLanes <= blocks; b += kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
@@ -72,6 +73,24 @@ __attribute__((target_clones("avx2", "default"))) void fill_words(uint64_t seed,
     const philox::Words w = philox::block_words(seed, offset, static_cast<uint64_t>(first_block + b));
     for (int l = 0; l < 4; ++l) words[4 * b + l] = w.w[l];
   }
+}
+
+void fill_words_portable(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks, uint32_t* words) {
+  fill_words_body(seed, offset, first_block, blocks, words);
+}
+
+#if defined(PK_X86)
+PK_TARGET_AVX2 void fill_words_avx2(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks,
+                                    uint32_t* words) {
+  fill_words_body(seed, offset, first_block, blocks, words);
+}
+#endif
+
+void fill_words(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks, uint32_t* words) {
+#if defined(PK_X86)
+  if (cpu::active_isa() != cpu::Isa::kScalar) return fill_words_avx2(seed, offset, first_block, blocks, words);
+#endif
+  fill_words_portable(seed, offset, first_block, blocks, words);
 }
 
 // Calls body(e0, count, words) over [0, n) in chunks, in parallel; words[t] is element e0 + t's.
