@@ -71,10 +71,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
 
 // -> (dx [M, K], dA [r, K], dB [N, r]) for grad_out [M, N]; W, b are frozen (no gradient).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& lora_a, const at::Tensor& lora_b, const at::Tensor& xa, double scaling,
     double dropout_p, int64_t seed, int64_t offset) {
   const auto [m, k, n, r] = check_lora_args(kBwd, x, weight, lora_a, lora_b, dropout_p);
+  // grad_out feeds three GEMMs; an expanded one (stride 0, e.g. from .sum()) would be copied by
+  // each of them: copy it once (a no-op for the usual contiguous gradient)
+  const at::Tensor grad_out = grad_out_in.contiguous();
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == m && grad_out.size(1) == n, kBwd,
               ": grad_out is ", grad_out.sizes(), ", expected [", m, ", ", n, "]");
   check_like(grad_out, kBwd, "grad_out", x);
