@@ -113,7 +113,7 @@ def test_pack_mask_round_trip(generator):
 
 @pytest.mark.parametrize("mode", ["D", "F", "AdamW"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_op_equals_reference_bitwise(mode, shape, generator):
+def test_op_equals_reference_bitwise(mode, shape, generator, cpu_isa):
     """fp32, 3 steps with weight decay: every bit of param and both moments equals the reference."""
     state = random_state(shape, generator)
     grads = [torch.randn(shape, generator=generator) for _ in range(3)]

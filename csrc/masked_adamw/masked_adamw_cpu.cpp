@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "../common/cpu_isa.h"
 #include "../common/dispatch.h"
 #include "masked_adamw_host.h"
 
@@ -47,13 +48,14 @@ void update_range(P* p, const P* g, float* m, float* v, const float* factor, int
   for (int64_t i = 0; i < len; ++i) update<P>(p[i], g[i], m[i], v[i], factor[i], c);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(PK_X86)
 // float32, 8 lanes at a time: masked_adamw_math.h's `update`, op for op (every AVX operation is
 // one IEEE rounding, _mm256_fmadd_ps is fma_rn, _mm256_sqrt_ps is sqrt_rn), so the same bits;
 // the tests compare it with the spec on sizes with and without a scalar tail. Compiled for
-// AVX2 + FMA only here and chosen at run time: the library's baseline build has no FMA
-// instruction, and a libm fmaf call per element would make the step several times slower.
-__attribute__((target("avx2,fma"))) void update_range_avx2(float* p, const float* g, float* m, float* v,
+// AVX2 + FMA only here and chosen at run time by the library's CPU ISA dispatch (common/cpu_isa.h;
+// PEFTKERN_CPU_ISA=scalar forces the portable loop): the baseline build has no FMA instruction,
+// and a libm fmaf call per element would make the step several times slower.
+PK_TARGET_AVX2 void update_range_avx2(float* p, const float* g, float* m, float* v,
                                                             const float* factor, int64_t len, const Constants& c) {
   const __m256 beta1 = _mm256_set1_ps(c.beta1), one_minus_beta1 = _mm256_set1_ps(c.one_minus_beta1);
   const __m256 beta2 = _mm256_set1_ps(c.beta2), one_minus_beta2 = _mm256_set1_ps(c.one_minus_beta2);
@@ -74,10 +76,6 @@ __attribute__((target("avx2,fma"))) void update_range_avx2(float* p, const float
   update_range<float>(p + i, g + i, m + i, v + i, factor + i, len - i, c);
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-}
 #endif
 
 template <typename P>
@@ -87,9 +85,9 @@ void step_tiles(P* param, const P* grad, float* exp_avg, float* exp_avg_sq, cons
     for (int64_t t = first_tile; t < last_tile; ++t) {
       const int64_t first = t * kTile, len = std::min(kTile, args.numel - first);
       tile_factors(args.mask, first, len, factor);
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(PK_X86)
       if constexpr (std::is_same_v<P, float>) {
-        if (cpu_has_avx2_fma()) {
+        if (cpu::active_isa() != cpu::Isa::kScalar) {
           update_range_avx2(param + first, grad + first, exp_avg + first, exp_avg_sq + first, factor, len,
                             args.constants);
           continue;
