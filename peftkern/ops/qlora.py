@@ -222,11 +222,12 @@ def nf4_lora_gemv(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0):
 
 def use_gemv(x2, tensors, drop, dense) -> bool:
     """Whether an NF4 linear over x2 [T, in] takes the decode GEMV: few tokens, a device with the
-    kernel, no dropout, no caller-dequantized weight, nothing that needs a gradient."""
+    kernel, no dropout (`drop` the call's (p, seed, offset), or None for a layer without any), no
+    caller-dequantized weight, nothing that needs a gradient."""
     return (
         x2.shape[0] <= GEMV_MAX_TOKENS
         and x2.device.type in _GEMV_DEVICES
-        and drop[0] == 0.0
+        and (drop is None or drop[0] == 0.0)
         and dense is None
         and _ext.has_kernel("nf4_lora_gemv", x2.device.type)
         and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, *tensors)))
