@@ -88,7 +88,7 @@ struct CudaKernels {
     const int64_t numel = out.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
       using Acc = acc_type<scalar_t>;
-      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      const auto stream = at::cuda::getCurrentCUDAStream();
       PK_LAUNCH(grid_for(ceil_div(numel, 4)), kThreads, 0, stream, lora_dropout_kernel<scalar_t, Acc, Accumulate>)(
           x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), numel, x.size(1), x.stride(0),
           x.stride(1), seed, offset, threshold, static_cast<Acc>(scale));
