@@ -117,12 +117,18 @@ def write_build_config(cuda_archs):
 def make_extension():
     sources = read_sources()
     use_cuda, reason = want_cuda()
-    cxx_flags = ["-O3", "-ffp-contract=off"]
+    # -fopenmp: the CPU kernels split their work with at::parallel_for, whose OpenMP backend (torch's
+    # pip builds) is a `#pragma omp parallel` in a header: compiled without -fopenmp it runs every
+    # task on the calling thread. Linked the same way, libgomp.so.1 is the one torch loaded (its
+    # wheels ship libgomp.so.1 under that soname), so torch.set_num_threads governs ours too.
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     files = sources["ops"] + sources["python"]
     if not use_cuda:
         log(f"building the CPU-only op library ({reason})")
         return cpp_extension.CppExtension(
-            "peftkern._C", files, include_dirs=[write_build_config("")], extra_compile_args={"cxx": cxx_flags}
+            "peftkern._C", files, include_dirs=[write_build_config("")], extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
 
     archs, origin = resolve_cuda_archs()
@@ -138,6 +144,7 @@ def make_extension():
             "cxx": cxx_flags + ["-DPEFTKERN_WITH_CUDA"],
             "nvcc": ["-O3", "-lineinfo", "-DPEFTKERN_WITH_CUDA"],
         },
+        extra_link_args=link_flags,
     )
 
 
