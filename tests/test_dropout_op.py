@@ -63,6 +63,16 @@ def test_words_match_the_plain_pytorch_philox(generator, cpu_isa):
         assert ops.philox_words(groups[:0], seed, offset).shape == (0, 4)
 
 
+def test_consecutive_counters_take_the_vector_path_and_carry(generator, cpu_isa):
+    """Runs of 16 consecutive counters go through the kernels' vector Philox (the op uses it for
+    them): runs across 2³² (a carry into the counter's high word) and across the int64 sign."""
+    starts = [0, 2**32 - 7, 2**33 - 16, 2**63 - 9, -5]
+    groups = torch.cat([torch.arange(s, s + 37) if s < 2**63 - 40 else torch.tensor([s + i - 2**64 if s + i >= 2**63
+                        else s + i for i in range(37)]) for s in starts])  # fmt: skip
+    seed, offset = _draw(generator)
+    assert torch.equal(ops.philox_words(groups, seed, offset), dropout_ops.philox_words_reference(groups, seed, offset))
+
+
 @pytest.mark.parametrize("shape", [(0,), (1,), (3, 5), (7, 0), (257, 129), (2, 3, 7)])
 def test_mask_and_uniform_match_the_reference_bit_for_bit(shape, generator, cpu_isa):
     seed, offset = _draw(generator)

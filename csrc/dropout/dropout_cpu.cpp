@@ -2,18 +2,22 @@
 //
 // Every kernel walks the flat element range [0, n) of its tensor in tasks of whole Philox
 // blocks (at::parallel_for over blocks of 4 elements), and each task in chunks of kChunkBlocks
-// blocks: first the chunk's words (kLanes Philox evaluations side by side, vectorised:
-// fill_words), then the chunk's elements (a second branch-free loop,
-// vectorised where the input is contiguous). Which thread draws a block never changes the word:
-// the result is the same for any thread count, and the same as the CUDA kernels'.
+// blocks: first the chunk's words (fill_words: 16 Philox blocks per AVX-512 step, or kLanes side
+// by side that the compiler vectorises on the AVX2 and portable paths), then the chunk's
+// elements (AVX-512 rows where x's rows are contiguous, else a branch-free loop). The CPU ISA
+// dispatch (common/cpu_isa.h) picks the path; PEFTKERN_CPU_ISA forces one, and the tests run each.
+// Which thread or path draws a block never changes the word: the result is the same for any
+// thread count and ISA, and the same as the CUDA kernels'.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/accumulate.h"
 #include "../common/cpu_isa.h"
+#include "../common/simd_convert_x86.h"
 #include "dropout_host.h"
 #include "dropout_math.h"
 
@@ -34,13 +38,13 @@ constexpr int kLanes = 8;  // Philox blocks evaluated side by side
 // — PEFTKERN_CPU_ISA forces either, so the tests run both). Integer arithmetic only: the words are
 // those of philox::block_words on every path (the tests hold the masks to the plain-PyTorch
 // Philox bit for bit, this path and the scalar tail alike).
-__attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64_t offset, int64_t first_block,
+__attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64_t offset, uint64_t first_block,
                                                            int64_t blocks, uint32_t* words) {
   int64_t b = 0;
   for (; b + kLanes <= blocks; b += kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
     for (int l = 0; l < kLanes; ++l) {
-      const uint64_t g = static_cast<uint64_t>(first_block + b + l);
+      const uint64_t g = first_block + static_cast<uint64_t>(b + l);
       c0[l] = static_cast<uint32_t>(g);
       c1[l] = static_cast<uint32_t>(g >> 32);
       c2[l] = static_cast<uint32_t>(offset);
@@ -70,25 +74,93 @@ __attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64
     }
   }
   for (; b < blocks; ++b) {  // the chunk's last blocks, fewer than kLanes
-    const philox::Words w = philox::block_words(seed, offset, static_cast<uint64_t>(first_block + b));
+    const philox::Words w = philox::block_words(seed, offset, first_block + static_cast<uint64_t>(b));
     for (int l = 0; l < 4; ++l) words[4 * b + l] = w.w[l];
   }
 }
 
-void fill_words_portable(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks, uint32_t* words) {
+void fill_words_portable(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks, uint32_t* words) {
   fill_words_body(seed, offset, first_block, blocks, words);
 }
 
 #if defined(PK_X86)
-PK_TARGET_AVX2 void fill_words_avx2(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks,
+PK_TARGET_AVX2 void fill_words_avx2(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks,
                                     uint32_t* words) {
   fill_words_body(seed, offset, first_block, blocks, words);
 }
 #endif
 
-void fill_words(uint64_t seed, uint64_t offset, int64_t first_block, int64_t blocks, uint32_t* words) {
 #if defined(PK_X86)
-  if (cpu::active_isa() != cpu::Isa::kScalar) return fill_words_avx2(seed, offset, first_block, blocks, words);
+// 16 lanes' 32×32→64-bit products with `multiplier`: (high words, low words), lane order kept.
+// vpmuludq multiplies the even lanes; the odd ones are moved down first, and one masked
+// in-pair swap (vpshufd CDAB) per result puts each half back in its lane.
+PK_TARGET_AVX512 inline void mulhilo_avx512(__m512i a, __m512i multiplier, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, multiplier);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), multiplier);
+  hi = _mm512_mask_shuffle_epi32(odd, __mmask16(0x5555), even, _MM_PERM_CDAB);
+  lo = _mm512_mask_shuffle_epi32(even, __mmask16(0xAAAA), odd, _MM_PERM_CDAB);
+}
+
+// 16 Philox blocks at once, one per 32-bit lane (structure of arrays: c0..c3 hold word 0..3 of
+// 16 consecutive blocks), then transposed to the words' element order with unpacks and 128-bit
+// lane shuffles. The same rounds as philox::single_round; the tail (< 16 blocks) takes the
+// portable loop.
+PK_TARGET_AVX512 void fill_words_avx512(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks,
+                                        uint32_t* words) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(philox::kRoundMultiplier0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(philox::kRoundMultiplier1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i offset_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m512i offset_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  int64_t b = 0;
+  for (; b + 16 <= blocks; b += 16) {
+    const uint64_t g = first_block + static_cast<uint64_t>(b);
+    // group = g + lane as 64 bits: the low word wraps into the high one within these 16 lanes
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lane);
+    const __m512i g_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+    __m512i c1 = _mm512_mask_add_epi32(g_hi, carry, g_hi, _mm512_set1_epi32(1));
+    __m512i c2 = offset_lo, c3 = offset_hi;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo_avx512(c0, m0, hi0, lo0);
+      mulhilo_avx512(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // three-way xor
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      k0 += philox::kWeylKey0;
+      k1 += philox::kWeylKey1;
+    }
+    // 4×16 words -> 16 blocks of 4 in order. After the unpacks, u_j's 128-bit lane q holds block
+    // 4q + j; the lane shuffles gather blocks 0-3, 4-7, 8-11, 12-15.
+    const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
+    const __m512i t2 = _mm512_unpacklo_epi32(c2, c3), t3 = _mm512_unpackhi_epi32(c2, c3);
+    const __m512i u0 = _mm512_unpacklo_epi64(t0, t2), u1 = _mm512_unpackhi_epi64(t0, t2);
+    const __m512i u2 = _mm512_unpacklo_epi64(t1, t3), u3 = _mm512_unpackhi_epi64(t1, t3);
+    const __m512i v0 = _mm512_shuffle_i32x4(u0, u1, 0x44), v1 = _mm512_shuffle_i32x4(u2, u3, 0x44);
+    const __m512i v2 = _mm512_shuffle_i32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_i32x4(u2, u3, 0xEE);
+    uint32_t* w = words + 4 * b;
+    _mm512_storeu_si512(w, _mm512_shuffle_i32x4(v0, v1, 0x88));
+    _mm512_storeu_si512(w + 16, _mm512_shuffle_i32x4(v0, v1, 0xDD));
+    _mm512_storeu_si512(w + 32, _mm512_shuffle_i32x4(v2, v3, 0x88));
+    _mm512_storeu_si512(w + 48, _mm512_shuffle_i32x4(v2, v3, 0xDD));
+  }
+  if (b < blocks) fill_words_portable(seed, offset, first_block + static_cast<uint64_t>(b), blocks - b, words + 4 * b);
+}
+#endif
+
+void fill_words(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks, uint32_t* words) {
+#if defined(PK_X86)
+  switch (cpu::active_isa()) {
+    case cpu::Isa::kAvx512:
+      return fill_words_avx512(seed, offset, first_block, blocks, words);
+    case cpu::Isa::kAvx2:
+      return fill_words_avx2(seed, offset, first_block, blocks, words);
+    default:
+      break;
+  }
 #endif
   fill_words_portable(seed, offset, first_block, blocks, words);
 }
@@ -101,7 +173,7 @@ void for_each_chunk(int64_t n, uint64_t seed, uint64_t offset, const Body& body)
     alignas(64) uint32_t words[4 * kChunkBlocks];
     for (int64_t b = first; b < last; b += kChunkBlocks) {
       const int64_t nb = std::min(kChunkBlocks, last - b);
-      fill_words(seed, offset, b, nb, words);
+      fill_words(seed, offset, static_cast<uint64_t>(b), nb, words);
       const int64_t e0 = 4 * b;
       body(e0, std::min(4 * nb, n - e0), words);
     }
@@ -122,53 +194,105 @@ void for_each_row_segment(int64_t e0, int64_t count, int64_t k, const RowBody& r
   }
 }
 
+#if defined(PK_X86)
+// 16 elements of T as float lanes and back, masked (a row's tail), for the AVX-512 rows below.
+// bf16 and half widen exactly; the narrowing rounds as c10's conversions (common/simd_convert_x86.h).
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  PK_TARGET_AVX512 static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  PK_TARGET_AVX512 static void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+template <>
+struct Lanes<c10::BFloat16> {
+  PK_TARGET_AVX512 static __m512 load(const c10::BFloat16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  PK_TARGET_AVX512 static void store(c10::BFloat16* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, simd::to_bf16_avx512(v));
+  }
+};
+template <>
+struct Lanes<c10::Half> {
+  PK_TARGET_AVX512 static __m512 load(const c10::Half* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+  PK_TARGET_AVX512 static void store(c10::Half* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, simd::to_fp16_avx512(v));
+  }
+};
+
+// One contiguous row segment: o = dropout(x), or o += dropout(x) (kAccumulate), 16 elements per
+// step. The same math as dropped / accumulated (dropout_math.h), Acc = float: the factor is
+// scale or 0 (a multiply, so a dropped NaN stays NaN), product and sum rounded separately.
+template <bool kAccumulate, typename T>
+PK_TARGET_AVX512 void dropout_row_avx512(const T* x, T* o, const uint32_t* words, int64_t len, uint32_t threshold,
+                                         float scale) {
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(threshold));
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t t = 0; t < len; t += 16) {
+    const __mmask16 m = len - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - t)) - 1);
+    const __m512i w = _mm512_srli_epi32(_mm512_maskz_loadu_epi32(m, words + t), 8);
+    const __m512 factor = _mm512_maskz_mov_ps(_mm512_mask_cmplt_epu32_mask(m, w, thr), sc);
+    __m512 v = _mm512_mul_ps(Lanes<T>::load(x + t, m), factor);
+    if constexpr (kAccumulate) v = _mm512_add_ps(Lanes<T>::load(o + t, m), v);
+    Lanes<T>::store(o + t, m, v);
+  }
+}
+#endif
+
+template <typename T>
+constexpr bool kHasAvx512Rows =
+    std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// out = dropout(x), or out += dropout(x) (kAccumulate), over x's flat row-major range; out is
+// contiguous, x any 2-D strides.
+template <bool kAccumulate>
+void apply_dropout(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold,
+                   double scale) {
+  const int64_t k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+#if defined(PK_X86)
+  const bool avx512_rows = s1 == 1 && cpu::active_isa() == cpu::Isa::kAvx512;
+#endif
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
+    using Acc = acc_type<scalar_t>;
+    const Acc sc = static_cast<Acc>(scale);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    for_each_chunk(out.numel(), seed, offset, [&](int64_t e0, int64_t count, const uint32_t* words) {
+      for_each_row_segment(e0, count, k, [&](int64_t i, int64_t j0, int64_t t0, int64_t len) {
+        const scalar_t* xr = xp + i * s0 + j0 * s1;
+        scalar_t* orow = op + e0 + t0;
+        const uint32_t* wr = words + t0;
+#if defined(PK_X86)
+        if constexpr (kHasAvx512Rows<scalar_t>) {
+          if (avx512_rows) return dropout_row_avx512<kAccumulate>(xr, orow, wr, len, threshold, sc);
+        }
+#endif
+        const auto one = [&](scalar_t xv, int64_t t) {
+          orow[t] = kAccumulate ? accumulated<scalar_t, Acc>(orow[t], xv, wr[t], threshold, sc)
+                                : dropped<scalar_t, Acc>(xv, wr[t], threshold, sc);
+        };
+        if (s1 == 1) {
+          for (int64_t t = 0; t < len; ++t) one(xr[t], t);
+        } else {
+          for (int64_t t = 0; t < len; ++t) one(xr[t * s1], t);
+        }
+      });
+    });
+  });
+}
+
 struct CpuKernels {
   static void dropout(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold,
                       double scale) {
-    const int64_t k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
-      using Acc = acc_type<scalar_t>;
-      const Acc sc = static_cast<Acc>(scale);
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      for_each_chunk(out.numel(), seed, offset, [&](int64_t e0, int64_t count, const uint32_t* words) {
-        for_each_row_segment(e0, count, k, [&](int64_t i, int64_t j0, int64_t t0, int64_t len) {
-          const scalar_t* xr = xp + i * s0 + j0 * s1;
-          scalar_t* orow = op + e0 + t0;
-          const uint32_t* wr = words + t0;
-          if (s1 == 1) {
-            for (int64_t t = 0; t < len; ++t) orow[t] = dropped<scalar_t, Acc>(xr[t], wr[t], threshold, sc);
-          } else {
-            for (int64_t t = 0; t < len; ++t) orow[t] = dropped<scalar_t, Acc>(xr[t * s1], wr[t], threshold, sc);
-          }
-        });
-      });
-    });
+    apply_dropout<false>(x, out, seed, offset, threshold, scale);
   }
 
   static void accumulate(at::Tensor& out, const at::Tensor& x, uint64_t seed, uint64_t offset, uint32_t threshold,
                          double scale) {
-    const int64_t k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_accumulate_", [&] {
-      using Acc = acc_type<scalar_t>;
-      const Acc sc = static_cast<Acc>(scale);
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      scalar_t* op = out.mutable_data_ptr<scalar_t>();
-      for_each_chunk(out.numel(), seed, offset, [&](int64_t e0, int64_t count, const uint32_t* words) {
-        for_each_row_segment(e0, count, k, [&](int64_t i, int64_t j0, int64_t t0, int64_t len) {
-          const scalar_t* xr = xp + i * s0 + j0 * s1;
-          scalar_t* orow = op + e0 + t0;
-          const uint32_t* wr = words + t0;
-          if (s1 == 1) {
-            for (int64_t t = 0; t < len; ++t) orow[t] = accumulated<scalar_t, Acc>(orow[t], xr[t], wr[t], threshold, sc);
-          } else {
-            for (int64_t t = 0; t < len; ++t) {
-              orow[t] = accumulated<scalar_t, Acc>(orow[t], xr[t * s1], wr[t], threshold, sc);
-            }
-          }
-        });
-      });
-    });
+    apply_dropout<true>(x, out, seed, offset, threshold, scale);
   }
 
   static void mask(at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold) {
@@ -185,12 +309,29 @@ struct CpuKernels {
     });
   }
 
+  // Arbitrary counters, one block at a time; a run of 16 consecutive ones goes through fill_words,
+  // so the tests reach the vector paths' counter arithmetic (a run across 2³² carries into the
+  // counter's high word, which no tensor of realistic size reaches).
   static void words(const at::Tensor& groups, at::Tensor& out, uint64_t seed, uint64_t offset) {
     const int64_t* gp = groups.const_data_ptr<int64_t>();
     int64_t* op = out.mutable_data_ptr<int64_t>();
-    for (int64_t b = 0; b < groups.numel(); ++b) {
-      const philox::Words w = philox::block_words(seed, offset, static_cast<uint64_t>(gp[b]));
-      for (int l = 0; l < 4; ++l) op[4 * b + l] = static_cast<int64_t>(w.w[l]);
+    const int64_t n = groups.numel();
+    for (int64_t b = 0; b < n;) {
+      int64_t run = 1;
+      while (run < 16 && b + run < n &&
+             static_cast<uint64_t>(gp[b + run]) == static_cast<uint64_t>(gp[b]) + static_cast<uint64_t>(run)) {
+        ++run;
+      }
+      uint32_t w[4 * 16];
+      if (run == 16) {
+        fill_words(seed, offset, static_cast<uint64_t>(gp[b]), 16, w);
+      } else {
+        run = 1;
+        const philox::Words one = philox::block_words(seed, offset, static_cast<uint64_t>(gp[b]));
+        for (int l = 0; l < 4; ++l) w[l] = one.w[l];
+      }
+      for (int64_t t = 0; t < 4 * run; ++t) op[4 * b + t] = static_cast<int64_t>(w[t]);
+      b += run;
     }
   }
 };
