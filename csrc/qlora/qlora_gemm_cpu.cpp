@@ -44,8 +44,22 @@ constexpr int64_t kMinTileBytes = 512 * 1024;
 // Elements one thread decodes at least (smaller pieces are not worth waking another thread).
 constexpr int64_t kDecodeGrain = 16384;
 
+// The decode buffer of the calling thread, grown on demand and kept between calls, as `count`
+// elements of `options`' dtype. Allocating it per call cost more than the decode on these
+// machines: a buffer of 0.5-4 MiB comes from mmap, and each of its pages faults on first touch
+// (~1.7 µs a page measured on the 2-core VM: 0.2-1.8 ms a call, 420 calls a SmolLM2 step).
+// Bounded by the tile budget (4 MiB by default) per thread that runs these ops.
+at::Tensor decode_buffer(int64_t count, const at::TensorOptions& options) {
+  thread_local at::Tensor bytes;
+  const int64_t need = count * static_cast<int64_t>(options.dtype().itemsize());
+  if (!bytes.defined() || bytes.numel() < need) bytes = at::empty({need}, at::TensorOptions().dtype(at::kByte));
+  return at::from_blob(bytes.data_ptr(), {count}, options);
+}
+
 // Rows (forward) or columns (backward) per tile: as many as fit the budget given the other
-// extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 16.
+// extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 64
+// (so that a column band of a row whose length is a multiple of the NF4 blocksize starts and
+// ends on block boundaries: the decode then has no scalar head or tail).
 // Default budget: kDefaultTileBytes, but at most an eighth of the dense weight (and at least
 // kMinTileBytes), so that the buffer stays a small fraction of what dequantize-whole allocates:
 // the peak-memory saving of the fused path is the dense weight minus this buffer.
@@ -54,7 +68,7 @@ int64_t tile_extent(int64_t tile_bytes, int64_t other, int64_t element_size, int
   const int64_t budget = tile_bytes > 0 ? tile_bytes
                                         : std::min(kDefaultTileBytes, std::max(kMinTileBytes, weight_bytes / 8));
   int64_t extent = budget / std::max<int64_t>(1, other * element_size);
-  extent = std::max<int64_t>(min_extent, extent / 16 * 16);
+  extent = std::max<int64_t>(min_extent, extent >= 64 ? extent / 64 * 64 : extent);
   return std::max<int64_t>(1, std::min(extent, total));
 }
 
@@ -75,7 +89,7 @@ void fwd_tiles(const at::Tensor& x, const uint8_t* packed, const GemmArgs& a, co
   // A tile of 1 row when tests pass a tiny tile_bytes: every boundary case (rows starting
   // mid-block, mid-byte) gets exercised.
   const int64_t rows = tile_extent(a.tile_bytes, K, sizeof(T), N, a.tile_bytes > 0 ? 1 : 64);
-  at::Tensor buffer = at::empty({rows, K}, x.options());  // [rows, K]: one tile of W, reused
+  at::Tensor buffer = decode_buffer(rows * K, x.options()).view({rows, K});  // one tile of W, reused
   T* w_ptr = buffer.mutable_data_ptr<T>();
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t n = std::min(rows, N - n0);
@@ -100,7 +114,7 @@ void bwd_input_tiles(const at::Tensor& grad_out, const uint8_t* packed, const Ge
                      at::Tensor& grad_x) {
   const int64_t K = a.in_features, N = a.out_features;
   const int64_t cols = tile_extent(a.tile_bytes, N, sizeof(T), K, a.tile_bytes > 0 ? 1 : 64);
-  at::Tensor buffer = at::empty({N * cols}, grad_out.options());
+  at::Tensor buffer = decode_buffer(N * cols, grad_out.options());
   T* w_ptr = buffer.mutable_data_ptr<T>();
   for (int64_t k0 = 0; k0 < K; k0 += cols) {
     const int64_t k = std::min(cols, K - k0);
