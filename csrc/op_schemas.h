@@ -41,6 +41,10 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def("lora_dropout(Tensor x, float p, int seed, int offset) -> Tensor");
   // out += x ⊙ m/(1 − p) in place (the LoRA backward's grad_x term); out [M, K] contiguous.
   m.def("lora_dropout_accumulate_(Tensor(a!) out, Tensor x, float p, int seed, int offset) -> ()");
+  // The LoRA backward's two dropout passes in one draw: grad_x += grad_xd ⊙ m/(1 − p) in place and
+  // returns xd = x ⊙ m/(1 − p) (for grad_A's GEMM). grad_xd, x [M, K] any strides; grad_x [M, K]
+  // contiguous, overlapping neither.
+  m.def("lora_dropout_backward_(Tensor(a!) grad_x, Tensor grad_xd, Tensor x, float p, int seed, int offset) -> Tensor");
   // The keep decisions m (bool, x's shape, element e = flat row-major index) that lora_dropout
   // applies; tests and the plain-PyTorch reference only (the LoRA ops never materialise it).
   m.def("lora_dropout_mask(Tensor x, float p, int seed, int offset) -> Tensor");

@@ -128,6 +128,26 @@ def test_accumulate_matches_the_reference_bit_for_bit(dtype, layout, generator, 
         assert torch.equal(out, want), shape
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+def test_backward_matches_the_reference_bit_for_bit(dtype, layout, generator, cpu_isa):
+    """One draw for both: grad_x += grad_xd ⊙ m/(1−p) (accumulation dtype, rounded once) and xd =
+    x ⊙ m/(1−p), the same decisions as lora_dropout's; x and grad_xd in any layout."""
+    for shape in SHAPES:
+        x = _inputs(shape, dtype, generator, layout)
+        grad_xd = _inputs(shape, dtype, generator, "strided" if layout == "contiguous" else "contiguous")
+        grad_x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        seed, offset = _draw(generator)
+        for p in (0.05, 0.5):
+            want_grad_x, want_xd = dropout_ops.lora_dropout_backward_reference(grad_x, grad_xd, x, p, seed, offset)
+            got_grad_x = grad_x.clone()
+            xd = ops.lora_dropout_backward_(got_grad_x, grad_xd, x, p, seed, offset)
+            assert xd.is_contiguous() and xd.dtype == dtype
+            assert torch.equal(xd, want_xd), (shape, p)
+            assert torch.equal(xd, ops.lora_dropout(x, p, seed, offset)), (shape, p)
+            assert torch.equal(got_grad_x, want_grad_x), (shape, p)
+
+
 def test_cpu_and_cuda_emulated_kernels_draw_the_same_bits(kernels, request, generator):
     """Direct comparison of the two implementations (the test above holds each to the reference)."""
     if kernels != "cpu" or not emulation_enabled():
@@ -138,6 +158,11 @@ def test_cpu_and_cuda_emulated_kernels_draw_the_same_bits(kernels, request, gene
     x = _inputs((37, 91), torch.bfloat16, generator, "strided")
     assert torch.equal(ops.lora_dropout(x, 0.2, seed, offset), emu.lora_dropout(x, 0.2, seed, offset))
     assert torch.equal(ops.lora_dropout_mask(x, 0.2, seed, offset), emu.lora_dropout_mask(x, 0.2, seed, offset))
+    grad_xd, grad_x = torch.randn_like(x), torch.randn(x.shape, generator=generator).to(x.dtype)
+    grad_x_emu = grad_x.clone()
+    assert torch.equal(ops.lora_dropout_backward_(grad_x, grad_xd, x, 0.2, seed, offset),
+                       emu.lora_dropout_backward_(grad_x_emu, grad_xd, x, 0.2, seed, offset))  # fmt: skip
+    assert torch.equal(grad_x, grad_x_emu)
     assert torch.equal(ops.philox_uniform(x, seed, offset), emu.philox_uniform(x, seed, offset))
     groups = torch.randint(-(2**63), 2**63 - 1, (50,), generator=generator)
     assert torch.equal(ops.philox_words(groups, seed, offset), emu.philox_words(groups, seed, offset))
@@ -249,6 +274,8 @@ def test_opcheck(generator):
     seed, offset = _draw(generator)
     torch.library.opcheck(ops.lora_dropout.default, (x.requires_grad_(), 0.3, seed, offset))
     torch.library.opcheck(ops.lora_dropout_accumulate_.default, (torch.randn(9, 13), x.detach(), 0.3, seed, offset))
+    torch.library.opcheck(ops.lora_dropout_backward_.default,
+                          (torch.randn(9, 13), torch.randn(9, 13), x.detach(), 0.3, seed, offset))  # fmt: skip
     torch.library.opcheck(ops.lora_dropout_mask.default, (x.detach(), 0.3, seed, offset))
     torch.library.opcheck(ops.philox_uniform.default, (x.detach(), seed, offset))
     torch.library.opcheck(ops.philox_words.default, (torch.arange(5), seed, offset))
@@ -265,6 +292,12 @@ def test_opcheck(generator):
         (lambda x: ops.lora_dropout_accumulate_(torch.zeros(3, 4), x, 0.1, 0, 0), "out is"),
         (lambda x: ops.lora_dropout_accumulate_(x.double(), x, 0.1, 0, 0), "out is Double but x is Float"),
         (lambda x: ops.lora_dropout_accumulate_(torch.zeros(5, 4).t(), x, 0.1, 0, 0), "out must be contiguous"),
+        (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 5), x[:, :4], x, 0.1, 0, 0), "grad_xd is"),
+        (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 4), x, x, 0.1, 0, 0), "grad_x is"),
+        (lambda x: ops.lora_dropout_backward_(torch.zeros(5, 4).t(), x, x, 0.1, 0, 0), "grad_x must be contiguous"),
+        (lambda x: ops.lora_dropout_backward_(x, x.clone(), x, 0.1, 0, 0), "must not overlap"),
+        (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 5), x.double(), x, 0.1, 0, 0), "grad_xd is Double"),
+        (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 5), x, x, 1.0, 0, 0), r"p must be in \[0, 1\)"),
         (lambda x: ops.lora_dropout_mask(x, 1.5, 0, 0), r"p must be in \[0, 1\)"),
         (lambda x: ops.philox_words(torch.zeros(3), 0, 0), "groups must be Long"),
         (lambda x: ops.philox_words(torch.zeros(3, 1, dtype=torch.long), 0, 0), "groups must be 1-D"),

@@ -19,6 +19,7 @@ def cases():
         ("lora_linear_fwd", (x, w, None, a, b, 0.5, 0.1, 3, 4)),
         ("lora_linear_bwd", (torch.randn(3, 5), x, w, a, b, torch.randn(3, 2), 0.5, 0.1, 3, 4)),
         ("lora_dropout_accumulate_", (torch.randn(3, 8), x, 0.1, 3, 4)),
+        ("lora_dropout_backward_", (torch.randn(3, 8), torch.randn(3, 8), x, 0.1, 3, 4)),
         ("dora_weight_norm", (w, a, b, 0.5)),
         ("ia3_input_linear_fwd", (x, w, None, torch.ones(1, 8))),
         ("ia3_output_linear_fwd", (x, w, None, torch.ones(5, 1))),

@@ -2,8 +2,8 @@
 //
 // Every kernel walks the flat element range [0, n) of its tensor in tasks of whole Philox
 // blocks (at::parallel_for over blocks of 4 elements), and each task in chunks of kChunkBlocks
-// blocks: first the chunk's words (fill_words: 16 Philox blocks per AVX-512 step, or kLanes side
-// by side that the compiler vectorises on the AVX2 and portable paths), then the chunk's
+// blocks: first the chunk's words (fill_words: 16 Philox blocks per AVX-512 step, 8 per AVX2 step,
+// or kLanes side by side that the compiler vectorises on the portable path), then the chunk's
 // elements (AVX-512 rows where x's rows are contiguous, else a branch-free loop). The CPU ISA
 // dispatch (common/cpu_isa.h) picks the path; PEFTKERN_CPU_ISA forces one, and the tests run each.
 // Which thread or path draws a block never changes the word: the result is the same for any
@@ -33,13 +33,13 @@ constexpr int kLanes = 8;  // Philox blocks evaluated side by side
 // words[4·b + l] = word l of block first_block + b, for b in [0, blocks).
 // Philox's rounds are a chain of dependent 32×32→64-bit products per block: one block at a time
 // the CPU waits on each product. Here kLanes blocks run lane-parallel (structure of arrays), the
-// same rounds as philox::single_round, so the compiler turns each round into vector multiplies
-// (pmuludq; vpmuludq in the AVX2 instance, which the CPU ISA dispatch of common/cpu_isa.h picks
-// — PEFTKERN_CPU_ISA forces either, so the tests run both). Integer arithmetic only: the words are
-// those of philox::block_words on every path (the tests hold the masks to the plain-PyTorch
-// Philox bit for bit, this path and the scalar tail alike).
-__attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64_t offset, uint64_t first_block,
-                                                           int64_t blocks, uint32_t* words) {
+// same rounds as philox::single_round, so the compiler can turn each round into vector multiplies
+// (pmuludq). This is the portable path; AVX2 and AVX-512 have explicit ones below, which the CPU
+// ISA dispatch (common/cpu_isa.h) picks and PEFTKERN_CPU_ISA forces, so the tests run all three.
+// Integer arithmetic only: the words are those of philox::block_words on every path (the tests
+// hold the masks to the plain-PyTorch Philox bit for bit, every path and the tails alike).
+inline void fill_words_portable(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks,
+                                uint32_t* words) {
   int64_t b = 0;
   for (; b + kLanes <= blocks; b += kLanes) {
     uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
@@ -79,14 +79,58 @@ __attribute__((always_inline)) inline void fill_words_body(uint64_t seed, uint64
   }
 }
 
-void fill_words_portable(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks, uint32_t* words) {
-  fill_words_body(seed, offset, first_block, blocks, words);
+#if defined(PK_X86)
+// 8 lanes' 32×32→64-bit products (as mulhilo_avx512 below, with blends for the in-pair moves).
+PK_TARGET_AVX2 inline void mulhilo_avx2(__m256i a, __m256i multiplier, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, multiplier);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), multiplier);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-#if defined(PK_X86)
+// 8 Philox blocks at once, one per 32-bit lane, then a 4×8 transpose into element order; the
+// tail (< 8 blocks) takes the portable loop.
 PK_TARGET_AVX2 void fill_words_avx2(uint64_t seed, uint64_t offset, uint64_t first_block, int64_t blocks,
                                     uint32_t* words) {
-  fill_words_body(seed, offset, first_block, blocks, words);
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(philox::kRoundMultiplier0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(philox::kRoundMultiplier1));
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i offset_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m256i offset_hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    const uint64_t g = first_block + static_cast<uint64_t>(b);
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g))), lane);
+    // a lane whose low word wrapped (c0 < lane, unsigned: compared with the sign bits flipped)
+    // carries into the high word; the compare gives -1 there
+    const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lane, sign), _mm256_xor_si256(c0, sign));
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32))), carry);
+    __m256i c2 = offset_lo, c3 = offset_hi;
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0, m0, hi0, lo0);
+      mulhilo_avx2(c2, m1, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c1 = lo1;
+      c3 = lo0;
+      k0 += philox::kWeylKey0;
+      k1 += philox::kWeylKey1;
+    }
+    // 4×8 words -> 8 blocks of 4: after the unpacks u_j's 128-bit lane q holds block 4q + j
+    const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+    const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i* w = reinterpret_cast<__m256i*>(words + 4 * b);
+    _mm256_storeu_si256(w, _mm256_permute2x128_si256(u0, u1, 0x20));
+    _mm256_storeu_si256(w + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+    _mm256_storeu_si256(w + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+    _mm256_storeu_si256(w + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+  }
+  if (b < blocks) fill_words_portable(seed, offset, first_block + static_cast<uint64_t>(b), blocks - b, words + 4 * b);
 }
 #endif
 
@@ -246,15 +290,42 @@ template <typename T>
 constexpr bool kHasAvx512Rows =
     std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
+// One row segment of len elements: o = dropout(x) or o += dropout(x) (kAccumulate); x with
+// element stride s1, o contiguous, words[t] element t's word.
+template <bool kAccumulate, typename T, typename Acc>
+inline void dropout_row(const T* x, int64_t s1, T* o, const uint32_t* words, int64_t len, uint32_t threshold,
+                        Acc scale, bool avx512_rows) {
+#if defined(PK_X86)
+  if constexpr (kHasAvx512Rows<T>) {
+    if (avx512_rows && s1 == 1) return dropout_row_avx512<kAccumulate>(x, o, words, len, threshold, scale);
+  }
+#endif
+  const auto one = [&](T xv, int64_t t) {
+    o[t] = kAccumulate ? accumulated<T, Acc>(o[t], xv, words[t], threshold, scale)
+                       : dropped<T, Acc>(xv, words[t], threshold, scale);
+  };
+  if (s1 == 1) {
+    for (int64_t t = 0; t < len; ++t) one(x[t], t);
+  } else {
+    for (int64_t t = 0; t < len; ++t) one(x[t * s1], t);
+  }
+}
+
+bool use_avx512_rows() {
+#if defined(PK_X86)
+  return cpu::active_isa() == cpu::Isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
 // out = dropout(x), or out += dropout(x) (kAccumulate), over x's flat row-major range; out is
 // contiguous, x any 2-D strides.
 template <bool kAccumulate>
 void apply_dropout(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold,
                    double scale) {
   const int64_t k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
-#if defined(PK_X86)
-  const bool avx512_rows = s1 == 1 && cpu::active_isa() == cpu::Isa::kAvx512;
-#endif
+  const bool avx512_rows = use_avx512_rows();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
     using Acc = acc_type<scalar_t>;
     const Acc sc = static_cast<Acc>(scale);
@@ -262,23 +333,34 @@ void apply_dropout(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     for_each_chunk(out.numel(), seed, offset, [&](int64_t e0, int64_t count, const uint32_t* words) {
       for_each_row_segment(e0, count, k, [&](int64_t i, int64_t j0, int64_t t0, int64_t len) {
-        const scalar_t* xr = xp + i * s0 + j0 * s1;
-        scalar_t* orow = op + e0 + t0;
-        const uint32_t* wr = words + t0;
-#if defined(PK_X86)
-        if constexpr (kHasAvx512Rows<scalar_t>) {
-          if (avx512_rows) return dropout_row_avx512<kAccumulate>(xr, orow, wr, len, threshold, sc);
-        }
-#endif
-        const auto one = [&](scalar_t xv, int64_t t) {
-          orow[t] = kAccumulate ? accumulated<scalar_t, Acc>(orow[t], xv, wr[t], threshold, sc)
-                                : dropped<scalar_t, Acc>(xv, wr[t], threshold, sc);
-        };
-        if (s1 == 1) {
-          for (int64_t t = 0; t < len; ++t) one(xr[t], t);
-        } else {
-          for (int64_t t = 0; t < len; ++t) one(xr[t * s1], t);
-        }
+        dropout_row<kAccumulate, scalar_t, Acc>(xp + i * s0 + j0 * s1, s1, op + e0 + t0, words + t0, len, threshold,
+                                                sc, avx512_rows);
+      });
+    });
+  });
+}
+
+// The backward's one draw: xd = dropout(x) and grad_x += dropout(grad_xd), row segment by row
+// segment with the same words.
+void apply_dropout_backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, at::Tensor& xd,
+                            uint64_t seed, uint64_t offset, uint32_t threshold, double scale) {
+  const int64_t k = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const int64_t g0 = grad_xd.stride(0), g1 = grad_xd.stride(1);
+  const bool avx512_rows = use_avx512_rows();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout_backward_", [&] {
+    using Acc = acc_type<scalar_t>;
+    const Acc sc = static_cast<Acc>(scale);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_xd.const_data_ptr<scalar_t>();
+    scalar_t* xdp = xd.mutable_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    for_each_chunk(xd.numel(), seed, offset, [&](int64_t e0, int64_t count, const uint32_t* words) {
+      for_each_row_segment(e0, count, k, [&](int64_t i, int64_t j0, int64_t t0, int64_t len) {
+        const int64_t e = e0 + t0;
+        dropout_row<false, scalar_t, Acc>(xp + i * s0 + j0 * s1, s1, xdp + e, words + t0, len, threshold, sc,
+                                          avx512_rows);
+        dropout_row<true, scalar_t, Acc>(gp + i * g0 + j0 * g1, g1, gxp + e, words + t0, len, threshold, sc,
+                                         avx512_rows);
       });
     });
   });
@@ -293,6 +375,11 @@ struct CpuKernels {
   static void accumulate(at::Tensor& out, const at::Tensor& x, uint64_t seed, uint64_t offset, uint32_t threshold,
                          double scale) {
     apply_dropout<true>(x, out, seed, offset, threshold, scale);
+  }
+
+  static void backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, at::Tensor& xd,
+                       uint64_t seed, uint64_t offset, uint32_t threshold, double scale) {
+    apply_dropout_backward(grad_x, grad_xd, x, xd, seed, offset, threshold, scale);
   }
 
   static void mask(at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold) {
@@ -344,6 +431,10 @@ at::Tensor lora_dropout(const at::Tensor& x, double p, int64_t seed, int64_t off
 void lora_dropout_accumulate(at::Tensor& out, const at::Tensor& x, double p, int64_t seed, int64_t offset) {
   CpuOps::accumulate(out, x, p, seed, offset);
 }
+at::Tensor lora_dropout_backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, double p,
+                                 int64_t seed, int64_t offset) {
+  return CpuOps::backward(grad_x, grad_xd, x, p, seed, offset);
+}
 at::Tensor lora_dropout_mask(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
   return CpuOps::mask(x, p, seed, offset);
 }
@@ -359,6 +450,7 @@ at::Tensor philox_words(const at::Tensor& groups, int64_t seed, int64_t offset) 
 TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
   m.impl("lora_dropout", &peftkern::dropout::lora_dropout);
   m.impl("lora_dropout_accumulate_", &peftkern::dropout::lora_dropout_accumulate);
+  m.impl("lora_dropout_backward_", &peftkern::dropout::lora_dropout_backward);
   m.impl("lora_dropout_mask", &peftkern::dropout::lora_dropout_mask);
   m.impl("philox_uniform", &peftkern::dropout::philox_uniform);
   m.impl("philox_words", &peftkern::dropout::philox_words);

@@ -26,13 +26,16 @@ unsigned int grid_for(int64_t groups) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(ceil_div(groups, kThreads), 1), kMaxBlocks));
 }
 
-// out = x ⊙ m · scale (Accumulate = false) or out += x ⊙ m · scale (true).
-// Layout: x [m, k] strides (s0, s1); out contiguous [m, k] (read too when accumulating).
-template <typename T, typename Acc, bool Accumulate>
-__global__ void lora_dropout_kernel(const T* __restrict__ x,  // [m, k], strides (s0, s1)
-                                    T* __restrict__ out,      // [m, k]
-                                    int64_t numel, int64_t k, int64_t s0, int64_t s1, uint64_t seed,
-                                    uint64_t offset, uint32_t threshold, Acc scale) {
+// The dropout passes, one Philox draw per block of 4 elements for both of its optional streams:
+//   xd != nullptr:      xd[e] = x[e] ⊙ m · scale                  (lora_dropout; backward's xd)
+//   grad_x != nullptr:  grad_x[e] += grad_xd[e] ⊙ m · scale       (accumulate; backward's grad_x)
+// Layout: x [m, k] strides (s0, s1), grad_xd [m, k] strides (g0, g1); xd, grad_x contiguous [m, k].
+// Which streams run is uniform across the grid (no divergence).
+template <typename T, typename Acc>
+__global__ void lora_dropout_kernel(const T* __restrict__ x, const T* __restrict__ grad_xd, T* __restrict__ xd,
+                                    T* __restrict__ grad_x, int64_t numel, int64_t k, int64_t s0, int64_t s1,
+                                    int64_t g0, int64_t g1, uint64_t seed, uint64_t offset, uint32_t threshold,
+                                    Acc scale) {
   const int64_t groups = (numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
@@ -40,11 +43,10 @@ __global__ void lora_dropout_kernel(const T* __restrict__ x,  // [m, k], strides
     for (int l = 0; l < 4; ++l) {
       const int64_t e = 4 * g + l;
       if (e >= numel) break;
-      const T xv = x[(e / k) * s0 + (e % k) * s1];
-      if (Accumulate) {
-        out[e] = accumulated<T, Acc>(out[e], xv, w.w[l], threshold, scale);
-      } else {
-        out[e] = dropped<T, Acc>(xv, w.w[l], threshold, scale);
+      const int64_t i = e / k, j = e % k;
+      if (xd != nullptr) xd[e] = dropped<T, Acc>(x[i * s0 + j * s1], w.w[l], threshold, scale);
+      if (grad_x != nullptr) {
+        grad_x[e] = accumulated<T, Acc>(grad_x[e], grad_xd[i * g0 + j * g1], w.w[l], threshold, scale);
       }
     }
   }
@@ -82,28 +84,35 @@ __global__ void philox_words_kernel(const int64_t* __restrict__ groups, int64_t*
 }
 
 struct CudaKernels {
-  template <bool Accumulate>
-  static void apply(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold,
-                    double scale) {
-    const int64_t numel = out.numel();
+  // x -> xd (xd defined) and grad_xd accumulated into grad_x (grad_x defined); see the kernel.
+  static void launch(const at::Tensor& x, at::Tensor* xd, const at::Tensor& grad_xd, at::Tensor* grad_x,
+                     uint64_t seed, uint64_t offset, uint32_t threshold, double scale) {
+    const int64_t numel = x.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_dropout", [&] {
       using Acc = acc_type<scalar_t>;
       const auto stream = at::cuda::getCurrentCUDAStream();
-      PK_LAUNCH(grid_for(ceil_div(numel, 4)), kThreads, 0, stream, lora_dropout_kernel<scalar_t, Acc, Accumulate>)(
-          x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), numel, x.size(1), x.stride(0),
-          x.stride(1), seed, offset, threshold, static_cast<Acc>(scale));
+      PK_LAUNCH(grid_for(ceil_div(numel, 4)), kThreads, 0, stream, lora_dropout_kernel<scalar_t, Acc>)(
+          x.const_data_ptr<scalar_t>(), grad_xd.const_data_ptr<scalar_t>(),
+          xd != nullptr ? xd->mutable_data_ptr<scalar_t>() : nullptr,
+          grad_x != nullptr ? grad_x->mutable_data_ptr<scalar_t>() : nullptr, numel, x.size(1), x.stride(0),
+          x.stride(1), grad_xd.stride(0), grad_xd.stride(1), seed, offset, threshold, static_cast<Acc>(scale));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   static void dropout(const at::Tensor& x, at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold,
                       double scale) {
-    apply<false>(x, out, seed, offset, threshold, scale);
+    launch(x, &out, x, nullptr, seed, offset, threshold, scale);
   }
 
   static void accumulate(at::Tensor& out, const at::Tensor& x, uint64_t seed, uint64_t offset, uint32_t threshold,
                          double scale) {
-    apply<true>(x, out, seed, offset, threshold, scale);
+    launch(x, nullptr, x, &out, seed, offset, threshold, scale);
+  }
+
+  static void backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, at::Tensor& xd,
+                       uint64_t seed, uint64_t offset, uint32_t threshold, double scale) {
+    launch(x, &xd, grad_xd, &grad_x, seed, offset, threshold, scale);
   }
 
   static void mask(at::Tensor& out, uint64_t seed, uint64_t offset, uint32_t threshold) {
@@ -138,6 +147,11 @@ void lora_dropout_accumulate(at::Tensor& out, const at::Tensor& x, double p, int
   const CudaDeviceGuard guard(x);
   CudaOps::accumulate(out, x, p, seed, offset);
 }
+at::Tensor lora_dropout_backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, double p,
+                                 int64_t seed, int64_t offset) {
+  const CudaDeviceGuard guard(x);
+  return CudaOps::backward(grad_x, grad_xd, x, p, seed, offset);
+}
 at::Tensor lora_dropout_mask(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
   const CudaDeviceGuard guard(x);
   return CudaOps::mask(x, p, seed, offset);
@@ -158,6 +172,7 @@ at::Tensor philox_words(const at::Tensor& groups, int64_t seed, int64_t offset) 
 PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("lora_dropout", &peftkern::dropout::lora_dropout);
   m.impl("lora_dropout_accumulate_", &peftkern::dropout::lora_dropout_accumulate);
+  m.impl("lora_dropout_backward_", &peftkern::dropout::lora_dropout_backward);
   m.impl("lora_dropout_mask", &peftkern::dropout::lora_dropout_mask);
   m.impl("philox_uniform", &peftkern::dropout::philox_uniform);
   m.impl("philox_words", &peftkern::dropout::philox_words);

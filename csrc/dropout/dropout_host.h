@@ -3,21 +3,25 @@
 //
 // The decision for element e = i·K + j of x [M, K] is drawn from (seed, offset, e) with Philox
 // (common/philox.h, dropout_math.h), so forward and backward draw it again instead of storing a
-// mask, and CPU and CUDA draw the same decisions. Design (a) of issue 13: one pass writes
-// xd = x ⊙ m/(1−p) for the A-projection GEMM and xd is freed right after it (forward) or after
-// grad_A's GEMM (backward); grad_x += (grad_xa·A) ⊙ m/(1−p) is one more pass that draws again.
+// mask, and CPU and CUDA draw the same decisions. Design (a) of issue 13: in forward one pass
+// writes xd = x ⊙ m/(1−p) for the A-projection GEMM and xd is freed right after it; in backward
+// one pass draws m once for both xd (for grad_A's GEMM, freed after it) and
+// grad_x += (grad_xa·A) ⊙ m/(1−p).
 // Why not (b), dropout inside custom GEMM kernels: see DESIGN.md "LoRA dropout without a mask".
 //
 // `Kernels` (dropout_cpu.cpp, dropout_cuda.cu), for stream (seed, offset) and threshold =
 // keep_threshold(p), scale = 1/(1−p):
 //   dropout(x [M, K] any strides, out [M, K] contiguous, ...)   out = x ⊙ m · scale
 //   accumulate(out [M, K] contiguous in/out, x [M, K] any strides, ...)   out += x ⊙ m · scale
+//   backward(grad_x [M, K] contiguous in/out, grad_xd, x [M, K] any strides, xd [M, K] contiguous, ...)
+//       grad_x += grad_xd ⊙ m · scale and xd = x ⊙ m · scale, one draw of m
 //   mask(out bool [n] contiguous, ...)         out[e] = m[e]
 //   uniform(out float32 [n] contiguous, ...)   out[e] = uniform(word e)
 //   words(groups int64 [G], out int64 [G, 4], ...)   the raw words of the given counter blocks
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
@@ -62,6 +66,28 @@ struct Ops {
     if (out.numel() > 0) Kernels::accumulate(out, x, as_u64(seed), as_u64(offset), keep_threshold(p), 1.0 / (1.0 - p));
   }
 
+  static at::Tensor backward(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, double p,
+                             int64_t seed, int64_t offset) {
+    constexpr const char* op = "lora_dropout_backward_";
+    check_x(op, x);
+    check_p(op, p);
+    check_like(grad_xd, op, "grad_xd", x);
+    TORCH_CHECK(grad_xd.sizes() == x.sizes(), op, ": grad_xd is ", grad_xd.sizes(), " but x is ", x.sizes());
+    check_like(grad_x, op, "grad_x", x);
+    TORCH_CHECK(grad_x.sizes() == x.sizes(), op, ": grad_x is ", grad_x.sizes(), " but x is ", x.sizes());
+    TORCH_CHECK(grad_x.is_contiguous(), op, ": grad_x must be contiguous");
+    for (const at::Tensor* read : {&x, &grad_xd}) {  // TooHard (a strided read) is taken as no overlap, as ATen does
+      const at::MemOverlapStatus status = at::get_overlap_status(grad_x, *read);
+      TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op,
+                  ": grad_x must not overlap x or grad_xd");
+    }
+    at::Tensor xd = new_output(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (xd.numel() > 0) {
+      Kernels::backward(grad_x, grad_xd, x, xd, as_u64(seed), as_u64(offset), keep_threshold(p), 1.0 / (1.0 - p));
+    }
+    return xd;
+  }
+
   static at::Tensor mask(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
     check_p("lora_dropout_mask", p);
     at::Tensor out = new_output(x.sizes(), x.options().dtype(at::kBool).memory_format(at::MemoryFormat::Contiguous));
@@ -99,16 +125,19 @@ inline at::Tensor lora_input(const at::Tensor& x, double p, int64_t seed, int64_
   return op.call(x, p, seed, offset);
 }
 
-// grad_x += dropout(t) with the forward's decisions (t = grad_xa·A); plain add without dropout.
-inline void accumulate_lora_grad(at::Tensor& grad_x, const at::Tensor& t, double p, int64_t seed, int64_t offset) {
+// The backward's dropout in one draw: grad_x += dropout(grad_xd) and returns dropout(x) (x
+// itself, and a plain add, without dropout). grad_x contiguous.
+inline at::Tensor backward_lora_grad(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, double p,
+                                     int64_t seed, int64_t offset) {
   if (p == 0.0) {
-    grad_x.add_(t);
-    return;
+    grad_x.add_(grad_xd);
+    return x;
   }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("peftkern::lora_dropout_accumulate_", "")
-                             .typed<void(at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
-  op.call(grad_x, t, p, seed, offset);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("peftkern::lora_dropout_backward_", "")
+          .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
+  return op.call(grad_x, grad_xd, x, p, seed, offset);
 }
 
 }  // namespace dropout

@@ -86,12 +86,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [M, r] factors, not the big ones.
   at::Tensor grad_b = at::mm(grad_out.t(), xa).mul_(scaling);  // [N, r]
   at::Tensor grad_xa = at::mm(grad_out, lora_b).mul_(scaling);  // [M, r]
-  at::Tensor grad_a = at::mm(grad_xa.t(), dropout::lora_input(x, dropout_p, seed, offset));  // [r, K]
   at::Tensor grad_x = at::mm(grad_out, weight);  // [M, K]
-  if (dropout_p > 0.0) {  // (grad_xa·A) ⊙ m/(1−p) added in one pass that draws m again
-    dropout::accumulate_lora_grad(grad_x, at::mm(grad_xa, lora_a), dropout_p, seed, offset);
+  at::Tensor grad_a;
+  if (dropout_p > 0.0) {  // one pass draws m again: grad_x += (grad_xa·A) ⊙ m/(1−p), and xd for grad_A
+    const at::Tensor xd = dropout::backward_lora_grad(grad_x, at::mm(grad_xa, lora_a), x, dropout_p, seed, offset);
+    grad_a = at::mm(grad_xa.t(), xd);  // [r, K]
   } else {
     grad_x.addmm_(grad_xa, lora_a);
+    grad_a = at::mm(grad_xa.t(), x);
   }
   return {grad_x, grad_a, grad_b};
 }

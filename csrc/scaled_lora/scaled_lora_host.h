@@ -173,13 +173,14 @@ struct Ops {
       grad_xa.mul_(scaling);
     }
     const at::Tensor grad_b = need_b ? at::mm(gs.t(), u).mul_(scaling) : none();
-    const at::Tensor grad_a = need_a ? at::mm(grad_xa.t(), dropout::lora_input(x, dropout_p, seed, offset)) : none();
     at::Tensor grad_x = at::mm(grad_out, weight);
-    if (dropout_p > 0.0) {
-      dropout::accumulate_lora_grad(grad_x, at::mm(grad_xa, lora_a), dropout_p, seed, offset);
+    at::Tensor xd = x;  // dropout(x), for grad_A
+    if (dropout_p > 0.0) {  // one draw of m: grad_x += (grad_xa·A) ⊙ m/(1−p), and xd
+      xd = dropout::backward_lora_grad(grad_x, at::mm(grad_xa, lora_a), x, dropout_p, seed, offset);
     } else {
       grad_x.addmm_(grad_xa, lora_a);
     }
+    const at::Tensor grad_a = need_a ? at::mm(grad_xa.t(), xd) : none();
     return {grad_x, grad_a, grad_b, grad_rs, grad_os};
   }
 };

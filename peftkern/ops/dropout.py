@@ -73,6 +73,15 @@ def lora_dropout_reference(x: torch.Tensor, p: float, seed: int, offset: int) ->
     return x * mask * (1.0 / (1.0 - p))
 
 
+def lora_dropout_backward_reference(grad_x, grad_xd, x, p: float, seed: int, offset: int):
+    """The spec of `lora_dropout_backward_` (out of place): (grad_x + grad_xd ⊙ keep/(1 − p), summed
+    in the accumulation dtype and rounded once, x ⊙ keep/(1 − p)) with one set of decisions."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mask = lora_dropout_mask_reference(tuple(x.shape), p, seed, offset).to(x.device)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=acc)
+    return (grad_x.to(acc) + (grad_xd.to(acc) * mask) * scale).to(x.dtype), lora_dropout_reference(x, p, seed, offset)
+
+
 # --------------------------------------------------------------------------------------------
 # Fakes and autograd for the compiled ops.
 # --------------------------------------------------------------------------------------------
@@ -86,6 +95,11 @@ def _(x, p, seed, offset):
 @_ext.register_fake("lora_dropout_accumulate_")
 def _(out, x, p, seed, offset):
     return None
+
+
+@_ext.register_fake("lora_dropout_backward_")
+def _(grad_x, grad_xd, x, p, seed, offset):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @_ext.register_fake("lora_dropout_mask")
@@ -144,6 +158,20 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Ten
     if _ext.has_kernel("lora_dropout", x.device.type):
         return torch.ops.peftkern.lora_dropout(x, float(p), int(seed), int(offset))
     return lora_dropout_reference(x, p, seed, offset)
+
+
+def lora_dropout_backward_(grad_x: torch.Tensor, grad_xd: torch.Tensor, x: torch.Tensor, p: float, seed: int,
+                           offset: int) -> torch.Tensor:
+    """The LoRA backward's dropout in one draw of the decisions: grad_x += dropout(grad_xd) in place
+    (grad_x contiguous), returns dropout(x) for grad_A. A plain add and x itself when p = 0."""
+    if p == 0.0:
+        grad_x.add_(grad_xd)
+        return x
+    if _ext.has_kernel("lora_dropout_backward_", x.device.type):
+        return torch.ops.peftkern.lora_dropout_backward_(grad_x, grad_xd, x, float(p), int(seed), int(offset))
+    summed, xd = lora_dropout_backward_reference(grad_x, grad_xd, x, p, seed, offset)
+    grad_x.copy_(summed)
+    return xd
 
 
 def lora_dropout_mask(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:

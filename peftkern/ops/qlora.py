@@ -168,13 +168,13 @@ def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, 
     grad_out = grad_out.contiguous()
     grad_b = (grad_out.t() @ xa).mul_(scaling)  # [N, r]
     grad_xa = (grad_out @ lora_b).mul_(scaling)  # [T, r]
-    grad_a = grad_xa.t() @ _dropout.lora_dropout(x, *drop)  # [r, K]
     if drop[0] == 0.0 and lora_a.shape[0] > 0:  # the LoRA term accumulated by the op into grad_x's tiles
-        return nf4_lora_linear_bwd_input(grad_out, weight, grad_xa, lora_a), grad_a, grad_b
+        return nf4_lora_linear_bwd_input(grad_out, weight, grad_xa, lora_a), grad_xa.t() @ x, grad_b
     grad_x = nf4_lora_linear_bwd_input(grad_out, weight)
-    if drop[0] > 0.0:  # dropout: the LoRA path's gradient is dropped as x was, the base path's is not
-        torch.ops.peftkern.lora_dropout_accumulate_(grad_x, grad_xa @ lora_a, *drop)
-    return grad_x, grad_a, grad_b
+    # dropout: the LoRA path's gradient is dropped as x was, the base path's is not; one draw of the
+    # decisions gives both that and dropout(x) for grad_A
+    xd = _dropout.lora_dropout_backward_(grad_x, grad_xa @ lora_a, x, *drop)
+    return grad_x, grad_xa.t() @ xd, grad_b  # grad_A [r, K]
 
 
 # --------------------------------------------------------------------------------------------
