@@ -6,7 +6,7 @@
 * a LoRA layer's forward+backward (2048 -> 5632, r = 16, 512 tokens, fp32) with dropout 0.05 and
   0.0, peftkern and PEFT side by side: the dropout's cost is the difference;
 * bench_e2e's LoRA and QLoRA training step under torch.profiler: the share of the step spent in
-  dropout (peftkern::lora_dropout / lora_dropout_accumulate_ / aten::bernoulli_ self time over
+  dropout (peftkern::lora_dropout / lora_dropout_backward_ / aten::bernoulli_ self time over
   the step's wall time), printed, and the bytes saved for backward with dropout 0.05 vs 0.0
   (memory column; no bool mask is among them).
 
@@ -31,7 +31,8 @@ except ImportError:
     PeftLoraLinear = None
 
 IN, OUT, RANK, ALPHA, TOKENS = 2048, 5632, 16, 32, 512
-DROPOUT_EVENTS = ("peftkern::lora_dropout", "peftkern::lora_dropout_accumulate_", "aten::bernoulli_")
+DROPOUT_EVENTS = ("peftkern::lora_dropout", "peftkern::lora_dropout_backward_", "peftkern::lora_dropout_accumulate_",
+                  "aten::bernoulli_")  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", ["peftkern", "bernoulli"])
@@ -124,9 +125,10 @@ def _min_time(fn, rounds=40):
 def test_dropout_work_per_training_step():
     """Best-of-40 time of all the dropout work in one bench_e2e training step (28 LoRA layers:
     24 with in = 512, 4 with in = 1408, 256 tokens, fp32), min-of-N being the least disturbed by
-    other jobs on a shared machine: peftkern's three passes per layer (forward xd, backward xd,
-    grad_x accumulate) against the mask path it replaced (bernoulli_, x·mask·scale in forward and
-    again in backward, addcmul into grad_x). Divide by a quiet step time (bench_e2e) for the share."""
+    other jobs on a shared machine: peftkern's two passes per layer (forward xd; backward xd and
+    the grad_x accumulate in one draw) against the mask path it replaced (bernoulli_, x·mask·scale
+    in forward and again in backward, addcmul into grad_x). Divide by a quiet step time (bench_e2e)
+    for the share."""
     p, scale = 0.05, 1 / 0.95
     shapes = [(BATCH * SEQ, 512)] * 24 + [(BATCH * SEQ, 1408)] * 4
     xs = [torch.randn(s) for s in shapes]
@@ -136,8 +138,7 @@ def test_dropout_work_per_training_step():
         for x, g in zip(xs, grads):
             seed, offset = dropout_ops.draw_seed(x.device)
             torch.ops.peftkern.lora_dropout(x, p, seed, offset)
-            torch.ops.peftkern.lora_dropout(x, p, seed, offset)
-            torch.ops.peftkern.lora_dropout_accumulate_(g, x, p, seed, offset)
+            torch.ops.peftkern.lora_dropout_backward_(g, x, x, p, seed, offset)
 
     def mask_path():
         for x, g in zip(xs, grads):

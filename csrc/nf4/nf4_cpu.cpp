@@ -86,8 +86,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               int64_t blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
   const DequantArgs args = check_dequantize(packed, absmax, blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
-  quant::BlockScales scales{};
-  scales.absmax = absmax.const_data_ptr<float>();
+  const quant::BlockScales scales = block_scales(absmax);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize", [&] {
     dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
   });
@@ -104,12 +103,8 @@ at::Tensor nf4_dequantize_nested_cpu(const at::Tensor& packed, const at::Tensor&
       check_dequantize_nested(packed, absmax_codes, nested_absmax, nested_code, nested_offset,
                               blocksize, nested_blocksize, shape, dtype);
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
-  quant::BlockScales scales{};
-  scales.codes = absmax_codes.const_data_ptr<uint8_t>();
-  scales.nested_absmax = nested_absmax.const_data_ptr<float>();
-  scales.nested_code = nested_code.const_data_ptr<float>();
-  scales.nested_offset = nested_offset.const_data_ptr<float>();
-  scales.nested_blocksize = nested_blocksize;
+  const quant::BlockScales scales =
+      block_scales(absmax_codes, nested_absmax, nested_code, nested_offset, nested_blocksize);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(dtype, "nf4_dequantize_nested", [&] {
     dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
   });
@@ -130,14 +125,10 @@ at::Tensor nf4_decode_range_cpu(const at::Tensor& packed, const at::Tensor& absm
   if (nested_absmax.has_value()) {
     check_dequantize_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
                             nested_blocksize, {numel}, dtype);
-    scales.codes = absmax.const_data_ptr<uint8_t>();
-    scales.nested_absmax = nested_absmax->const_data_ptr<float>();
-    scales.nested_code = nested_code->const_data_ptr<float>();
-    scales.nested_offset = nested_offset->const_data_ptr<float>();
-    scales.nested_blocksize = nested_blocksize;
+    scales = block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize);
   } else {
     check_dequantize(packed, absmax, blocksize, {numel}, dtype);
-    scales.absmax = absmax.const_data_ptr<float>();
+    scales = block_scales(absmax);
   }
   TORCH_CHECK(first >= 0 && count >= 0 && first + count <= numel, op, ": the range [", first, ", ",
               first, " + ", count, ") must lie inside the ", numel, " elements");

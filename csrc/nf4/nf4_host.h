@@ -30,6 +30,28 @@ inline std::tuple<at::Tensor, at::Tensor> check_and_allocate_quantize(const at::
   return {packed, absmax};
 }
 
+// Where a kernel reads each block's absmax (common/blockwise_quant.h): the float32 absmax, or under
+// double quantization the uint8 codes with the nested absmax, code table and offset. Pointers
+// only: check the tensors first (check_dequantize / check_dequantize_nested, or the QLoRA ops'
+// checks); they must outlive the BlockScales.
+inline quant::BlockScales block_scales(const at::Tensor& absmax) {
+  quant::BlockScales scales{};
+  scales.absmax = absmax.const_data_ptr<float>();
+  return scales;
+}
+
+inline quant::BlockScales block_scales(const at::Tensor& codes, const at::Tensor& nested_absmax,
+                                       const at::Tensor& nested_code, const at::Tensor& nested_offset,
+                                       int64_t nested_blocksize) {
+  quant::BlockScales scales{};
+  scales.codes = codes.const_data_ptr<uint8_t>();
+  scales.nested_absmax = nested_absmax.const_data_ptr<float>();
+  scales.nested_code = nested_code.const_data_ptr<float>();
+  scales.nested_offset = nested_offset.const_data_ptr<float>();
+  scales.nested_blocksize = nested_blocksize;
+  return scales;
+}
+
 inline void check_packed(const at::Tensor& packed, const char* op, int64_t numel) {
   check_dtype(packed, op, "packed", {at::kByte});
   check_numel(packed, op, "packed", ceil_div(numel, 2));

@@ -15,6 +15,7 @@
 
 #include "../common/checks.h"
 #include "../common/outputs.h"
+#include "../nf4/nf4_host.h"
 
 namespace peftkern {
 namespace qlora {
@@ -47,7 +48,6 @@ inline quant::BlockScales check_nf4_weight(const char* op, const at::Tensor& ref
   const bool nested = nested_absmax.has_value();
   TORCH_CHECK(nested == nested_code.has_value() && nested == nested_offset.has_value(), op,
               ": nested_absmax, nested_code and nested_offset go together");
-  quant::BlockScales scales{};
   if (nested) {
     check_dtype(absmax, op, "absmax (codes, under double quantization)", {at::kByte});
     check_blocksize(nested_blocksize, op, "nested_blocksize");
@@ -61,16 +61,10 @@ inline quant::BlockScales check_nf4_weight(const char* op, const at::Tensor& ref
       check_device(*t, op, "every quant-state tensor", ref, ref_name);
       TORCH_CHECK(t->is_contiguous(), op, ": quant-state tensors must be contiguous");
     }
-    scales.codes = absmax.const_data_ptr<uint8_t>();
-    scales.nested_absmax = nested_absmax->const_data_ptr<float>();
-    scales.nested_code = nested_code->const_data_ptr<float>();
-    scales.nested_offset = nested_offset->const_data_ptr<float>();
-    scales.nested_blocksize = nested_blocksize;
-  } else {
-    check_dtype(absmax, op, "absmax", {at::kFloat});
-    scales.absmax = absmax.const_data_ptr<float>();
+    return nf4::block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize);
   }
-  return scales;
+  check_dtype(absmax, op, "absmax", {at::kFloat});
+  return nf4::block_scales(absmax);
 }
 
 // A 2-D [rows, cols] tensor of `ref`'s dtype and device with contiguous rows (the GEMM operands the
