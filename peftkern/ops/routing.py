@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 
-# Fewer tokens than this on CPU: the reference path. Measured 2026-12-02, 2-core AVX-512-BF16 Xeon.
+# Fewer tokens than this on CPU: the reference path. Measured 2026-12-02, 2-core AVX-512-BF16 Xeon;
+# confirmed the same day on a 2-core AMD EPYC after the -fopenmp build (DESIGN.md "Size routing").
 CPU_MIN_TOKENS = {
     "ia3": 2048,
     "adapter": 2048,
