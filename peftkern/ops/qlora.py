@@ -168,8 +168,10 @@ def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, 
     grad_out = grad_out.contiguous()
     grad_b = (grad_out.t() @ xa).mul_(scaling)  # [N, r]
     grad_xa = (grad_out @ lora_b).mul_(scaling)  # [T, r]
-    if drop[0] == 0.0 and lora_a.shape[0] > 0:  # the LoRA term accumulated by the op into grad_x's tiles
-        return nf4_lora_linear_bwd_input(grad_out, weight, grad_xa, lora_a), grad_xa.t() @ x, grad_b
+    if drop[0] == 0.0:  # the LoRA term (if any) accumulated by the op into grad_x's tiles
+        has_lora = lora_a.shape[0] > 0
+        grad_x = nf4_lora_linear_bwd_input(grad_out, weight, *((grad_xa, lora_a) if has_lora else ()))
+        return grad_x, grad_xa.t() @ x, grad_b
     grad_x = nf4_lora_linear_bwd_input(grad_out, weight)
     # dropout: the LoRA path's gradient is dropped as x was, the base path's is not; one draw of the
     # decisions gives both that and dropout(x) for grad_A
