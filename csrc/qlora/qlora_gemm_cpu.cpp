@@ -39,8 +39,12 @@ namespace {
 // panels anyway, so an L2-sized tile buys nothing and costs narrow GEMMs (N = 16..64 columns lose
 // MKL's blocking) and more parallel regions. Measured 256 KiB .. 8 MiB (bench/bench_qlora.py,
 // DESIGN.md "QLoRA"): 256 KiB up to 6x slower than 4 MiB, 1 MiB 0-40% slower, 8 MiB within noise.
+// A weight that fits the budget is one tile: one decode and one GEMM, as dequantize-whole does but
+// into the reused buffer. The fused path's memory cost is this budget per thread, whatever the
+// model (an earlier policy capped tiles at an eighth of the weight to keep the buffer a small
+// fraction of it; on SmolLM2's 0.4-3.5 MB weights that cost 6-24% per call at 256 tokens on the
+// quiet 2-core EPYC, 2 threads, for at most 3 MB of memory: DESIGN.md "QLoRA").
 constexpr int64_t kDefaultTileBytes = 4 * 1024 * 1024;
-constexpr int64_t kMinTileBytes = 512 * 1024;
 // Elements one thread decodes at least (smaller pieces are not worth waking another thread).
 constexpr int64_t kDecodeGrain = 16384;
 
@@ -60,13 +64,10 @@ at::Tensor decode_buffer(int64_t count, const at::TensorOptions& options) {
 // extent, at least `min_extent` (narrower GEMMs lose MKL's blocking), rounded to a multiple of 64
 // (so that a column band of a row whose length is a multiple of the NF4 blocksize starts and
 // ends on block boundaries: the decode then has no scalar head or tail).
-// Default budget: kDefaultTileBytes, but at most an eighth of the dense weight (and at least
-// kMinTileBytes), so that the buffer stays a small fraction of what dequantize-whole allocates:
-// the peak-memory saving of the fused path is the dense weight minus this buffer.
+// Default budget: kDefaultTileBytes. The peak-memory saving of the fused path against
+// dequantize-whole is the dense weight minus this buffer (none for a weight under the budget).
 int64_t tile_extent(int64_t tile_bytes, int64_t other, int64_t element_size, int64_t total, int64_t min_extent) {
-  const int64_t weight_bytes = other * total * element_size;
-  const int64_t budget = tile_bytes > 0 ? tile_bytes
-                                        : std::min(kDefaultTileBytes, std::max(kMinTileBytes, weight_bytes / 8));
+  const int64_t budget = tile_bytes > 0 ? tile_bytes : kDefaultTileBytes;
   int64_t extent = budget / std::max<int64_t>(1, other * element_size);
   extent = std::max<int64_t>(min_extent, extent >= 64 ? extent / 64 * 64 : extent);
   return std::max<int64_t>(1, std::min(extent, total));
