@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_adapter  # noqa: E402
 import bench_ia3  # noqa: E402
 
+from peftkern.ops import lora as lora_ops  # noqa: E402
 from peftkern.ops import routing  # noqa: E402
 
 TOKENS = [2**i for i in range(11)]
@@ -52,7 +53,27 @@ def step(module, x, extra, train):
     return forward
 
 
+# LoRA on a dense base (out, in): bench_lora's up-projection of a 1B-class model and two of the
+# demo model's (SmolLM2-135M) projections; r = 16, dropout off and at the demo's 0.05.
+LORA_SHAPES = {"lora 5632x2048": (5632, 2048), "lora 1536x576": (1536, 576), "lora 576x576": (576, 576)}
+
+
+def make_lora(impl: str, out_features: int, in_features: int, dropout: float):
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features) / in_features**0.5
+    a = (torch.randn(16, in_features) / in_features**0.5).requires_grad_()
+    b = (torch.randn(out_features, 16) / 4).requires_grad_()
+    if impl == "kernel":
+        return lambda x: lora_ops.lora_linear(x, weight, None, a, b, 2.0, dropout, training=True)
+    drop = lora_ops.prepare_dropout(torch.empty(1, in_features), dropout, True, "lora_linear")[1]
+    return lambda x: lora_ops.lora_linear_reference(x, weight, None, a, b, 2.0,
+                                                    *lora_ops.reference_mask(x, drop))  # fmt: skip
+
+
 def cases():
+    for name, (out_features, in_features) in LORA_SHAPES.items():
+        for p in (0.0, 0.05):
+            yield "lora", f"{name} p{p}", in_features, lambda: make_lora("kernel", out_features, in_features, p), lambda: make_lora("reference", out_features, in_features, p), False  # noqa: E501
     for layer, (in_features, _, _) in bench_ia3.LAYERS.items():
         yield "ia3", f"ia3 {layer.split()[0]}", in_features, lambda: bench_ia3.make_layer("peftkern", layer, "cpu", torch.float32), lambda: bench_ia3.make_layer("reference", layer, "cpu", torch.float32), False  # noqa: E501
     for hidden in bench_adapter.HIDDEN:
@@ -62,10 +83,13 @@ def cases():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--only", default="", help="measure only the families whose name starts with this")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = reference time / kernel time")
     suggestions: dict[str, int] = {}
     for family, name, width, make_kernel, make_reference, residual in cases():
+        if not name.startswith(args.only):
+            continue
         for train in (True, False):
             ratios = {}
             for tokens in TOKENS:
@@ -78,7 +102,7 @@ def main() -> None:
                 ratios[tokens] = t["reference"] / t["kernel"]
             wins_from = next((tok for tok in TOKENS if all(ratios[t] >= 1.0 for t in TOKENS if t >= tok)), None)
             mode = "fwd+bwd" if train else "fwd"
-            print(f"{name:<14}{mode:<8}" + " ".join(f"{t}:{r:.2f}" for t, r in ratios.items())
+            print(f"{name:<24}{mode:<8}" + " ".join(f"{t}:{r:.2f}" for t, r in ratios.items())
                   + f"   kernel >= reference from {wins_from}")  # fmt: skip
             if wins_from is None:
                 wins_from = 2 * TOKENS[-1]

@@ -9,6 +9,7 @@ import torch
 from peftkern import _ext
 from peftkern.ops import adapter as adapter_ops
 from peftkern.ops import ia3 as ia3_ops
+from peftkern.ops import lora as lora_ops
 from peftkern.ops import routing
 
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("ia3_output_linear_fwd", "cpu"), reason="no compiled CPU kernels")
@@ -43,8 +44,25 @@ def adapter_call(tokens, generator):
     return lambda: adapter_ops.adapter_bottleneck(x, residual, *params).sum().backward(), (x, residual, *params)
 
 
+def lora_call(tokens, generator):
+    """LoRA with dropout 0.1; torch's generator is re-seeded per call so that both routes draw the
+    same (seed, offset), hence the same decisions (the reference takes them as a mask)."""
+    x = torch.randn(tokens, 16, generator=generator, requires_grad=True)
+    w = torch.randn(8, 16, generator=generator)
+    b = torch.randn(8, generator=generator)
+    a = torch.randn(4, 16, generator=generator).requires_grad_()
+    bb = torch.randn(8, 4, generator=generator).requires_grad_()
+
+    def step():
+        torch.manual_seed(1234)
+        lora_ops.lora_linear(x, w, b, a, bb, 0.5, dropout=0.1, training=True).sum().backward()
+
+    return step, (x, w, b, a, bb)
+
+
 @pytest.mark.parametrize("family, op_name, make", [("ia3", "ia3_output_linear_fwd", ia3_call),
-                                                   ("adapter", "adapter_bottleneck_fwd", adapter_call)])  # fmt: skip
+                                                   ("adapter", "adapter_bottleneck_fwd", adapter_call),
+                                                   ("lora", "lora_linear_fwd", lora_call)])  # fmt: skip
 def test_cpu_routes_by_size(routed, generator, family, op_name, make):
     threshold = routing.CPU_MIN_TOKENS[family]
     assert threshold >= 1
@@ -56,7 +74,7 @@ def test_cpu_routes_by_size(routed, generator, family, op_name, make):
         assert ran(small, op_name)
 
 
-@pytest.mark.parametrize("make", [ia3_call, adapter_call])
+@pytest.mark.parametrize("make", [ia3_call, adapter_call, lora_call])
 def test_routes_agree(routed, generator, make):
     """Both routes give the same outputs and gradients (fp32, 1e-5 relative)."""
     step, leaves = make(5, generator)
@@ -76,4 +94,4 @@ def test_routes_agree(routed, generator, make):
 
 
 def test_cuda_always_takes_the_kernel():
-    assert routing.use_kernel("ia3", 1, "cuda") and routing.use_kernel("adapter", 1, "cuda")
+    assert all(routing.use_kernel(family, 1, "cuda") for family in routing.CPU_MIN_TOKENS)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import _ext
 from . import dropout as _dropout
+from . import routing
 from .common import autocast_inputs
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +133,8 @@ def lora_linear(
         weight = weight.t()
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     x2, drop = prepare_dropout(x, dropout, training, "lora_linear")
-    if _ext.has_kernel("lora_linear_fwd", x.device.type):
+    if _ext.has_kernel("lora_linear_fwd", x.device.type) and routing.use_kernel("lora", x2.shape[0], x.device.type):
         out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), *drop)[0]
-    else:
+    else:  # no kernel here, or too few tokens for it to pay (ops/routing.py): the same decisions, as a mask
         out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, *reference_mask(x2, drop))
     return out.view(*x.shape[:-1], out.shape[-1])

@@ -24,6 +24,10 @@ import contextlib
 CPU_MIN_TOKENS = {
     "ia3": 2048,
     "adapter": 2048,
+    # LoRA on a dense base (ops/lora.py): its GEMMs are ATen's either way, so the op wins only the
+    # saved-activation memory and a pass or two; below 256 tokens the fixed cost of the custom op
+    # and its Python backward lost 3-30% (2026-12-02, quiet 2-core EPYC, DESIGN.md "Size routing").
+    "lora": 256,
 }
 
 _force_kernels = False
