@@ -45,6 +45,11 @@ inline void define_kernel_ops(torch::Library& m) {
   // returns xd = x ⊙ m/(1 − p) (for grad_A's GEMM). grad_xd, x [M, K] any strides; grad_x [M, K]
   // contiguous, overlapping neither.
   m.def("lora_dropout_backward_(Tensor(a!) grad_x, Tensor grad_xd, Tensor x, float p, int seed, int offset) -> Tensor");
+  // The A-projection with the dropout drawn where x is read: xa = lora_dropout(x, p, seed, offset)·lora_aᵀ
+  // [M, r] in x's dtype, x [M, K] any strides, lora_a [r, K]. On CPU with AVX-512 (float, bf16,
+  // fp16, p > 0) one pass, xd never written (float accumulation); elsewhere lora_dropout then the
+  // GEMM (x·Aᵀ alone when p = 0).
+  m.def("lora_dropout_project(Tensor x, Tensor lora_a, float p, int seed, int offset) -> Tensor");
   // The keep decisions m (bool, x's shape, element e = flat row-major index) that lora_dropout
   // applies; tests and the plain-PyTorch reference only (the LoRA ops never materialise it).
   m.def("lora_dropout_mask(Tensor x, float p, int seed, int offset) -> Tensor");

@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         _ext.set_poison_outputs(False)
 
     print("max error: NF4 ops and the dropout (philox_words, lora_dropout) must be exact (0); "
+          "lora_dropout_project worst error / allowed error (<= 1); "
           "lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
           "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora; "
           "nf4_lora_gemv the max error relative to the output's scale; "

@@ -231,6 +231,15 @@ def check_dropout(device: str, generator: torch.Generator) -> list[Result]:
                                                                                                       offset))  # fmt: skip
             results.append(Result("lora_dropout", device, str(dtype).removeprefix("torch."), shape, 0,
                                   0.0 if ok else 1.0, ok))  # fmt: skip
+            # the A-projection with the decisions drawn inside (one pass on CPU): within the GEMM
+            # tolerance of lora_dropout(x)·Aᵀ, relative to the same products on absolute values
+            lora_a = torch.randn(5, shape[1], generator=generator).to(dtype)
+            xd = want.double()
+            got = torch.ops.peftkern.lora_dropout_project(x.to(device), lora_a.to(device), 0.3, seed, offset).cpu()
+            errors = _scaled_errors({}, ["xa"], [got], [xd @ lora_a.double().t()],
+                                    [xd.abs() @ lora_a.double().abs().t()], GEMM_TOLERANCE[dtype], 1e-30)  # fmt: skip
+            results.append(Result("lora_dropout_project", device, str(dtype).removeprefix("torch."), shape, 0,
+                                  errors["xa"], got.dtype == dtype and errors["xa"] <= 1.0))  # fmt: skip
     return results
 
 

@@ -148,6 +148,37 @@ def test_backward_matches_the_reference_bit_for_bit(dtype, layout, generator, cp
             assert torch.equal(got_grad_x, want_grad_x), (shape, p)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+def test_project_matches_the_reference(dtype, layout, generator, cpu_isa):
+    """lora_dropout_project = lora_dropout(x)·Aᵀ: on the AVX-512 path one pass (xd exactly
+    lora_dropout's elements, products accumulated in float), elsewhere the dropout op then the GEMM.
+    Ranks below, at and above one 16-lane register; row counts below, at and above the 8-row group;
+    rows that start mid Philox block (odd K)."""
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for (m, k), r in [((1, 1), 1), ((3, 5), 16), ((13, 33), 17), ((8, 96), 40), ((17, 576), 16), ((0, 7), 3),
+                      ((5, 9), 0), ((7, 0), 4), ((9, 1030), 8)]:  # fmt: skip
+        x = _inputs((m, k), dtype, generator, layout)
+        lora_a = torch.randn(r, k, generator=generator, dtype=torch.float64).to(dtype)
+        seed, offset = _draw(generator)
+        for p in (0.0, 0.1, 0.5):
+            got = ops.lora_dropout_project(x, lora_a, p, seed, offset)
+            assert got.shape == (m, r) and got.dtype == dtype and got.is_contiguous()
+            assert not got.isnan().any(), (m, k, r, p)
+            xd = dropout_ops.lora_dropout_reference(x, p, seed, offset).double()
+            want = xd @ lora_a.double().t()
+            # relative to the size of the terms summed, as any reordered dot product is
+            bound = tol * (xd.abs() @ lora_a.double().abs().t() + 1e-30)
+            assert ((got.double() - want).abs() <= bound).all(), (m, k, r, p, (got.double() - want).abs().max())
+
+
+def test_project_gradcheck_float64(generator):
+    x = _inputs((6, 7), torch.float64, generator, "strided").requires_grad_()
+    lora_a = torch.randn(3, 7, generator=generator, dtype=torch.float64).requires_grad_()
+    seed, offset = _draw(generator)
+    assert torch.autograd.gradcheck(lambda x, a: ops.lora_dropout_project(x, a, 0.4, seed, offset), (x, lora_a))
+
+
 def test_cpu_and_cuda_emulated_kernels_draw_the_same_bits(kernels, request, generator):
     """Direct comparison of the two implementations (the test above holds each to the reference)."""
     if kernels != "cpu" or not emulation_enabled():
@@ -180,7 +211,9 @@ def test_dropped_non_finite_inputs_stay_non_finite():
 
 def test_self_check_entry_passes_on_cpu(generator):
     results = check_dropout("cpu", generator)
-    assert len(results) == 3 + 4 * 4 and all(r.passed for r in results), [r for r in results if not r.passed]
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+    counts = {op: sum(r.op == op for r in results) for op in ("lora_dropout", "lora_dropout_project")}
+    assert len(results) == 3 + 4 * 4 * 2 and counts == {"lora_dropout": 16, "lora_dropout_project": 16}
 
 
 # --- Statistics ----------------------------------------------------------------------------------
@@ -279,6 +312,8 @@ def test_opcheck(generator):
     torch.library.opcheck(ops.lora_dropout_mask.default, (x.detach(), 0.3, seed, offset))
     torch.library.opcheck(ops.philox_uniform.default, (x.detach(), seed, offset))
     torch.library.opcheck(ops.philox_words.default, (torch.arange(5), seed, offset))
+    torch.library.opcheck(ops.lora_dropout_project.default,
+                          (x.detach().requires_grad_(), torch.randn(4, 13, requires_grad=True), 0.3, seed, offset))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -299,6 +334,11 @@ def test_opcheck(generator):
         (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 5), x.double(), x, 0.1, 0, 0), "grad_xd is Double"),
         (lambda x: ops.lora_dropout_backward_(torch.zeros(4, 5), x, x, 1.0, 0, 0), r"p must be in \[0, 1\)"),
         (lambda x: ops.lora_dropout_mask(x, 1.5, 0, 0), r"p must be in \[0, 1\)"),
+        (lambda x: ops.lora_dropout_project(x, torch.randn(2, 4), 0.1, 0, 0), r"lora_a is \[2, 4\], expected \[r, 5\]"),
+        (lambda x: ops.lora_dropout_project(x, torch.randn(2, 5).double(), 0.1, 0, 0), "lora_a is Double but x is Float"),
+        (lambda x: ops.lora_dropout_project(x, torch.randn(5), 0.1, 0, 0), "lora_a is"),
+        (lambda x: ops.lora_dropout_project(x, torch.randn(2, 5), 1.0, 0, 0), r"p must be in \[0, 1\)"),
+        (lambda x: ops.lora_dropout_project(x[0], torch.randn(2, 5), 0.1, 0, 0), "x must be 2-D"),
         (lambda x: ops.philox_words(torch.zeros(3), 0, 0), "groups must be Long"),
         (lambda x: ops.philox_words(torch.zeros(3, 1, dtype=torch.long), 0, 0), "groups must be 1-D"),
     ],

@@ -125,6 +125,16 @@ inline at::Tensor lora_input(const at::Tensor& x, double p, int64_t seed, int64_
   return op.call(x, p, seed, offset);
 }
 
+// The A-projection xa = dropout(x)·Aᵀ [M, r] (peftkern::lora_dropout_project: one pass on CPU,
+// xd never written; x·Aᵀ when p = 0).
+inline at::Tensor project(const at::Tensor& x, const at::Tensor& lora_a, double p, int64_t seed, int64_t offset) {
+  if (p == 0.0) return at::mm(x, lora_a.t());
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("peftkern::lora_dropout_project", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();
+  return op.call(x, lora_a, p, seed, offset);
+}
+
 // The backward's dropout in one draw: grad_x += dropout(grad_xd) and returns dropout(x) (x
 // itself, and a plain add, without dropout). grad_x contiguous.
 inline at::Tensor backward_lora_grad(at::Tensor& grad_x, const at::Tensor& grad_xd, const at::Tensor& x, double p,

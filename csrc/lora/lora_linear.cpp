@@ -10,7 +10,9 @@
 // CUDA — reached through ATen, so one implementation serves both devices):
 //   * the bias rides in the base GEMM's epilogue (addmm), the LoRA-B product is accumulated into
 //     the same output buffer by the GEMM's beta=1 epilogue (no [M, N] temporary, no extra add);
-//   * backward stores only x (an alias, no copy) and xa = xd·Aᵀ [M, r]; xd is one pass that
+//   * forward's xa = xd·Aᵀ is `lora_dropout_project`: on CPU (AVX-512) one pass that draws the
+//     decisions where it reads x, xd never written; elsewhere the dropout pass, then the GEMM;
+//   * backward stores only x (an alias, no copy) and xa [M, r]; xd is one pass that
 //     draws the decisions again, freed after the GEMM that reads it (no [M, K] saved);
 //   * dx accumulates the LoRA term into the base term's buffer the same way.
 // Not yet: one GEMM over W stacked with A (reads x once) and custom GEMM kernels with the
@@ -64,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
     check_numel(*bias, kFwd, "bias", n);
   }
   at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
-  at::Tensor xa = at::mm(dropout::lora_input(x, dropout_p, seed, offset), lora_a.t());
+  at::Tensor xa = dropout::project(x, lora_a, dropout_p, seed, offset);  // dropout(x)·Aᵀ, xd never kept
   out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
   return {out, xa};
 }

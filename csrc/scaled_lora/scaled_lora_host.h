@@ -109,7 +109,7 @@ struct Ops {
     }
     at::Tensor out = bias ? at::addmm(bias->reshape(-1), x, weight.t()) : at::mm(x, weight.t());
     out = out.contiguous();  // a no-op for ATen's GEMM outputs; the epilogue writes it in place
-    at::Tensor xa = at::mm(dropout::lora_input(x, dropout_p, seed, offset), lora_a.t()).contiguous();
+    at::Tensor xa = dropout::project(x, lora_a, dropout_p, seed, offset).contiguous();
     const at::Tensor u = rank_scaled(xa, rank_scale ? scale_acc(*rank_scale, x) : at::Tensor());
     if (out_scale) {
       const at::Tensor v = at::mm(u, lora_b.t()).contiguous();

@@ -102,6 +102,12 @@ def _(grad_x, grad_xd, x, p, seed, offset):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@_ext.register_fake("lora_dropout_project")
+def _(x, lora_a, p, seed, offset):
+    torch._check(lora_a.dim() == 2 and lora_a.shape[1] == x.shape[1], lambda: "lora_dropout_project: lora_a must be [r, K]")
+    return x.new_empty((x.shape[0], lora_a.shape[0]))
+
+
 @_ext.register_fake("lora_dropout_mask")
 def _(x, p, seed, offset):
     return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
@@ -127,6 +133,24 @@ def _backward(ctx, grad):  # dropout is linear: its gradient is the same dropout
 
 if _ext.op_exists("lora_dropout"):
     torch.library.register_autograd("peftkern::lora_dropout", _backward, setup_context=_setup_context)
+
+
+def _project_setup_context(ctx, inputs, output):
+    x, lora_a, ctx.p, ctx.seed, ctx.offset = inputs
+    ctx.save_for_backward(x, lora_a)
+
+
+def _project_backward(ctx, grad):  # xa = dropout(x)·Aᵀ: grad_x = dropout(grad·A), grad_A = gradᵀ·dropout(x)
+    x, lora_a = ctx.saved_tensors
+    drop = (ctx.p, ctx.seed, ctx.offset)
+    grad_x = torch.ops.peftkern.lora_dropout(grad @ lora_a, *drop) if ctx.needs_input_grad[0] else None
+    grad_a = grad.t() @ torch.ops.peftkern.lora_dropout(x, *drop) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_a, None, None, None
+
+
+if _ext.op_exists("lora_dropout_project"):
+    torch.library.register_autograd("peftkern::lora_dropout_project", _project_backward,
+                                    setup_context=_project_setup_context)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +182,21 @@ def lora_dropout(x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Ten
     if _ext.has_kernel("lora_dropout", x.device.type):
         return torch.ops.peftkern.lora_dropout(x, float(p), int(seed), int(offset))
     return lora_dropout_reference(x, p, seed, offset)
+
+
+def lora_dropout_project_reference(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int, offset: int):
+    """The spec of `peftkern::lora_dropout_project`: lora_dropout(x)·lora_aᵀ."""
+    return lora_dropout_reference(x, p, seed, offset) @ lora_a.t() if p > 0.0 else x @ lora_a.t()
+
+
+def lora_dropout_project(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
+    """xa = dropout(x)·lora_aᵀ [M, r] for a 2-D x (any strides), differentiable: on CPU (AVX-512) one
+    pass that draws the decisions where it reads x and never writes xd."""
+    if p == 0.0:
+        return x @ lora_a.t()
+    if _ext.has_kernel("lora_dropout_project", x.device.type):
+        return torch.ops.peftkern.lora_dropout_project(x, lora_a, float(p), int(seed), int(offset))
+    return lora_dropout_project_reference(x, lora_a, p, seed, offset)
 
 
 def lora_dropout_backward_(grad_x: torch.Tensor, grad_xd: torch.Tensor, x: torch.Tensor, p: float, seed: int,

@@ -155,7 +155,7 @@ def nf4_lora_linear_bwd_input(grad_out, weight, grad_xa=None, lora_a=None, tile_
 def nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, drop):
     """`peftkern::lora_linear_fwd` over an NF4 weight, with no dense weight: -> (out, xa). `drop`:
     the call's dropout (p, seed, offset)."""
-    xa = _dropout.lora_dropout(x, *drop) @ lora_a.t()  # [T, r]: T·K·r FLOP, negligible next to the base GEMM
+    xa = _dropout.lora_dropout_project(x, lora_a, *drop)  # [T, r]: dropout(x)·Aᵀ, xd never written on CPU
     has_lora = lora_a.shape[0] > 0
     out = nf4_lora_linear_fwd(x, weight, bias, xa if has_lora else None, lora_b if has_lora else None, scaling)
     return out, xa
