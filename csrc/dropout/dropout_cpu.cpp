@@ -395,37 +395,30 @@ constexpr int64_t kProjectRows = 8;
 
 // Rows [row0, row0 + rows) of xa, rows ≤ kProjectRows. at: Aᵀ as float [K, rp] (r padded with
 // zeros to rp, a multiple of 16). xd: scratch of kProjectRows·K floats; xd_t: of K elements of T;
-// words: of K + 8 words. Each row's xd is exactly lora_dropout's element (dropout_row, rounded to
-// T), widened to float; the dot products accumulate in float, k in order.
+// words: of K + 8 words (a row may start mid Philox block). Each row's xd is exactly
+// lora_dropout's element (dropout_row, rounded to T), widened to float; the dot products
+// accumulate in float, k in order. x: any strides (s0, s1).
 template <typename T>
 PK_TARGET_AVX512 void project_rows_avx512(const T* xp, int64_t s0, int64_t s1, int64_t k, const float* at, int64_t r,
-                                          int64_t rp, int64_t row0, int64_t rows, bool drop, uint64_t seed,
-                                          uint64_t offset, uint32_t threshold, float scale, float* xd, T* xd_t,
-                                          uint32_t* words, T* out) {
+                                          int64_t rp, int64_t row0, int64_t rows, uint64_t seed, uint64_t offset,
+                                          uint32_t threshold, float scale, float* xd, T* xd_t, uint32_t* words,
+                                          T* out) {
   for (int64_t g = 0; g < rows; ++g) {
     const int64_t i = row0 + g;
-    const T* xrow = xp + i * s0;
-    const T* src = xrow;  // the row as T, contiguous
-    if (drop) {
-      const int64_t e0 = i * k, first_block = e0 / 4, lead = e0 - 4 * first_block;
-      fill_words(seed, offset, static_cast<uint64_t>(first_block), ceil_div(lead + k, 4), words);
-      dropout_row<false, T, float>(xrow, s1, xd_t, words + lead, k, threshold, scale, /*avx512_rows=*/true);
-      src = xd_t;
-    } else if (s1 != 1) {
-      for (int64_t j = 0; j < k; ++j) xd_t[j] = xrow[j * s1];
-      src = xd_t;
-    }
+    const int64_t e0 = i * k, first_block = e0 / 4, lead = e0 - 4 * first_block;
+    fill_words(seed, offset, static_cast<uint64_t>(first_block), ceil_div(lead + k, 4), words);
+    dropout_row<false, T, float>(xp + i * s0, s1, xd_t, words + lead, k, threshold, scale, /*avx512_rows=*/true);
     float* dst = xd + g * k;
     for (int64_t j = 0; j < k; j += 16) {
       const __mmask16 m = k - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - j)) - 1);
-      _mm512_mask_storeu_ps(dst + j, m, Lanes<T>::load(src + j, m));
+      _mm512_mask_storeu_ps(dst + j, m, Lanes<T>::load(xd_t + j, m));
     }
   }
   for (int64_t c = 0; c < rp; c += 16) {
     __m512 acc[kProjectRows];
     for (int64_t g = 0; g < kProjectRows; ++g) acc[g] = _mm512_setzero_ps();
     const float* a = at + c;
-    if (rows == kProjectRows) {  // the common case: every chain live, unrolled by the compiler
+    if (rows == kProjectRows) {  // the common case: a constant trip count, so the 8 chains are unrolled
       for (int64_t j = 0; j < k; ++j) {
         const __m512 av = _mm512_loadu_ps(a + j * rp);
         for (int64_t g = 0; g < kProjectRows; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xd[g * k + j]), av, acc[g]);
@@ -442,8 +435,8 @@ PK_TARGET_AVX512 void project_rows_avx512(const T* xp, int64_t s0, int64_t s1, i
 }
 
 template <typename T>
-void project_avx512(const at::Tensor& x, const at::Tensor& lora_a, bool drop, uint64_t seed, uint64_t offset,
-                    uint32_t threshold, float scale, at::Tensor& out) {
+void project_avx512(const at::Tensor& x, const at::Tensor& lora_a, uint64_t seed, uint64_t offset, uint32_t threshold,
+                    float scale, at::Tensor& out) {
   const int64_t m = x.size(0), k = x.size(1), r = lora_a.size(0), rp = ceil_div(r, 16) * 16;
   at::Tensor at_t = at::zeros({k, rp}, x.options().dtype(at::kFloat));  // Aᵀ, float, zero-padded lanes
   at_t.narrow(1, 0, r).copy_(lora_a.t());
@@ -460,7 +453,7 @@ void project_avx512(const at::Tensor& x, const at::Tensor& lora_a, bool drop, ui
     std::vector<uint32_t> words(static_cast<size_t>(4 * (ceil_div(k + 3, 4) + 16)));
     for (int64_t grp = first; grp < last; ++grp) {
       const int64_t row0 = grp * kProjectRows;
-      project_rows_avx512<T>(xp, s0, s1, k, at_p, r, rp, row0, std::min(kProjectRows, m - row0), drop, seed, offset,
+      project_rows_avx512<T>(xp, s0, s1, k, at_p, r, rp, row0, std::min(kProjectRows, m - row0), seed, offset,
                              threshold, scale, xd.data(), xd_t.data(), words.data(), op);
     }
   });
@@ -494,17 +487,19 @@ at::Tensor lora_dropout_project(const at::Tensor& x, const at::Tensor& lora_a, d
   check_like(lora_a, op, "lora_a", x);
   TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == x.size(1), op, ": lora_a is ", lora_a.sizes(),
               ", expected [r, ", x.size(1), "]");
-  if (!project_fused(x, lora_a, p)) return at::mm(lora_input(x, p, seed, offset), lora_a.t());
 #if defined(PK_X86)
-  at::Tensor out = new_output({x.size(0), lora_a.size(0)}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
-    if constexpr (kHasAvx512Rows<scalar_t>) {
-      project_avx512<scalar_t>(x, lora_a, /*drop=*/true, as_u64(seed), as_u64(offset), keep_threshold(p),
-                               static_cast<float>(1.0 / (1.0 - p)), out);
-    }
-  });
-  return out;
+  if (project_fused(x, lora_a, p)) {
+    at::Tensor out = new_output({x.size(0), lora_a.size(0)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+      if constexpr (kHasAvx512Rows<scalar_t>) {
+        project_avx512<scalar_t>(x, lora_a, as_u64(seed), as_u64(offset), keep_threshold(p),
+                                 static_cast<float>(1.0 / (1.0 - p)), out);
+      }
+    });
+    return out;
+  }
 #endif
+  return at::mm(lora_input(x, p, seed, offset), lora_a.t());  // the dropout pass (none at p = 0), then the GEMM
 }
 
 struct CpuKernels {
