@@ -227,4 +227,12 @@ def test_autocast_bfloat16(generator):
         out = adapter_ops.adapter_bottleneck(x, residual, *params, 1.0, activation="gelu")
     assert out.dtype == torch.bfloat16
     want = adapter_ops.adapter_bottleneck_reference(x, residual, *params, 1.0, activation=1)
-    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+    # 2e-2 of the magnitude of what is summed, not of the sum: residual + up(gelu(pre)) can cancel
+    # to a small output whose bf16 error is that of its large terms (the fixed 2e-2 failed 22 seeds of
+    # 3000, e.g. PEFTKERN_TEST_SEED=1966015718: |error| 0.033 on an output of 0.22; this bound: at
+    # worst 0.33 of it over those 3000, and leaving b_up out fails it). gelu's slope is
+    # at most 1.13, so |pre|'s bound carries through it.
+    w_down, b_down, w_up, b_up = params
+    pre_magnitude = x.abs() @ w_down.abs().t() + b_down.abs()
+    magnitude = residual.abs() + 1.13 * pre_magnitude @ w_up.abs().t() + b_up.abs()
+    assert ((out.float() - want).abs() <= 2e-2 * magnitude).all(), ((out.float() - want).abs() / magnitude).max()
