@@ -65,6 +65,9 @@ def _worker(rank, world, port, mode, out_dir):
                      for n, p in model.named_parameters() if "lora_" in n}  # fmt: skip
         if rank == 0:
             torch.save(state, os.path.join(out_dir, f"{mode}.pt"))
+        # both ranks done with every collective before either tears gloo down: without it one CI run
+        # had rank 1 abort in teardown ("terminate called without an active exception", SIGABRT)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
