@@ -74,6 +74,18 @@ inline void define_kernel_ops(torch::Library& m) {
       "Tensor xa, float scaling, float dropout_p, int seed, int offset) -> "
       "(Tensor grad_x, Tensor grad_a, Tensor grad_b)");
 
+  // --- The rank-r products of a LoRA backward, csrc/rank_product/ ------------------------------
+  // One pass over grad_out [M, N] for both of its thin products: grad_xa = scaling·grad_out·lora_b
+  // [M, r] and grad_b = scaling·grad_outᵀ·xa [N, r]; xa [M, r], lora_b [N, r].
+  m.def("lora_out_grads(Tensor grad_out, Tensor xa, Tensor lora_b, float scaling) -> (Tensor grad_xa, Tensor grad_b)");
+  // One pass over x [M, K] and grad_x: grad_x += (grad_xa·lora_a) ⊙ m/(1 − p) in place and returns
+  // grad_a = grad_xaᵀ·(x ⊙ m/(1 − p)) [r, K], the dropout decisions m drawn again from (seed, offset)
+  // as lora_dropout draws them (m = 1 when p = 0). grad_xa [M, r], lora_a [r, K]; grad_x x's shape,
+  // contiguous when p > 0.
+  m.def(
+      "lora_input_grads_(Tensor(a!) grad_x, Tensor x, Tensor grad_xa, Tensor lora_a, float p, int seed, "
+      "int offset) -> Tensor");
+
   // --- QLoRA at decode sizes, csrc/qlora/ ----------------------------------------------------------
   // out[t, o] = sum_i x[t, i]·deq(W)[o, i] + bias[o] + scaling·(xa[t]·lora_b[o]) for an NF4 weight
   // W [out_features, K] (absmax float32, or uint8 codes with the nested_* tensors under double

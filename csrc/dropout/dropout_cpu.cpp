@@ -461,9 +461,10 @@ void project_avx512(const at::Tensor& x, const at::Tensor& lora_a, uint64_t seed
 #endif
 
 // The fused pass where it pays: with dropout, on the AVX-512 path, float / bf16 / fp16 on CPU.
-// Elsewhere lora_dropout then ATen's GEMM: without dropout that is one MKL GEMM, which our pass
-// only matched hot and lost to by 10-40% after other work (it reads x into a float buffer first);
-// on the AVX2 and portable paths MKL's rank-r product beats a loop of ours; CUDA keeps cuBLAS.
+// Elsewhere lora_dropout then rank::project: without dropout that is x·Aᵀ by the rank-r kernel
+// (float32, AVX-512; this pass lost to MKL there by 10-40% after other work, as it widens x into a
+// float buffer first), else ATen's GEMM (on the AVX2 and portable paths MKL's rank-r product beats
+// a loop of ours; CUDA keeps cuBLAS).
 // Measured on the quiet 2-core EPYC, 2 threads, [256, K]·[K, 16], p = 0.05, right after a GEMM:
 // K = 576 163 vs 234 µs, K = 1536 265 vs 393 µs (DESIGN.md "LoRA dropout without a mask").
 bool project_fused(const at::Tensor& x, const at::Tensor& lora_a, double p) {
@@ -499,7 +500,7 @@ at::Tensor lora_dropout_project(const at::Tensor& x, const at::Tensor& lora_a, d
     return out;
   }
 #endif
-  return at::mm(lora_input(x, p, seed, offset), lora_a.t());  // the dropout pass (none at p = 0), then the GEMM
+  return rank::project(lora_input(x, p, seed, offset), lora_a);  // the dropout pass (none at p = 0), then x·Aᵀ
 }
 
 struct CpuKernels {

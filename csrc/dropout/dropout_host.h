@@ -28,6 +28,7 @@
 
 #include "../common/checks.h"
 #include "../common/outputs.h"
+#include "../rank_product/rank_product.h"
 #include "dropout_math.h"
 
 namespace peftkern {
@@ -128,7 +129,11 @@ inline at::Tensor lora_input(const at::Tensor& x, double p, int64_t seed, int64_
 // The A-projection xa = dropout(x)·Aᵀ [M, r] (peftkern::lora_dropout_project: one pass on CPU,
 // xd never written; x·Aᵀ when p = 0).
 inline at::Tensor project(const at::Tensor& x, const at::Tensor& lora_a, double p, int64_t seed, int64_t offset) {
+#if defined(PEFTKERN_CUDA_EMULATION)  // the emulation's library (tests) does not link csrc/rank_product/
   if (p == 0.0) return at::mm(x, lora_a.t());
+#else
+  if (p == 0.0) return rank::project(x, lora_a);
+#endif
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("peftkern::lora_dropout_project", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double, int64_t, int64_t)>();

@@ -6,10 +6,13 @@
 // b [N], A [r, K], B [N, r]. Python flattens leading dims into M. The dropout decisions m are
 // drawn from (seed, offset) by csrc/dropout/ and drawn again in backward: no mask exists.
 //
-// What this version fuses (every GEMM is the vendor BLAS — MKL/oneDNN on CPU, cuBLAS(Lt) on
-// CUDA — reached through ATen, so one implementation serves both devices):
+// What this version fuses (the base GEMMs are the vendor BLAS — MKL/oneDNN on CPU, cuBLAS(Lt) on
+// CUDA — reached through ATen, so one implementation serves both devices; the rank-r products are
+// csrc/rank_product/'s AVX-512 kernels on CPU float32, ATen's GEMMs elsewhere):
 //   * the bias rides in the base GEMM's epilogue (addmm), the LoRA-B product is accumulated into
-//     the same output buffer by the GEMM's beta=1 epilogue (no [M, N] temporary, no extra add);
+//     the same output buffer (no [M, N] temporary, no extra add);
+//   * backward reads grad_out once for grad_xa and grad_B, and x once for grad_x's LoRA term and
+//     grad_A (rank::out_grads, rank::input_grads_dropout_);
 //   * forward's xa = xd·Aᵀ is `lora_dropout_project`: on CPU (AVX-512) one pass that draws the
 //     decisions where it reads x, xd never written; elsewhere the dropout pass, then the GEMM;
 //   * backward stores only x (an alias, no copy) and xa [M, r]; xd is one pass that
@@ -25,6 +28,7 @@
 
 #include "../common/checks.h"
 #include "../dropout/dropout_host.h"
+#include "../rank_product/rank_product.h"
 
 namespace peftkern {
 namespace lora {
@@ -67,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
   }
   at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
   at::Tensor xa = dropout::project(x, lora_a, dropout_p, seed, offset);  // dropout(x)·Aᵀ, xd never kept
-  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+  rank::add_expand_(out, xa, lora_b, scaling);  // out += s·xa·Bᵀ
   return {out, xa};
 }
 
@@ -85,18 +89,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   check_like(grad_out, kBwd, "grad_out", x);
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == m && xa.size(1) == r, kBwd, ": xa is ", xa.sizes(),
               ", expected [", m, ", ", r, "]");
-  // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [M, r] factors, not the big ones.
-  at::Tensor grad_b = at::mm(grad_out.t(), xa).mul_(scaling);  // [N, r]
-  at::Tensor grad_xa = at::mm(grad_out, lora_b).mul_(scaling);  // [M, r]
+  // grad_xa = s·grad_out·B [M, r] and grad_B = s·grad_outᵀ·xa [N, r], one read of grad_out
+  auto [grad_xa, grad_b] = rank::out_grads(grad_out, xa, lora_b, scaling);
   at::Tensor grad_x = at::mm(grad_out, weight);  // [M, K]
-  at::Tensor grad_a;
-  if (dropout_p > 0.0) {  // one pass draws m again: grad_x += (grad_xa·A) ⊙ m/(1−p), and xd for grad_A
-    const at::Tensor xd = dropout::backward_lora_grad(grad_x, at::mm(grad_xa, lora_a), x, dropout_p, seed, offset);
-    grad_a = at::mm(grad_xa.t(), xd);  // [r, K]
-  } else {
-    grad_x.addmm_(grad_xa, lora_a);
-    grad_a = at::mm(grad_xa.t(), x);
-  }
+  // grad_x += (grad_xa·A) ⊙ m/(1−p) and grad_A = grad_xaᵀ·(x ⊙ m/(1−p)), the decisions m drawn again
+  at::Tensor grad_a = rank::input_grads_dropout_(grad_x, x, grad_xa, lora_a, dropout_p, seed, offset);
   return {grad_x, grad_a, grad_b};
 }
 

@@ -7,7 +7,8 @@
 // The dense weight is never materialised: each thread decodes one tile of W at a time into its own
 // buffer (nf4::cpu::decode_range) and hands that tile to ATen's GEMM (MKL / oneDNN) with a column
 // slice of the output as the destination (a strided out= view, leading dimension N or K: no copy).
-// The LoRA term is a rank-r GEMM accumulated into the same output slice while it is hot in cache.
+// The LoRA term is a rank-r product (csrc/rank_product/) accumulated into the same output slice
+// while it is hot in cache.
 //
 // Tiles: forward takes whole rows of W (contiguous in the flat NF4 layout: one decode call per
 // tile; rows may start and end mid-block), so a tile is out[:, rows]; backward reduces over N, so
@@ -28,6 +29,7 @@
 
 #include "../common/dispatch.h"
 #include "../nf4/nf4_cpu_decode.h"
+#include "../rank_product/rank_product.h"
 #include "qlora_host.h"
 
 namespace peftkern {
@@ -105,7 +107,7 @@ void fwd_tiles(const at::Tensor& x, const uint8_t* packed, const GemmArgs& a, co
     } else {
       at::mm_out(o, x, w.t());
     }
-    if (a.rank > 0) o.addmm_(*xa, lora_b->narrow(0, n0, n).t(), /*beta=*/1, /*alpha=*/scaling);
+    if (a.rank > 0) rank::add_expand_(o, *xa, lora_b->narrow(0, n0, n), scaling);  // o += s·xa·B[n0:n0+n]ᵀ
   }
 }
 
@@ -128,7 +130,7 @@ void bwd_input_tiles(const at::Tensor& grad_out, const uint8_t* packed, const Ge
     const at::Tensor w = buffer.narrow(0, 0, N * k).view({N, k});
     at::Tensor g = grad_x.narrow(1, k0, k);  // [M, k], leading dimension K
     at::mm_out(g, grad_out, w);
-    if (a.rank > 0) g.addmm_(*grad_xa, lora_a->narrow(1, k0, k));
+    if (a.rank > 0) rank::add_expand_(g, *grad_xa, lora_a->narrow(1, k0, k).t(), 1.0);  // g += grad_xa·A[:, k0:k0+k]
   }
 }
 

@@ -191,9 +191,8 @@ def lora_dropout_project_reference(x: torch.Tensor, lora_a: torch.Tensor, p: flo
 
 def lora_dropout_project(x: torch.Tensor, lora_a: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
     """xa = dropout(x)·lora_aᵀ [M, r] for a 2-D x (any strides), differentiable: on CPU (AVX-512) one
-    pass that draws the decisions where it reads x and never writes xd."""
-    if p == 0.0:
-        return x @ lora_a.t()
+    pass that draws the decisions where it reads x and never writes xd; without dropout, x·Aᵀ by the
+    rank-r kernel (csrc/rank_product/) where it applies."""
     if _ext.has_kernel("lora_dropout_project", x.device.type):
         return torch.ops.peftkern.lora_dropout_project(x, lora_a, float(p), int(seed), int(offset))
     return lora_dropout_project_reference(x, lora_a, p, seed, offset)

@@ -18,6 +18,7 @@ import torch
 
 from .. import _ext
 from . import dropout as _dropout
+from . import rank_product as _rank
 from .common import autocast_inputs
 from .lora import lora_linear_reference, prepare_dropout, reference_mask
 
@@ -164,19 +165,15 @@ def nf4_lora_linear_fused_fwd(x, weight, bias, lora_a, lora_b, scaling, drop):
 def nf4_lora_linear_fused_bwd(grad_out, x, weight, lora_a, lora_b, xa, scaling, drop):
     """`peftkern::lora_linear_bwd` over an NF4 weight, with no dense weight: -> (grad_x, grad_a,
     grad_b). Same formulas: the rank-r factors scaled, dropout(x) drawn again from `drop`."""
-    # grad_out feeds two GEMMs and the op: an expanded one (stride 0, e.g. from .sum()) is copied once
+    # grad_out feeds two ops: an expanded one (stride 0, e.g. from .sum()) is copied once
     grad_out = grad_out.contiguous()
-    grad_b = (grad_out.t() @ xa).mul_(scaling)  # [N, r]
-    grad_xa = (grad_out @ lora_b).mul_(scaling)  # [T, r]
-    if drop[0] == 0.0:  # the LoRA term (if any) accumulated by the op into grad_x's tiles
-        has_lora = lora_a.shape[0] > 0
-        grad_x = nf4_lora_linear_bwd_input(grad_out, weight, *((grad_xa, lora_a) if has_lora else ()))
-        return grad_x, grad_xa.t() @ x, grad_b
+    # grad_xa = s·grad_out·B [T, r] and grad_B = s·grad_outᵀ·xa [N, r], one read of grad_out
+    grad_xa, grad_b = _rank.lora_out_grads(grad_out, xa, lora_b, scaling)
     grad_x = nf4_lora_linear_bwd_input(grad_out, weight)
-    # dropout: the LoRA path's gradient is dropped as x was, the base path's is not; one draw of the
-    # decisions gives both that and dropout(x) for grad_A
-    xd = _dropout.lora_dropout_backward_(grad_x, grad_xa @ lora_a, x, *drop)
-    return grad_x, grad_xa.t() @ xd, grad_b  # grad_A [r, K]
+    # grad_x += (grad_xa·A) ⊙ m/(1 − p) and grad_A = grad_xaᵀ·dropout(x), one read of x: the LoRA
+    # path's gradient is dropped as x was, the base path's is not (one draw of the decisions)
+    grad_a = _rank.lora_input_grads_(grad_x, x, grad_xa, lora_a, *drop)
+    return grad_x, grad_a, grad_b
 
 
 # --------------------------------------------------------------------------------------------
