@@ -415,22 +415,24 @@ PK_TARGET_AVX512 void project_rows_avx512(const T* xp, int64_t s0, int64_t s1, i
     }
   }
   for (int64_t c = 0; c < rp; c += 16) {
+    // Every loop over acc is fully unrolled (#pragma GCC unroll): otherwise GCC keeps acc in memory
+    // and stores all 8 accumulators to the stack on every j (rank_product_cpu.cpp says the same).
     __m512 acc[kProjectRows];
+#pragma GCC unroll 8
     for (int64_t g = 0; g < kProjectRows; ++g) acc[g] = _mm512_setzero_ps();
     const float* a = at + c;
-    if (rows == kProjectRows) {  // the common case: a constant trip count, so the 8 chains are unrolled
-      for (int64_t j = 0; j < k; ++j) {
-        const __m512 av = _mm512_loadu_ps(a + j * rp);
-        for (int64_t g = 0; g < kProjectRows; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xd[g * k + j]), av, acc[g]);
-      }
-    } else {
-      for (int64_t j = 0; j < k; ++j) {
-        const __m512 av = _mm512_loadu_ps(a + j * rp);
-        for (int64_t g = 0; g < rows; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xd[g * k + j]), av, acc[g]);
+    for (int64_t j = 0; j < k; ++j) {
+      const __m512 av = _mm512_loadu_ps(a + j * rp);
+#pragma GCC unroll 8
+      for (int64_t g = 0; g < kProjectRows; ++g) {  // a short group's missing rows read row 0 again, never stored
+        acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(xd[(g < rows ? g : 0) * k + j]), av, acc[g]);
       }
     }
     const __mmask16 m = r - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (r - c)) - 1);
-    for (int64_t g = 0; g < rows; ++g) Lanes<T>::store(out + (row0 + g) * r + c, m, acc[g]);
+#pragma GCC unroll 8
+    for (int64_t g = 0; g < kProjectRows; ++g) {
+      if (g < rows) Lanes<T>::store(out + (row0 + g) * r + c, m, acc[g]);
+    }
   }
 }
 
