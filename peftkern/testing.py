@@ -626,12 +626,47 @@ def check_proxy(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+def check_rank_product(device: str, generator: torch.Generator) -> list[Result]:
+    """LoRA's rank-r backward products (csrc/rank_product/; on CPU the AVX-512 kernels where they
+    apply): lora_out_grads and lora_input_grads_ (with and without dropout) within the GEMM
+    tolerance of float64 products, relative to the same products on absolute values. Shapes: row
+    groups with a tail, features short of and past a vector, 1-4 vectors of r, r past 64."""
+    results = []
+    for dtype in DTYPES:
+        for m, d, r in [(1, 1, 1), (9, 17, 16), (37, 200, 33), (5, 31, 64), (4, 48, 65)]:
+            g, x, gx0 = (torch.randn(m, d, generator=generator).to(dtype) for _ in range(3))
+            xa, lora_b, lora_a = (torch.randn(s, generator=generator).to(dtype) for s in ((m, r), (d, r), (r, d)))
+            g64, x64, xa64, b64, a64 = (t.double() for t in (g, x, xa, lora_b, lora_a))
+            got = torch.ops.peftkern.lora_out_grads(g.to(device), xa.to(device), lora_b.to(device), 0.5)
+            errors = _scaled_errors({}, ["grad_xa", "grad_b"], got, [0.5 * g64 @ b64, 0.5 * g64.t() @ xa64],
+                                    [0.5 * g64.abs() @ b64.abs(), 0.5 * g64.abs().t() @ xa64.abs()],
+                                    GEMM_TOLERANCE[dtype], 1e-30)  # fmt: skip
+            worst = max(errors.values())
+            results.append(Result("lora_out_grads", device, str(dtype).removeprefix("torch."), (m, d, r), 0, worst,
+                                  worst <= 1.0))  # fmt: skip
+            for p in (0.0, 0.3):
+                seed, offset = (int(v) for v in torch.randint(0, 2**62, (2,), generator=generator))
+                grad_x = gx0.to(device).clone()
+                grad_a = torch.ops.peftkern.lora_input_grads_(grad_x, x.to(device), xa.to(device), lora_a.to(device),
+                                                              p, seed, offset)  # fmt: skip
+                keep = dropout_ops.lora_dropout_mask_reference((m, d), p, seed, offset).double() / (1.0 - p)
+                errors = _scaled_errors({}, ["grad_x", "grad_a"], [grad_x, grad_a],
+                                        [gx0.double() + (xa64 @ a64) * keep, xa64.t() @ (x64 * keep)],
+                                        [gx0.double().abs() + (xa64.abs() @ a64.abs()) * keep,
+                                         xa64.abs().t() @ (x64.abs() * keep)], GEMM_TOLERANCE[dtype], 1e-30)  # fmt: skip
+                worst = max(errors.values())
+                results.append(Result(f"lora_input_grads_ p={p}", device, str(dtype).removeprefix("torch."), (m, d, r),
+                                      0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
 # The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
 # generator) -> list[Result].
 CHECKS = {
     "nf4": check_nf4,
     "lora": check_lora,
     "dropout": check_dropout,
+    "rank_product": check_rank_product,
     "dora": check_dora,
     "qlora_gemv": check_qlora_gemv,
     "ia3": check_ia3,

@@ -10,6 +10,7 @@ import torch
 
 from peftkern.ops import dropout as dropout_ops
 from peftkern.ops import rank_product as rank_ops
+from peftkern.testing import check_rank_product
 
 ops = torch.ops.peftkern
 
@@ -176,3 +177,10 @@ def test_bad_input():
         ops.lora_input_grads_(torch.randn(8, 4).t(), torch.randn(4, 8), xa, torch.randn(2, 8), 0.2, 0, 0)
     with pytest.raises(RuntimeError, match="p"):
         ops.lora_input_grads_(torch.randn(4, 8), torch.randn(4, 8), xa, torch.randn(2, 8), 1.0, 0, 0)
+
+
+def test_self_check_entry_passes_on_cpu(generator, cpu_isa):
+    """`python -m peftkern.check`'s entry: every dtype, 5 shapes, out_grads and input_grads at p = 0 / 0.3."""
+    results = check_rank_product("cpu", generator)
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+    assert len(results) == 3 * 5 * 3

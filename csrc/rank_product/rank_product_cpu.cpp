@@ -252,9 +252,12 @@ PK_TARGET_AVX512 void col_block(const float* y, int64_t r, int64_t t_begin, int6
 
 // Rows per pass over a thread's column blocks. A column block reads one 64-byte piece of every
 // row: over all rows of a wide matrix (11008 floats: 44 KB a row) that is a new page and a new
-// stream per row, and the pass ran at 0.7x MKL; in chunks of 32 rows the next column block finds
-// the same 32 rows' pages and lines (the 16 sums of g stored and reloaded once per chunk).
+// stream per row, and the pass ran at 0.73x MKL; in chunks of 32 rows the next column block finds
+// the same 32 rows' pages and lines (the 16 sums of g stored and reloaded once per chunk): 1.1-1.3x.
+// Rows of at most kWholeColumnMax floats (16 KB, 4 pages) keep whole columns: chunks cost up to
+// 1.5x there (256 x 576: 27-29 µs whole, 34-40 µs in chunks of 32 or 16, 83 in chunks of 8).
 constexpr int64_t kColRows = 32;
+constexpr int64_t kWholeColumnMax = 4096;
 
 // col_block over all column blocks of D: each thread a range of blocks, row chunks outer.
 template <bool kC, bool kG>
@@ -263,9 +266,10 @@ void cols_all(const float* y, int64_t r, int64_t M, int64_t D, const float* z, i
   const int64_t blocks = ceil_div(D, 16);
   // ~64K FMAs per task at least: small products stay on one thread
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, M * r * ((kC ? 1 : 0) + (kG ? 1 : 0))));
+  const int64_t rows = D <= kWholeColumnMax ? M : kColRows;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t t0 = 0; t0 < M; t0 += kColRows) {
-      const int64_t t1 = std::min(M, t0 + kColRows);
+    for (int64_t t0 = 0; t0 < M; t0 += rows) {
+      const int64_t t1 = std::min(M, t0 + rows);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t k0 = b * 16;
         col_block<kC, kG>(y, r, t0, t1, z, ldz, x, ldx, c, ldc, mode, alpha, g, ldg, k0, lane_mask(D - k0));
