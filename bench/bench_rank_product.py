@@ -29,49 +29,34 @@ def _ids(shape):
     return f"{m}x{d}-r{r}"
 
 
+def _run(benchmark, record, name, shape, impl, ours, aten, bytes_moved, flops):
+    benchmark.group = f"{name} {_ids(shape)}"
+    benchmark.pedantic(ours if impl == "peftkern" else aten, rounds=ROUNDS, warmup_rounds=3, iterations=5)
+    record(f"{name} {_ids(shape)} fp32 cpu", impl, bytes_moved, "cpu", flops=flops)
+
+
 @pytest.mark.parametrize("impl", ["peftkern", "aten"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_out_grads(benchmark, record, shape, impl):
     m, n, r = shape
-    g = torch.randn(m, n)
-    xa = torch.randn(m, r)
-    b = torch.randn(n, r)
-    if impl == "peftkern":
-        step = lambda: rank_ops.lora_out_grads(g, xa, b, 2.0)  # noqa: E731
-    else:
-        step = lambda: ((g @ b).mul_(2.0), (g.t() @ xa).mul_(2.0))  # noqa: E731
-    benchmark.group = f"out_grads {_ids(shape)}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3, iterations=5)
-    record(f"out_grads {_ids(shape)} fp32 cpu", impl, g.numel() * 4, "cpu", flops=2 * 2 * m * n * r)
+    g, xa, b = torch.randn(m, n), torch.randn(m, r), torch.randn(n, r)
+    _run(benchmark, record, "out_grads", shape, impl, lambda: rank_ops.lora_out_grads(g, xa, b, 2.0),
+         lambda: ((g @ b).mul_(2.0), (g.t() @ xa).mul_(2.0)), g.numel() * 4, 2 * 2 * m * n * r)  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", ["peftkern", "aten"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_input_grads(benchmark, record, shape, impl):
     m, k, r = shape
-    x = torch.randn(m, k)
-    gxa = torch.randn(m, r)
-    a = torch.randn(r, k)
-    grad_x = torch.randn(m, k)
-    if impl == "peftkern":
-        step = lambda: rank_ops.lora_input_grads_(grad_x, x, gxa, a, 0.0, 0, 0)  # noqa: E731
-    else:
-        step = lambda: (grad_x.addmm_(gxa, a), gxa.t() @ x)  # noqa: E731
-    benchmark.group = f"input_grads {_ids(shape)}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3, iterations=5)
-    record(f"input_grads {_ids(shape)} fp32 cpu", impl, 3 * x.numel() * 4, "cpu", flops=2 * 2 * m * k * r)
+    x, gxa, a, grad_x = torch.randn(m, k), torch.randn(m, r), torch.randn(r, k), torch.randn(m, k)
+    _run(benchmark, record, "input_grads", shape, impl, lambda: rank_ops.lora_input_grads_(grad_x, x, gxa, a, 0.0, 0, 0),
+         lambda: (grad_x.addmm_(gxa, a), gxa.t() @ x), 3 * x.numel() * 4, 2 * 2 * m * k * r)  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", ["peftkern", "aten"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_project(benchmark, record, shape, impl):
     m, k, r = shape
-    x = torch.randn(m, k)
-    a = torch.randn(r, k)
-    if impl == "peftkern":
-        step = lambda: dropout_ops.lora_dropout_project(x, a, 0.0, 0, 0)  # noqa: E731
-    else:
-        step = lambda: x @ a.t()  # noqa: E731
-    benchmark.group = f"x·Aᵀ {_ids(shape)}"
-    benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=3, iterations=5)
-    record(f"x.At {_ids(shape)} fp32 cpu", impl, x.numel() * 4, "cpu", flops=2 * m * k * r)
+    x, a = torch.randn(m, k), torch.randn(r, k)
+    _run(benchmark, record, "x.At", shape, impl, lambda: dropout_ops.lora_dropout_project(x, a, 0.0, 0, 0),
+         lambda: x @ a.t(), x.numel() * 4, 2 * m * k * r)  # fmt: skip

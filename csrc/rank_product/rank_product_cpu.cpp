@@ -279,8 +279,6 @@ void cols_all(const float* y, int64_t r, int64_t M, int64_t D, const float* z, i
 }
 #endif  // PK_X86
 
-// y [M, r] float32 with rows of stride r (the kernels' layout for the small side).
-at::Tensor packed_rows(const at::Tensor& t) { return t.contiguous(); }
 
 }  // namespace
 
@@ -296,133 +294,133 @@ bool use_kernels(const at::Tensor& big, int64_t r) {
 #endif
 }
 
+// Each product: the kernel where use_kernels() says it applies, else (and in non-x86 builds, where
+// use_kernels() is false) ATen's GEMMs with the same formula after the #endif.
+
 at::Tensor project(const at::Tensor& x, const at::Tensor& lora_a) {
   const int64_t r = lora_a.size(0);
-  if (!use_kernels(x, r)) return at::mm(x, lora_a.t());
 #if defined(PK_X86)
-  const int64_t M = x.size(0), K = x.size(1);
-  const at::Tensor panel = lora_a.t().contiguous();  // Aᵀ [K, r]: one row per step of the reduction
-  at::Tensor out = at::empty({M, r}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* xp = x.const_data_ptr<float>();
-  const float* pp = panel.const_data_ptr<float>();
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t rv = ceil_div(r, 16), rows = rv == 1 ? 8 : rv == 2 ? 4 : 2;
-  const int64_t groups = ceil_div(M, rows);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * K * r));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    const int64_t t0 = g0 * rows, t1 = std::min(M, g1 * rows);
-    switch (rv) {
-      case 1: return project_rows<1>(xp, x.stride(0), pp, r, K, t0, t1, op);
-      case 2: return project_rows<2>(xp, x.stride(0), pp, r, K, t0, t1, op);
-      case 3: return project_rows<3>(xp, x.stride(0), pp, r, K, t0, t1, op);
-      default: return project_rows<4>(xp, x.stride(0), pp, r, K, t0, t1, op);
-    }
-  });
-  return out;
-#else
-  return at::mm(x, lora_a.t());
+  if (use_kernels(x, r)) {
+    const int64_t M = x.size(0), K = x.size(1);
+    const at::Tensor panel = lora_a.t().contiguous();  // Aᵀ [K, r]: one row per step of the reduction
+    at::Tensor out = at::empty({M, r}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    const float* xp = x.const_data_ptr<float>();
+    const float* pp = panel.const_data_ptr<float>();
+    float* op = out.mutable_data_ptr<float>();
+    const int64_t rv = ceil_div(r, 16), rows = rv == 1 ? 8 : rv == 2 ? 4 : 2;
+    const int64_t groups = ceil_div(M, rows);
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * K * r));
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      const int64_t t0 = g0 * rows, t1 = std::min(M, g1 * rows);
+      switch (rv) {
+        case 1: return project_rows<1>(xp, x.stride(0), pp, r, K, t0, t1, op);
+        case 2: return project_rows<2>(xp, x.stride(0), pp, r, K, t0, t1, op);
+        case 3: return project_rows<3>(xp, x.stride(0), pp, r, K, t0, t1, op);
+        default: return project_rows<4>(xp, x.stride(0), pp, r, K, t0, t1, op);
+      }
+    });
+    return out;
+  }
 #endif
+  return at::mm(x, lora_a.t());
 }
 
 void add_expand_(at::Tensor& out, const at::Tensor& xa, const at::Tensor& lora_b, double alpha) {
   const int64_t r = xa.size(1);
-  if (!use_kernels(out, r) || xa.scalar_type() != at::kFloat || lora_b.scalar_type() != at::kFloat) {
-    out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/alpha);
+#if defined(PK_X86)
+  if (use_kernels(out, r) && xa.scalar_type() == at::kFloat && lora_b.scalar_type() == at::kFloat) {
+    const at::Tensor y = xa.contiguous();  // rows of stride r, as the kernels read the thin side
+    const at::Tensor z = lora_b.t().contiguous();  // Bᵀ [r, N]: rows along the output's columns
+    cols_all<true, false>(y.const_data_ptr<float>(), r, out.size(0), out.size(1), z.const_data_ptr<float>(),
+                          z.stride(0), nullptr, 0, out.mutable_data_ptr<float>(), out.stride(0), COut::kAccumulate,
+                          static_cast<float>(alpha), nullptr, 0);
     return;
   }
-#if defined(PK_X86)
-  const at::Tensor y = packed_rows(xa);
-  const at::Tensor z = lora_b.t().contiguous();  // Bᵀ [r, N]: rows along the output's columns
-  cols_all<true, false>(y.const_data_ptr<float>(), r, out.size(0), out.size(1), z.const_data_ptr<float>(),
-                        z.stride(0), nullptr, 0, out.mutable_data_ptr<float>(), out.stride(0), COut::kAccumulate,
-                        static_cast<float>(alpha), nullptr, 0);
 #endif
+  out.addmm_(xa, lora_b.t(), /*beta=*/1, /*alpha=*/alpha);
 }
 
 at::Tensor expand(const at::Tensor& grad_xa, const at::Tensor& lora_a) {
   const int64_t M = grad_xa.size(0), r = grad_xa.size(1), K = lora_a.size(1);
   at::Tensor out = at::empty({M, K}, grad_xa.options().memory_format(at::MemoryFormat::Contiguous));
-  if (!use_kernels(out, r) || lora_a.scalar_type() != at::kFloat) return at::mm_out(out, grad_xa, lora_a);
 #if defined(PK_X86)
-  const at::Tensor y = packed_rows(grad_xa);
-  const at::Tensor z = lora_a.contiguous();
-  cols_all<true, false>(y.const_data_ptr<float>(), r, M, K, z.const_data_ptr<float>(), K, nullptr, 0,
-                        out.mutable_data_ptr<float>(), K, COut::kWrite, 1.0f, nullptr, 0);
+  if (use_kernels(out, r) && lora_a.scalar_type() == at::kFloat) {
+    const at::Tensor y = grad_xa.contiguous();
+    const at::Tensor z = lora_a.contiguous();
+    cols_all<true, false>(y.const_data_ptr<float>(), r, M, K, z.const_data_ptr<float>(), K, nullptr, 0,
+                          out.mutable_data_ptr<float>(), K, COut::kWrite, 1.0f, nullptr, 0);
+    return out;
+  }
 #endif
-  return out;
+  return at::mm_out(out, grad_xa, lora_a);
 }
 
 std::pair<at::Tensor, at::Tensor> out_grads(const at::Tensor& grad_out, const at::Tensor& xa,
                                             const at::Tensor& lora_b, double scaling) {
   const int64_t r = xa.size(1);
-  if (!use_kernels(grad_out, r) || xa.scalar_type() != at::kFloat || lora_b.scalar_type() != at::kFloat) {
-    // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [·, r] results, not the big ones
-    return {at::mm(grad_out, lora_b).mul_(scaling), at::mm(grad_out.t(), xa).mul_(scaling)};
-  }
 #if defined(PK_X86)
-  const int64_t M = grad_out.size(0), N = grad_out.size(1), rv = ceil_div(r, 16);
-  const at::Tensor y = xa.mul(scaling).contiguous();  // grad_B = grad_outᵀ·(s·xa): scaled once, [M, r]
-  const at::Tensor panel = lora_b.contiguous();       // B [N, r]
-  at::Tensor grad_b = at::empty({N, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t blocks = std::max<int64_t>(1, std::min(kOutBlocks, N / kOutBlockCols));
-  at::Tensor partial = at::empty({blocks, M, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* gp = grad_out.const_data_ptr<float>();
-  const float* yp = y.const_data_ptr<float>();
-  const float* pp = panel.const_data_ptr<float>();
-  float* gbp = grad_b.mutable_data_ptr<float>();
-  float* partp = partial.mutable_data_ptr<float>();
-  const int64_t lda = grad_out.stride(0);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    switch (rv) {
-      case 1: return out_grads_blocks<1>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
-      case 2: return out_grads_blocks<2>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
-      case 3: return out_grads_blocks<3>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
-      default: return out_grads_blocks<4>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
-    }
-  });
-  // grad_xa = s·Σ_b partial[b], blocks summed in order
-  at::Tensor grad_xa = at::empty({M, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
-  float* gxp = grad_xa.mutable_data_ptr<float>();
-  const float s = static_cast<float>(scaling);
-  at::parallel_for(0, M * r, 16384, [&](int64_t e0, int64_t e1) {
-    for (int64_t e = e0; e < e1; ++e) {
-      float sum = partp[e];
-      for (int64_t b = 1; b < blocks; ++b) sum += partp[b * M * r + e];
-      gxp[e] = s * sum;
-    }
-  });
-  return {grad_xa, grad_b};
-#else
-  return {at::mm(grad_out, lora_b).mul_(scaling), at::mm(grad_out.t(), xa).mul_(scaling)};
+  if (use_kernels(grad_out, r) && xa.scalar_type() == at::kFloat && lora_b.scalar_type() == at::kFloat) {
+    const int64_t M = grad_out.size(0), N = grad_out.size(1), rv = ceil_div(r, 16);
+    const at::Tensor y = xa.mul(scaling).contiguous();  // grad_B = grad_outᵀ·(s·xa): scaled once, [M, r]
+    const at::Tensor panel = lora_b.contiguous();       // B [N, r]
+    at::Tensor grad_b = at::empty({N, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
+    const int64_t blocks = std::max<int64_t>(1, std::min(kOutBlocks, N / kOutBlockCols));
+    at::Tensor partial = at::empty({blocks, M, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
+    const float* gp = grad_out.const_data_ptr<float>();
+    const float* yp = y.const_data_ptr<float>();
+    const float* pp = panel.const_data_ptr<float>();
+    float* gbp = grad_b.mutable_data_ptr<float>();
+    float* partp = partial.mutable_data_ptr<float>();
+    const int64_t lda = grad_out.stride(0);
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      switch (rv) {
+        case 1: return out_grads_blocks<1>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
+        case 2: return out_grads_blocks<2>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
+        case 3: return out_grads_blocks<3>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
+        default: return out_grads_blocks<4>(gp, lda, pp, yp, r, M, N, blocks, b0, b1, gbp, partp);
+      }
+    });
+    // grad_xa = s·Σ_b partial[b], blocks summed in order
+    at::Tensor grad_xa = at::empty({M, r}, xa.options().memory_format(at::MemoryFormat::Contiguous));
+    float* gxp = grad_xa.mutable_data_ptr<float>();
+    const float s = static_cast<float>(scaling);
+    at::parallel_for(0, M * r, 16384, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        float sum = partp[e];
+        for (int64_t b = 1; b < blocks; ++b) sum += partp[b * M * r + e];
+        gxp[e] = s * sum;
+      }
+    });
+    return {grad_xa, grad_b};
+  }
 #endif
+  // d(out)/d(B) = s·xa, d(out)/d(xa) = s·B: scale the thin [·, r] results, not the big ones
+  return {at::mm(grad_out, lora_b).mul_(scaling), at::mm(grad_out.t(), xa).mul_(scaling)};
 }
 
 at::Tensor input_grads_(at::Tensor grad_x, const at::Tensor& x, const at::Tensor& grad_xa, const at::Tensor& lora_a) {
   const int64_t r = grad_xa.size(1);
   const bool with_c = grad_x.defined();
-  if (!use_kernels(x, r) || grad_xa.scalar_type() != at::kFloat || lora_a.scalar_type() != at::kFloat ||
-      (with_c && !use_kernels(grad_x, r))) {
-    if (with_c) grad_x.addmm_(grad_xa, lora_a);
-    return at::mm(grad_xa.t(), x);
-  }
 #if defined(PK_X86)
-  const int64_t M = x.size(0), K = x.size(1);
-  const at::Tensor y = packed_rows(grad_xa);
-  at::Tensor grad_a = at::empty({r, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (with_c) {
-    const at::Tensor z = lora_a.contiguous();
-    cols_all<true, true>(y.const_data_ptr<float>(), r, M, K, z.const_data_ptr<float>(), K, x.const_data_ptr<float>(),
-                         x.stride(0), grad_x.mutable_data_ptr<float>(), grad_x.stride(0), COut::kAccumulate, 1.0f,
-                         grad_a.mutable_data_ptr<float>(), K);
-  } else {
-    cols_all<false, true>(y.const_data_ptr<float>(), r, M, K, nullptr, 0, x.const_data_ptr<float>(), x.stride(0),
-                          nullptr, 0, COut::kNone, 1.0f, grad_a.mutable_data_ptr<float>(), K);
+  if (use_kernels(x, r) && grad_xa.scalar_type() == at::kFloat && lora_a.scalar_type() == at::kFloat &&
+      (!with_c || use_kernels(grad_x, r))) {
+    const int64_t M = x.size(0), K = x.size(1);
+    const at::Tensor y = grad_xa.contiguous();
+    at::Tensor grad_a = at::empty({r, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
+    if (with_c) {
+      const at::Tensor z = lora_a.contiguous();
+      cols_all<true, true>(y.const_data_ptr<float>(), r, M, K, z.const_data_ptr<float>(), K,
+                           x.const_data_ptr<float>(), x.stride(0), grad_x.mutable_data_ptr<float>(), grad_x.stride(0),
+                           COut::kAccumulate, 1.0f, grad_a.mutable_data_ptr<float>(), K);
+    } else {
+      cols_all<false, true>(y.const_data_ptr<float>(), r, M, K, nullptr, 0, x.const_data_ptr<float>(), x.stride(0),
+                            nullptr, 0, COut::kNone, 1.0f, grad_a.mutable_data_ptr<float>(), K);
+    }
+    return grad_a;
   }
-  return grad_a;
-#else
+#endif
   if (with_c) grad_x.addmm_(grad_xa, lora_a);
   return at::mm(grad_xa.t(), x);
-#endif
 }
 
 at::Tensor input_grads_dropout_(at::Tensor grad_x, const at::Tensor& x, const at::Tensor& grad_xa,
