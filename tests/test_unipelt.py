@@ -77,7 +77,13 @@ def test_gated_lora_is_adapterhubs_formula(dtype, tol, generator):
     want = F.linear(x64, base.weight.double(), base.bias.double()) + (x64 @ a.t() @ b.t()) * gate.unsqueeze(-1)
     wants = torch.autograd.grad(want, [x64, a, b, gw, gb], grad.double())
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    # bf16 rounds the base and the LoRA terms before they are summed: where they cancel, the error is
+    # a fraction of the terms' magnitude, not of the output (seed 2122265023: 0.018 on an output of 0.013)
+    x_abs = x64.detach().abs()
+    magnitude = F.linear(x_abs, base.weight.double().abs(), base.bias.double().abs()) + (
+        x_abs @ a.detach().abs().t() @ b.detach().abs().t()
+    ) * gate.detach().unsqueeze(-1)
+    assert ((out.double() - want.detach()).abs() <= tol * magnitude + tol).all()
     for g, w in zip(got, wants):
         torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * 10)
 
