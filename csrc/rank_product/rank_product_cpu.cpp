@@ -44,8 +44,6 @@ constexpr int64_t kMaxRank = 64;
 constexpr int64_t kOutBlocks = 8;
 constexpr int64_t kOutBlockCols = 64;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 #if defined(PK_X86)
 PK_TARGET_AVX512 inline __mmask16 lane_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
@@ -53,8 +51,9 @@ PK_TARGET_AVX512 inline __mmask16 lane_mask(int64_t n) {
 
 // Rows per row_block call by vectors of r: ROWS·RV accumulators (+ RV of y with kGradB) stay
 // within the 32 zmm registers with room for the panel row and the broadcasts.
+constexpr int64_t rows_for(int64_t rv) { return rv == 1 ? 8 : rv == 2 ? 4 : 2; }
 template <int RV>
-constexpr int kRowsFor = RV == 1 ? 8 : RV == 2 ? 4 : 2;
+constexpr int kRowsFor = static_cast<int>(rows_for(RV));
 
 // a: row t0 of the big matrix (row stride lda, unit column stride); p: the panel [D, r] (row
 // stride r); y: row t0 of y [M, r]; c: row t0 of the output [M, r]; d in [d0, d1). gb: rows d of
@@ -325,7 +324,7 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& lora_a) {
     const float* xp = x.const_data_ptr<float>();
     const float* pp = panel.const_data_ptr<float>();
     float* op = out.mutable_data_ptr<float>();
-    const int64_t rv = ceil_div(r, 16), rows = rv == 1 ? 8 : rv == 2 ? 4 : 2;
+    const int64_t rv = ceil_div(r, 16), rows = rows_for(rv);
     const int64_t groups = ceil_div(M, rows);
     const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, rows * K * r));
     at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
