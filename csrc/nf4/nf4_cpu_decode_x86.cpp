@@ -27,21 +27,22 @@ inline T* decode_scalar_part(const uint8_t* packed, const T* table, int64_t& i, 
   return o;
 }
 
-// Calls segment(block, begin, end, scale) for each block segment of [first, first + count), the
-// scales decoded 16 blocks at a time (block_scales_avx512) and no division per block.
+// Calls segment(begin, end, scale) for each block segment of [first, first + count), `scale` the
+// block's absmax broadcast to all lanes: 16 blocks' scales decoded into one register
+// (block_scales16_avx512) and each broadcast from there, no division per block.
 template <typename Segment>
 PK_TARGET_AVX512 inline void for_each_segment_avx512(const quant::BlockScales& scales, int64_t blocksize,
                                                      int64_t first, int64_t count, Segment&& segment) {
   if (count <= 0) return;
   const int64_t end = first + count;
   const int64_t first_block = first / blocksize, last_block = (end - 1) / blocksize;
-  alignas(64) float block_scale[16];
   for (int64_t b0 = first_block; b0 <= last_block; b0 += 16) {
     const int64_t blocks = std::min<int64_t>(16, last_block - b0 + 1);
-    block_scales_avx512(scales, b0, blocks, block_scale);
+    const __m512 block_scale = block_scales16_avx512(scales, b0, blocks);
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t b = b0 + k;
-      segment(std::max(first, b * blocksize), std::min(end, (b + 1) * blocksize), block_scale[k]);
+      segment(std::max(first, b * blocksize), std::min(end, (b + 1) * blocksize),
+              _mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(k)), block_scale));
     }
   }
 }
@@ -49,9 +50,9 @@ PK_TARGET_AVX512 inline void for_each_segment_avx512(const quant::BlockScales& s
 PK_TARGET_AVX512 void avx512_f32(const uint8_t* packed, const quant::BlockScales& scales,
                                  int64_t blocksize, int64_t first, int64_t count, float* out) {
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
-  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, float scale)
+  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, __m512 scale)
                                                               PK_TARGET_AVX512 {
-    const __m512 table = _mm512_mul_ps(nf4, _mm512_set1_ps(scale));
+    const __m512 table = _mm512_mul_ps(nf4, scale);
     float* o = out + (i - first);
     alignas(64) float t[quant::kNf4Codes];
     const bool ragged = (i & 1) || ((segment_end - i) & 31);  // a mid-byte head or a short tail
@@ -73,9 +74,9 @@ PK_TARGET_AVX512 void avx512_16(const uint8_t* packed, const quant::BlockScales&
                                 int64_t blocksize, int64_t first, int64_t count, T* out) {
   static_assert(sizeof(T) == 2);
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
-  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, float scale)
+  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, __m512 scale)
                                                               PK_TARGET_AVX512 {
-    const __m512 product = _mm512_mul_ps(nf4, _mm512_set1_ps(scale));
+    const __m512 product = _mm512_mul_ps(nf4, scale);
     const __m256i words = std::is_same_v<T, c10::BFloat16> ? to_bf16_avx512(product) : to_fp16_avx512(product);
     const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(words), words, 1);
     T* o = out + (i - first);
