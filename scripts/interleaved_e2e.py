@@ -2,9 +2,10 @@
 implementation built once in one process and timed in interleaved rounds (median wall time): the
 comparison that survives run-to-run drift, which on a shared 2-core machine is larger than the
 differences bench_e2e's sequential rounds try to show. Also with LoRA dropout 0, so the cost of
-dropout itself is visible.
+dropout itself is visible. --autocast-bf16 runs every step under torch.autocast("cpu", bfloat16)
+(float32 weights, as bench_e2e's autocast-bf16 rows).
 
-    python scripts/interleaved_e2e.py [--rounds 7]
+    python scripts/interleaved_e2e.py [--rounds 7] [--autocast-bf16]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import bench_e2e  # noqa: E402
 IMPLS = ["frozen-base", "peftkern", "peft", "peftkern-nf4", "peft+bnb"]
 
 
-def step_of(impl: str, dropout: float):
+def step_of(impl: str, dropout: float, autocast: bool):
     bench_e2e.LORA["lora_dropout"] = dropout
     model = bench_e2e.build(impl, "cpu", torch.float32)
     model.train()
@@ -33,7 +34,9 @@ def step_of(impl: str, dropout: float):
     ids = torch.randint(0, 4096, (bench_e2e.BATCH, bench_e2e.SEQ), generator=torch.Generator().manual_seed(1))
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -44,11 +47,13 @@ def step_of(impl: str, dropout: float):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--autocast-bf16", action="store_true", help="the steps under bf16 autocast")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, "
-          f"batch {bench_e2e.BATCH} x {bench_e2e.SEQ} tokens, float32")  # fmt: skip
+          f"batch {bench_e2e.BATCH} x {bench_e2e.SEQ} tokens, "
+          f"{'float32 weights under bf16 autocast' if args.autocast_bf16 else 'float32'}")  # fmt: skip
     for dropout in (0.05, 0.0):
-        steps = {impl: step_of(impl, dropout) for impl in IMPLS}
+        steps = {impl: step_of(impl, dropout, args.autocast_bf16) for impl in IMPLS}
         times = {impl: [] for impl in IMPLS}
         for step in steps.values():
             step()

@@ -109,6 +109,15 @@ def test_gradcheck_float64(bias, dropout, generator):
     assert torch.autograd.gradcheck(f, (x, a, bb, b))
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradcheck_float64_through_both_outputs(dropout, generator):
+    """xa = dropout(x)·Aᵀ is an output too: a gradient into it alone (out's undefined) or into
+    both reaches x and A through the same dropped projection (the C++ autograd's second branch)."""
+    x, w, b, a, bb, drop = make_inputs(6, 5, 4, 3, torch.float64, generator, bias=False, dropout=dropout)
+    assert torch.autograd.gradcheck(lambda x, a, bb: ops.lora_linear_fwd(x, w, None, a, bb, 0.7, *drop), (x, a, bb))
+    assert torch.autograd.gradcheck(lambda x, a: ops.lora_linear_fwd(x, w, None, a, bb.detach(), 0.7, *drop)[1], (x, a))
+
+
 def test_trainable_base_weight_gets_its_gradient(generator):
     x, w, b, a, bb, _ = make_inputs(5, 4, 3, 2, torch.float64, generator)
     w.requires_grad_()

@@ -21,6 +21,8 @@
 // Not yet: one GEMM over W stacked with A (reads x once) and custom GEMM kernels with the
 // dropout in their prologue: see DESIGN.md ("LoRA dropout without a mask").
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -97,9 +99,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
   return {grad_x, grad_a, grad_b};
 }
 
+// ---- Autograd: the backward formula in C++ -------------------------------------------------------
+// Registered for the Autograd key, so a training step runs no Python per LoRA layer beyond the
+// module's own forward (a Python formula via torch.library.register_autograd cost ~70 µs more per
+// layer, forward + backward, measured with 8-token calls: 130 vs 35 µs for the two ops alone).
+// Forward and backward reach the ops through the dispatcher, never the kernels directly, so
+// tracing (torch.compile, opcheck's fake tensors) sees ops it can record.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                  const at::Tensor&, const at::Tensor&, double, double, int64_t, int64_t);
+using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                               double, double, int64_t, int64_t);
+using InputGradsSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
+                                 int64_t);
+
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                               const at::Tensor& lora_b, double scaling, double dropout_p, int64_t seed,
+                               int64_t offset) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("peftkern::lora_linear_fwd", "").typed<FwdSig>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, xa] = op.call(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, offset);
+    ctx->save_for_backward({x, weight, lora_a, lora_b, xa});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->set_materialize_grads(false);  // xa is rarely used downstream: no zero gradient, no wasted GEMMs
+    return {out, xa};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("peftkern::lora_linear_bwd", "").typed<BwdSig>();
+    static const auto input_grads =
+        c10::Dispatcher::singleton().findSchemaOrThrow("peftkern::lora_input_grads_", "").typed<InputGradsSig>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3], &xa = saved[4];
+    const double scaling = ctx->saved_data["scaling"].toDouble(), p = ctx->saved_data["dropout_p"].toDouble();
+    const int64_t seed = ctx->saved_data["seed"].toInt(), offset = ctx->saved_data["offset"].toInt();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros({x.size(0), weight.size(0)}, x.options());
+    auto [grad_x, grad_a, grad_b] = bwd.call(grad_out, x, weight, lora_a, lora_b, xa, scaling, p, seed, offset);
+    if (grads[1].defined()) {
+      // xa was used downstream too (unusual): its gradient goes through the same dropped
+      // projection, grad_x += (grad_xa·A) ⊙ m/(1−p) and grad_A += grad_xaᵀ·dropout(x)
+      grad_a = grad_a + input_grads.call(grad_x, x, grads[1].contiguous(), lora_a, p, seed, offset);
+    }
+    // Edges: x, weight, bias (when given), lora_a, lora_b. A frozen base (LoRA's case) gets none.
+    const at::Tensor grad_weight = ctx->needs_input_grad(1) ? grad_out.t().mm(x) : at::Tensor();
+    const at::Tensor grad_bias = has_bias && ctx->needs_input_grad(2) ? grad_out.sum(0) : at::Tensor();
+    return {grad_x, grad_weight, grad_bias, grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_fwd_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                                            const std::optional<at::Tensor>& bias,
+                                                            const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                                            double scaling, double dropout_p, int64_t seed,
+                                                            int64_t offset) {
+  variable_list outs = LoraLinearFunction::apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, offset);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 }  // namespace lora
 }  // namespace peftkern
+
+TORCH_LIBRARY_IMPL(peftkern, Autograd, m) { m.impl("lora_linear_fwd", &peftkern::lora::lora_linear_fwd_autograd); }
 
 // The same ATen code serves both devices (its GEMMs dispatch to the device's BLAS), so it is
 // registered for CPU and CUDA alike; a CPU-only build of peftkern still runs it on GPU tensors.

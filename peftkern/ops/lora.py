@@ -1,6 +1,6 @@
-"""LoRA-on-a-dense-base op family: the plain-PyTorch reference (the spec), fakes, the autograd
-formula of `peftkern::lora_linear_fwd` (its backward is the op `lora_linear_bwd`), and the wrapper
-`lora_linear` that layers call.
+"""LoRA-on-a-dense-base op family: the plain-PyTorch reference (the spec), fakes and the wrapper
+`lora_linear` that layers call. The autograd of `peftkern::lora_linear_fwd` is in C++ (its
+backward is the op `lora_linear_bwd`).
 
     out = x·Wᵀ + b + scaling·(dropout(x)·Aᵀ)·Bᵀ
 
@@ -56,32 +56,10 @@ def _(grad_out, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, offset)
     return torch.empty_like(x), torch.empty_like(lora_a), torch.empty_like(lora_b)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, offset = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, output[1])
-    ctx.scaling, ctx.dropout = scaling, (dropout_p, seed, offset)
-    ctx.has_bias = bias is not None
-    ctx.set_materialize_grads(False)  # xa is rarely used downstream: no zero gradient, no wasted GEMMs
-
-
-def _backward(ctx, grad_out, grad_xa):
-    x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = x.new_zeros((x.shape[0], weight.shape[0]))
-    needs = ctx.needs_input_grad
-    grad_x, grad_a, grad_b = torch.ops.peftkern.lora_linear_bwd(
-        grad_out, x, weight, lora_a, lora_b, xa, ctx.scaling, *ctx.dropout
-    )
-    if grad_xa is not None:  # xa was used downstream too (unusual): chain its gradient
-        grad_a = grad_a + grad_xa.t() @ _dropout.lora_dropout(x, *ctx.dropout)
-        grad_x = grad_x + _dropout.lora_dropout(grad_xa @ lora_a, *ctx.dropout)
-    grad_weight = grad_out.t() @ x if needs[1] else None
-    grad_bias = grad_out.sum(0) if ctx.has_bias and needs[2] else None
-    return grad_x, grad_weight, grad_bias, grad_a, grad_b, None, None, None, None
-
-
-if _ext.op_exists("lora_linear_fwd"):
-    torch.library.register_autograd("peftkern::lora_linear_fwd", _backward, setup_context=_setup_context)
+# The autograd formula of `lora_linear_fwd` is C++ (csrc/lora/lora_linear.cpp, LoraLinearFunction,
+# registered for the Autograd key): backward is `lora_linear_bwd`; a gradient flowing into the
+# returned xa as well goes through `lora_input_grads_`; a trainable base weight or bias gets
+# grad_outᵀ·x and grad_out summed over tokens. No Python runs per layer in backward.
 
 
 # --------------------------------------------------------------------------------------------
