@@ -112,6 +112,16 @@ inline void define_kernel_ops(torch::Library& m) {
       "nf4_lora_linear_bwd_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
       "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, "
       "int in_features, Tensor? grad_xa, Tensor? lora_a, int tile_bytes) -> Tensor");
+  // The QLoRA layer's training forward as one op, for a backward in C++ (csrc/qlora/qlora_train.cpp,
+  // Autograd key): xa = lora_dropout_project(x, lora_a, dropout_p, seed, offset) [M, r] and
+  // out = nf4_lora_linear_fwd(x, W, bias, xa, lora_b, scaling); returns (out, xa). lora_a [r, K] and
+  // lora_b [out_features, r] in x's dtype, r >= 0. Gradients for x, bias, lora_a and lora_b; the
+  // dropout decisions drawn again in backward, no mask. CPU only.
+  m.def(
+      "nf4_lora_linear_train(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize, int out_features, "
+      "Tensor? bias, Tensor lora_a, Tensor lora_b, float scaling, float dropout_p, int seed, int offset) "
+      "-> (Tensor out, Tensor xa)");
 
   // --- DoRA, csrc/dora/ ---------------------------------------------------------------------------
   // norms[i] = || W[i, :] + scaling * (B[i, :] @ A) ||_2 over the input dim, for weight [N, K],

@@ -3,6 +3,7 @@ import secrets
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftkern import _ext
 from peftkern.ops import routing
@@ -139,6 +140,19 @@ def kernels(request):
     print(f"emulation schedule seed={seed}")
     with emulation.cuda_kernels_on_cpu(seed=seed):
         yield backend
+
+
+class OpsCalled(TorchDispatchMode):
+    """Records every op dispatched while active, by name without overload ("aten.mm"), C++
+    callers included."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 requires_cuda = pytest.mark.skipif(

@@ -11,7 +11,7 @@ from peftkern.testing import IA3_SHAPES, ia3_linear_errors, random_ia3_inputs
 from peftkern.nf4 import NF4Weight
 from peftkern.ops import ia3 as ia3_ops
 
-from .conftest import requires_cuda
+from .conftest import OpsCalled, requires_cuda
 
 ops = torch.ops.peftkern
 SIDES = pytest.mark.parametrize("scale_input", [True, False], ids=["input", "output"])
@@ -111,17 +111,6 @@ def test_dl_reduction_is_deterministic(scale_input, generator):
 def test_backward_saves_what_it_says_and_runs_no_extra_gemm(scale_input, generator):
     """Saved: x (input scaling) or pre (output scaling), never x for output scaling with a frozen
     base, never the dequantized NF4 weight; backward is the one fused op, no aten.mm around it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     m, k, n = 9, 24, 16  # k != n: x and pre are told apart by shape
     x, w, b, l = random_ia3_inputs((m, k, n), torch.float32, "cpu", generator, scale_input)
     x, l = x.requires_grad_(), l.requires_grad_()
@@ -135,7 +124,7 @@ def test_backward_saves_what_it_says_and_runs_no_extra_gemm(scale_input, generat
         if isinstance(weight, NF4Weight):  # a dense base weight is saved by reference (no copy)
             assert (n, k) not in saved  # the dequantized weight is not kept
         assert ((m, k) in saved) == scale_input and ((m, n) in saved) == (not scale_input), saved
-        with Calls() as calls:
+        with OpsCalled() as calls:
             out.backward(torch.ones_like(out))
         fused = "peftkern.ia3_input_linear_bwd" if scale_input else "peftkern.ia3_output_linear_bwd"
         assert calls.names.count(fused) == 1 and "aten.mm" not in calls.names, calls.names

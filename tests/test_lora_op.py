@@ -8,7 +8,7 @@ import torch
 from peftkern.testing import LORA_SHAPES, lora_linear_errors, random_lora_inputs
 from peftkern.ops import lora as lora_ops
 
-from .conftest import requires_cuda
+from .conftest import OpsCalled, requires_cuda
 
 ops = torch.ops.peftkern
 SHAPES = LORA_SHAPES  # (tokens, in, out, r): odd sizes, one token, r larger than a dimension, r = 1
@@ -116,6 +116,28 @@ def test_gradcheck_float64_through_both_outputs(dropout, generator):
     x, w, b, a, bb, drop = make_inputs(6, 5, 4, 3, torch.float64, generator, bias=False, dropout=dropout)
     assert torch.autograd.gradcheck(lambda x, a, bb: ops.lora_linear_fwd(x, w, None, a, bb, 0.7, *drop), (x, a, bb))
     assert torch.autograd.gradcheck(lambda x, a: ops.lora_linear_fwd(x, w, None, a, bb.detach(), 0.7, *drop)[1], (x, a))
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_input_without_grad_skips_its_gradient_and_keeps_the_rest(dropout, generator):
+    """x needing no gradient (a frozen base's first layer): backward skips grad x (the base GEMM)
+    and gives the same grad A, grad B and trainable-bias gradient, bit for bit."""
+    x, w, b, a, bb, drop = make_inputs(37, 24, 19, 4, torch.float32, generator, dropout=dropout)
+    b.requires_grad_()
+    g = torch.randn(37, 19, generator=generator)
+    results, called = [], []
+    for x_grad in (True, False):
+        leaves = [t.detach().clone().requires_grad_(x_grad or i > 0) for i, t in enumerate((x, b, a, bb))]
+        out = ops.lora_linear_fwd(leaves[0], w, leaves[1], leaves[2], leaves[3], 0.8, *drop)[0]
+        with OpsCalled() as ops_called:
+            out.backward(g)
+        results.append([t.grad for t in leaves])
+        called.append(ops_called.names)
+    assert results[1][0] is None and results[0][0] is not None
+    assert "peftkern.lora_linear_bwd" in called[0]
+    assert "peftkern.lora_linear_bwd" not in called[1]  # the base GEMM skipped
+    for got, want in zip(results[1][1:], results[0][1:]):
+        assert torch.equal(got, want)
 
 
 def test_trainable_base_weight_gets_its_gradient(generator):

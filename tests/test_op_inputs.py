@@ -32,6 +32,8 @@ def cases():
                                  torch.randn(3, 2), torch.randn(1, 2), 0.5, 0)),  # fmt: skip
         ("nf4_lora_linear_bwd_input", (torch.randn(3, 1), packed, absmax, None, None, None, 64, 0, 64,
                                        torch.randn(3, 2), torch.randn(2, 64), 0)),  # fmt: skip
+        ("nf4_lora_linear_train", (torch.randn(3, 64), packed, absmax, None, None, None, 64, 0, 1, torch.randn(1),
+                                   torch.randn(2, 64), torch.randn(1, 2), 0.5, 0.1, 3, 4)),  # fmt: skip
         ("lora_grouped_fwd", (torch.randn(3, 5), x, [a], [b], [0.5], torch.zeros(3, dtype=torch.int32))),
         ("ia3_grouped_scale", (torch.randn(3, 5), torch.ones(1, 5), torch.zeros(3, dtype=torch.int32))),
         ("quantize_blockwise_8bit", (torch.randn(10), torch.randn(256), 256)),

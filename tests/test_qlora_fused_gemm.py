@@ -13,6 +13,8 @@ from peftkern import _ext
 from peftkern import nf4 as nf4_module
 from peftkern.ops import qlora as qlora_ops
 
+from .conftest import OpsCalled
+
 pytestmark = pytest.mark.skipif(not _ext.has_kernel("nf4_lora_linear_fwd", "cpu"), reason="op library not built")
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
@@ -230,3 +232,119 @@ def test_routing_by_threshold(monkeypatch):
     assert not qlora_ops.use_fused_gemm(torch.zeros(15, 64), weight)
     assert not qlora_ops.use_fused_gemm(torch.zeros(16, 64, dtype=torch.float64), weight)
     assert not qlora_ops.use_fused_gemm(torch.zeros(16, 64, device="meta"), weight)
+
+
+# ---- nf4_lora_linear_train: the fused path as one op, backward in C++ (csrc/qlora/qlora_train.cpp)
+
+
+def _state(weight):
+    n = weight.nested
+    return (weight.packed, weight.absmax, n.absmax if n else None, n.code if n else None,
+            n.offset.reshape(1) if n else None, weight.blocksize, n.blocksize if n else 0)  # fmt: skip
+
+
+def test_train_op_opcheck(generator):
+    weight, x, bias, _, lora_b, lora_a, _ = make(generator, 37, 45, 5, torch.float32)
+    for t in (x, bias, lora_a, lora_b):
+        t.requires_grad_()
+    for drop in [(0.0, 0, 0), (0.3, 12345, 7)]:
+        torch.library.opcheck(torch.ops.peftkern.nf4_lora_linear_train.default,
+                              (x, *_state(weight), 37, bias, lora_a, lora_b, 0.5, *drop))  # fmt: skip
+
+
+def _function_step(x, weight, bias, a, b, drop, grad):
+    """The Python autograd.Function on its fused path (the op's spec): out and grads of x, bias, A, B."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, bias, a, b)]
+    out = qlora_ops._NF4LoraLinear.apply(leaves[0], leaves[1], leaves[2], leaves[3], weight, 0.5, drop, None)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _op_step(x, weight, bias, a, b, drop, grad, x_grad=True, called=None):
+    leaves = [t.detach().clone().requires_grad_(x_grad or i > 0) for i, t in enumerate((x, bias, a, b))]
+    out = torch.ops.peftkern.nf4_lora_linear_train(leaves[0], *_state(weight), weight.shape[0], leaves[1], leaves[2],
+                                                   leaves[3], 0.5, *drop)[0]  # fmt: skip
+    with OpsCalled() as ops_called:
+        out.backward(grad)
+    if called is not None:
+        called.extend(ops_called.names)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("nested", [True, False], ids=["nested-absmax", "plain-absmax"])
+def test_train_op_equals_the_python_function_bit_for_bit(generator, dtype, p, nested):
+    """Same ops in the same order: out and every gradient identical, dropout drawn from the same
+    (seed, offset) in forward and backward."""
+    weight, x, bias, _, lora_b, lora_a, grad = make(generator, 37, 45, 23, dtype, nested=nested)
+    drop = (p, int(torch.randint(0, 2**62, (1,), generator=generator)), 5) if p else (0.0, 0, 0)
+    got = _op_step(x, weight, bias, lora_a, lora_b, drop, grad)
+    want = _function_step(x, weight, bias, lora_a, lora_b, drop, grad)
+    for name, g, w in zip(["out", "x", "bias", "lora_a", "lora_b"], got, want):
+        assert not g.isnan().any(), name
+        assert torch.equal(g, w), name
+
+
+def test_train_op_without_x_grad_skips_it_and_keeps_the_rest(generator):
+    """x needing no gradient (a frozen base's first layer): grad x is None, bias, A and B as before."""
+    weight, x, bias, _, lora_b, lora_a, grad = make(generator, 37, 45, 23, torch.float32)
+    drop = (0.3, int(torch.randint(0, 2**62, (1,), generator=generator)), 5)
+    called_without, called_with = [], []
+    got = _op_step(x, weight, bias, lora_a, lora_b, drop, grad, x_grad=False, called=called_without)
+    want = _op_step(x, weight, bias, lora_a, lora_b, drop, grad, called=called_with)
+    assert got[1] is None
+    assert "peftkern.nf4_lora_linear_bwd_input" in called_with
+    assert "peftkern.nf4_lora_linear_bwd_input" not in called_without  # decode + GEMM skipped
+    for g, w in zip(got[2:], want[2:]):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_train_op_gradient_through_both_outputs(generator, p):
+    """A gradient into xa too reaches x and A through the dropped projection: against the dense
+    op (lora_linear_fwd on the dequantized weight, whose own autograd gradchecks both outputs)."""
+    weight, x, bias, _, lora_b, lora_a, grad = make(generator, 37, 45, 23, torch.float32)
+    grad_xa = torch.randn(23, 4, generator=generator)
+    drop = (p, int(torch.randint(0, 2**62, (1,), generator=generator)), 5) if p else (0.0, 0, 0)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, bias, lora_a, lora_b)]
+        if fused:
+            out, xa = torch.ops.peftkern.nf4_lora_linear_train(leaves[0], *_state(weight), 37, leaves[1], leaves[2],
+                                                               leaves[3], 0.5, *drop)  # fmt: skip
+        else:
+            out, xa = torch.ops.peftkern.lora_linear_fwd(leaves[0], weight.dequantize(torch.float32), leaves[1],
+                                                         leaves[2], leaves[3], 0.5, *drop)  # fmt: skip
+        torch.autograd.backward([out, xa], [grad, grad_xa])
+        results.append([out.detach(), xa.detach()] + [t.grad for t in leaves])
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, **TOL[torch.float32])
+
+
+def test_train_op_rank_zero_is_a_plain_nf4_linear(generator):
+    """nf4_linear (rank-0 adapters) through the op: out = x·deq(W)ᵀ + b and its gradients."""
+    weight, x, bias, _, _, _, grad = make(generator, 37, 45, 9, torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, bias)]
+    out = qlora_ops.nf4_linear(leaves[0], weight, leaves[1])
+    out.backward(grad)
+    dense = weight.dequantize(torch.float32)
+    torch.testing.assert_close(out, x @ dense.t() + bias, **TOL[torch.float32])
+    torch.testing.assert_close(leaves[0].grad, grad @ dense, **TOL[torch.float32])
+    torch.testing.assert_close(leaves[1].grad, grad.sum(0), **TOL[torch.float32])
+
+
+def test_train_op_compiles(generator):
+    """The QLoRA layer under torch.compile (fullgraph) gives the eager gradients."""
+    torch._dynamo.reset()
+    weight, x, bias, _, lora_b, lora_a, _ = make(generator, 37, 45, 12, torch.float32)
+    x, lora_a, lora_b = (t.detach().requires_grad_() for t in (x, lora_a, lora_b))
+
+    def step(x, a, b):
+        return qlora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, lora_a, lora_b), (x, lora_a, lora_b))
+    want = torch.autograd.grad(step(x, lora_a, lora_b), (x, lora_a, lora_b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)

@@ -131,6 +131,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["offset"] = offset;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->set_materialize_grads(false);  // xa is rarely used downstream: no zero gradient, no wasted GEMMs
     return {out, xa};
   }
@@ -145,6 +146,22 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const int64_t seed = ctx->saved_data["seed"].toInt(), offset = ctx->saved_data["offset"].toInt();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros({x.size(0), weight.size(0)}, x.options());
+    if (!ctx->saved_data["x_grad"].toBool()) {
+      // x needs no gradient (the first layer of a frozen base: its input comes from a frozen
+      // embedding): skip the base GEMM grad_out·W. grad_A still needs dropout(x), so its pass runs
+      // on a zero scratch gradient; the same kernels as below, so the same grad_A and grad_B.
+      static const auto out_grads = c10::Dispatcher::singleton()
+                                        .findSchemaOrThrow("peftkern::lora_out_grads", "")
+                                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                                  const at::Tensor&, double)>();
+      auto [grad_xa, grad_b] = out_grads.call(grad_out.contiguous(), xa, lora_b, scaling);
+      if (grads[1].defined()) grad_xa = grad_xa + grads[1];
+      at::Tensor scratch = at::zeros({x.size(0), x.size(1)}, x.options());
+      at::Tensor grad_a = input_grads.call(scratch, x, grad_xa.contiguous(), lora_a, p, seed, offset);
+      const at::Tensor grad_weight = ctx->needs_input_grad(1) ? grad_out.t().mm(x) : at::Tensor();
+      const at::Tensor grad_bias = has_bias && ctx->needs_input_grad(2) ? grad_out.sum(0) : at::Tensor();
+      return {at::Tensor(), grad_weight, grad_bias, grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     auto [grad_x, grad_a, grad_b] = bwd.call(grad_out, x, weight, lora_a, lora_b, xa, scaling, p, seed, offset);
     if (grads[1].defined()) {
       // xa was used downstream too (unusual): its gradient goes through the same dropped

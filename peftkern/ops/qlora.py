@@ -31,7 +31,10 @@ class _NF4LoraLinear(torch.autograd.Function):
     """lora_linear over an NF4 base: on CPU the dense weight never exists whole (the fused ops
     decode it tile by tile); elsewhere it lives only inside forward and inside backward
     (recomputed there), never between them. Saved: x, A, B and xa. `drop` is the call's dropout
-    (p, seed, offset), drawn again in backward."""
+    (p, seed, offset), drawn again in backward. `nf4_lora_linear` takes the op
+    `nf4_lora_linear_train` instead on the CPU fused path (the same ops with the backward in C++,
+    csrc/qlora/qlora_train.cpp; tests hold the two equal bit for bit); this Function serves the
+    dequantizing paths (CUDA, a caller's dense weight, float64) and is that op's Python spec."""
 
     @staticmethod
     def forward(ctx, x, bias, lora_a, lora_b, weight, scaling, drop, dense):
@@ -133,6 +136,12 @@ def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, n
 def _(grad_out, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
       in_features, grad_xa, lora_a, tile_bytes):  # fmt: skip
     return grad_out.new_empty((grad_out.shape[0], in_features))
+
+
+@_ext.register_fake("nf4_lora_linear_train")
+def _(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, out_features,
+      bias, lora_a, lora_b, scaling, dropout_p, seed, offset):  # fmt: skip
+    return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_a.shape[0]))
 
 
 def nf4_lora_linear_fwd(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0, tile_bytes=0):
@@ -245,6 +254,11 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
         x2 = x2.contiguous()
         xa = (x2 @ lora_a.t()).contiguous() if lora_a.shape[0] > 0 else None
         out = nf4_lora_gemv(x2, weight, bias, xa, lora_b.contiguous() if xa is not None else None, scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+    if dense is None and use_fused_gemm(x2, weight) and _ext.has_kernel("nf4_lora_linear_train", "cpu"):
+        # the fused path with its backward in C++ (csrc/qlora/qlora_train.cpp): no Python per layer
+        out = torch.ops.peftkern.nf4_lora_linear_train(x2, *_quant_state(weight), weight.shape[0], bias, lora_a, lora_b,
+                                                      float(scaling), *drop)[0]  # fmt: skip
         return out.view(*x.shape[:-1], out.shape[-1])
     dense = dense.detach() if dense is not None else None
     out = _NF4LoraLinear.apply(x2, bias, lora_a, lora_b, weight, float(scaling), drop, dense)
