@@ -27,18 +27,33 @@ inline T* decode_scalar_part(const uint8_t* packed, const T* table, int64_t& i, 
   return o;
 }
 
-// Calls segment(begin, end, scale) for each block segment of [first, first + count), `scale` the
-// block's absmax broadcast to all lanes: 16 blocks' scales decoded into one register
-// (block_scales16_avx512) and each broadcast from there, no division per block.
-template <typename Segment>
-PK_TARGET_AVX512 inline void for_each_segment_avx512(const quant::BlockScales& scales, int64_t blocksize,
-                                                     int64_t first, int64_t count, Segment&& segment) {
+// Walks the blocks of [first, first + count), 16 at a time: their absmax decoded into one register
+// (block_scales16_avx512) and each block's broadcast from it, no division per block. The common
+// case, 16 whole blocks inside the range with blocksize a multiple of 32, takes a fast path: each
+// block's table made once (make_table(scale)) and its codes decoded 32 at a time
+// (decode32(packed bytes, table, output offset)) with no per-block bounds, parity or tail tests.
+// Any other block goes to segment(begin, end, scale), which handles mid-byte heads and short tails.
+template <typename MakeTable, typename Decode32, typename Segment>
+PK_TARGET_AVX512 inline void decode_blocks_avx512(const uint8_t* packed, const quant::BlockScales& scales,
+                                                  int64_t blocksize, int64_t first, int64_t count,
+                                                  MakeTable&& make_table, Decode32&& decode32, Segment&& segment) {
   if (count <= 0) return;
   const int64_t end = first + count;
   const int64_t first_block = first / blocksize, last_block = (end - 1) / blocksize;
+  const bool whole32 = blocksize % 32 == 0;
   for (int64_t b0 = first_block; b0 <= last_block; b0 += 16) {
     const int64_t blocks = std::min<int64_t>(16, last_block - b0 + 1);
     const __m512 block_scale = block_scales16_avx512(scales, b0, blocks);
+    const int64_t lo = b0 * blocksize, hi = (b0 + blocks) * blocksize;
+    if (whole32 && lo >= first && hi <= end) {
+      const uint8_t* p = packed + lo / 2;
+      int64_t o = lo - first;
+      for (int64_t k = 0; k < blocks; ++k) {
+        const auto table = make_table(_mm512_permutexvar_ps(_mm512_set1_epi32(static_cast<int32_t>(k)), block_scale));
+        for (int64_t j = 0; j < blocksize; j += 32, p += 16, o += 32) decode32(p, table, o);
+      }
+      continue;
+    }
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t b = b0 + k;
       segment(std::max(first, b * blocksize), std::min(end, (b + 1) * blocksize),
@@ -50,9 +65,16 @@ PK_TARGET_AVX512 inline void for_each_segment_avx512(const quant::BlockScales& s
 PK_TARGET_AVX512 void avx512_f32(const uint8_t* packed, const quant::BlockScales& scales,
                                  int64_t blocksize, int64_t first, int64_t count, float* out) {
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
-  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, __m512 scale)
-                                                              PK_TARGET_AVX512 {
-    const __m512 table = _mm512_mul_ps(nf4, scale);
+  const auto make_table = [&](__m512 scale) PK_TARGET_AVX512 { return _mm512_mul_ps(nf4, scale); };
+  const auto decode32 = [&](const uint8_t* p, __m512 table, int64_t o) PK_TARGET_AVX512 {
+    __m512 lo, hi;
+    lookup32_ps_avx512(p, table, lo, hi);
+    _mm512_storeu_ps(out + o, lo);
+    _mm512_storeu_ps(out + o + 16, hi);
+  };
+  decode_blocks_avx512(packed, scales, blocksize, first, count, make_table, decode32,
+                       [&](int64_t i, int64_t segment_end, __m512 scale) PK_TARGET_AVX512 {
+    const __m512 table = make_table(scale);
     float* o = out + (i - first);
     alignas(64) float t[quant::kNf4Codes];
     const bool ragged = (i & 1) || ((segment_end - i) & 31);  // a mid-byte head or a short tail
@@ -74,11 +96,19 @@ PK_TARGET_AVX512 void avx512_16(const uint8_t* packed, const quant::BlockScales&
                                 int64_t blocksize, int64_t first, int64_t count, T* out) {
   static_assert(sizeof(T) == 2);
   const __m512 nf4 = _mm512_load_ps(kNf4Table);
-  for_each_segment_avx512(scales, blocksize, first, count, [&](int64_t i, int64_t segment_end, __m512 scale)
-                                                              PK_TARGET_AVX512 {
+  // the table as 16-bit values, stored twice in one zmm for vpermw
+  const auto make_table = [&](__m512 scale) PK_TARGET_AVX512 {
     const __m512 product = _mm512_mul_ps(nf4, scale);
     const __m256i words = std::is_same_v<T, c10::BFloat16> ? to_bf16_avx512(product) : to_fp16_avx512(product);
-    const __m512i table = _mm512_inserti64x4(_mm512_castsi256_si512(words), words, 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(words), words, 1);
+  };
+  const auto decode32 = [&](const uint8_t* p, __m512i table, int64_t o) PK_TARGET_AVX512 {
+    _mm512_storeu_si512(out + o, lookup32_epi16_avx512(p, table));
+  };
+  decode_blocks_avx512(packed, scales, blocksize, first, count, make_table, decode32,
+                       [&](int64_t i, int64_t segment_end, __m512 scale) PK_TARGET_AVX512 {
+    const __m512i table = make_table(scale);
+    const __m256i words = _mm512_castsi512_si256(table);
     T* o = out + (i - first);
     alignas(32) T t[quant::kNf4Codes];
     const bool ragged = (i & 1) || ((segment_end - i) & 31);
