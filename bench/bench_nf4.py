@@ -10,7 +10,9 @@ working-set size: these machines have very large L3 caches), the "of memcpy (sam
 It copies into a buffer allocated once; dequantize returns a new tensor, whose pages fault on first
 touch (on the 2-core VMs here ~0.4 ms per MB beyond glibc's 32 MiB mmap threshold, less below it).
 "alloc+fill" (allocate and fill the bf16 output) is that other floor: no op that returns a new
-tensor of this size can beat it.
+tensor of this size can beat it. "peftkern-into" and "bitsandbytes-into" dequantize into a buffer
+allocated once (`NF4Weight.dequantize(out=...)`, bitsandbytes' `dequantize_4bit(out=...)`): the
+like-for-like comparison with memcpy.
 
 Bytes counted (the floor): dequantize reads the packed codes (n/2 B) and the double-quantized
 absmax (n/blocksize B + a few floats) and writes n * 2 B of bf16; quantize reads n * 2 B of
@@ -56,8 +58,8 @@ def run(benchmark, fn, device, rounds):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["peftkern", *(f"peftkern-{isa}" for isa in ISAS), "bitsandbytes", "reference", "memcpy",
-                                  "alloc+fill"])  # fmt: skip
+@pytest.mark.parametrize("impl", ["peftkern", "peftkern-into", *(f"peftkern-{isa}" for isa in ISAS), "bitsandbytes",
+                                  "bitsandbytes-into", "reference", "memcpy", "alloc+fill"])  # fmt: skip
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_dequantize(benchmark, record, shape_name, impl, device):
     shape = SHAPES[shape_name]
@@ -67,6 +69,9 @@ def test_dequantize(benchmark, record, shape_name, impl, device):
     benchmark.group = f"dequantize {shape_name} {device}"
     if impl == "peftkern":
         fn = q.dequantize
+    elif impl == "peftkern-into":
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device)
+        fn = lambda: q.dequantize(out=out)  # noqa: E731
     elif impl.startswith("peftkern-"):
         isa = impl.removeprefix("peftkern-")
         if device != "cpu" or isa not in peftkern.supported_cpu_isas():
@@ -79,11 +84,14 @@ def test_dequantize(benchmark, record, shape_name, impl, device):
                 q.dequantize()
             finally:
                 peftkern.set_cpu_isa(before)
-    elif impl == "bitsandbytes":
+    elif impl.startswith("bitsandbytes"):
         if bnb_functional is None:
             pytest.skip("bitsandbytes not installed")
+        if impl == "bitsandbytes-into" and device == "cpu":
+            pytest.skip("bitsandbytes' dequantize_4bit.out has no CPU kernel")
         state = q.to_bnb_quant_state()
-        fn = lambda: bnb_functional.dequantize_4bit(q.packed, state)  # noqa: E731
+        out = torch.empty(shape, dtype=torch.bfloat16, device=device) if impl == "bitsandbytes-into" else None
+        fn = lambda: bnb_functional.dequantize_4bit(q.packed, state, out=out)  # noqa: E731
     elif impl == "reference":
         n2 = q.nested
         fn = lambda: nf4_ops.nf4_dequantize_nested_reference(  # noqa: E731

@@ -26,6 +26,13 @@ inline void define_kernel_ops(torch::Library& m) {
       "nf4_dequantize_nested(Tensor packed, Tensor absmax_codes, Tensor nested_absmax, "
       "Tensor nested_code, Tensor nested_offset, int blocksize, int nested_blocksize, int[] shape, "
       "ScalarType dtype) -> Tensor");
+  // nf4_dequantize / nf4_dequantize_nested into a caller's buffer (bitsandbytes' dequantize_4bit
+  // out=): `out` contiguous, float32 / float16 / bfloat16, on packed's device, with as many elements
+  // as the codes (its shape is the caller's); nested_* all given (double quantization, absmax the
+  // uint8 codes) or all None. No allocation, so no page faults on a reused buffer.
+  m.def(
+      "nf4_dequantize_into(Tensor(a!) out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_code, Tensor? nested_offset, int blocksize, int nested_blocksize) -> ()");
   // 8-bit blockwise quantization against a sorted 256-entry code table (used for the absmax
   // values under double quantization). codes: uint8 like x.flatten(); absmax: float32 per block.
   m.def("quantize_blockwise_8bit(Tensor x, Tensor code, int blocksize) -> (Tensor codes, Tensor absmax)");

@@ -83,7 +83,18 @@ class NF4Weight:
         n = self.nested
         return nf4_ops.nested_absmax_reference(self.absmax, n.absmax, n.code, n.offset, n.blocksize)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight in `dtype` (default: the original dtype), or written into `out` (any
+        shape with the weight's element count, contiguous; its dtype is used), as bitsandbytes'
+        `dequantize_4bit(out=...)`: a buffer reused across calls is not allocated again."""
+        if out is not None:
+            if dtype is not None and dtype != out.dtype:
+                raise ValueError(f"dequantize: dtype {dtype} but out is {out.dtype}")
+            if out.numel() != math.prod(self.shape):
+                raise ValueError(f"dequantize: out has {out.numel()} elements, the weight {math.prod(self.shape)}")
+            n = self.nested
+            nested = (n.absmax, n.code, n.offset, n.blocksize) if n else None
+            return nf4_ops.dequantize_into(out, self.packed, self.absmax, nested, self.blocksize)
         dtype = dtype or self.dtype
         if self.nested is None:
             return nf4_ops.dequantize(self.packed, self.absmax, self.blocksize, self.shape, dtype)

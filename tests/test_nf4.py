@@ -84,6 +84,41 @@ def test_nested_dequantize_matches_reference(dtype, generator, cpu_isa):
             assert torch.equal(out, nf4_ops.nf4_dequantize_nested_reference(*args, shape, dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain-absmax", "nested-absmax"])
+def test_dequantize_into_a_buffer_equals_dequantize(dtype, nested, generator, cpu_isa):
+    """`NF4Weight.dequantize(out=...)` (the op nf4_dequantize_into) writes exactly what dequantize
+    returns, into the caller's buffer of any shape with the weight's element count; every element
+    written (the buffer starts as NaN)."""
+    for shape in SHAPES + [(300, 257)]:
+        for blocksize in (32, 64, 4096):
+            weight = NF4Weight.quantize(random_weight(shape, torch.float32, generator), blocksize, double_quant=nested)
+            want = weight.dequantize(dtype)
+            out = torch.full((want.numel(),), float("nan"), dtype=dtype)
+            assert weight.dequantize(out=out) is out
+            assert torch.equal(out, want.reshape(-1)), (shape, blocksize)
+
+
+def test_dequantize_into_refuses_a_bad_buffer(generator):
+    weight = NF4Weight.quantize(random_weight((8, 64), torch.float32, generator), 64, double_quant=True)
+    n = weight.nested
+    args = (weight.packed, weight.absmax, n.absmax, n.code, n.offset.reshape(1), 64, n.blocksize)
+    for out, message in [
+        (torch.empty(8, 128)[:, ::2], "out must be contiguous"),
+        (torch.empty(512, dtype=torch.int32), "out must be"),
+        (torch.empty(510), "must have"),
+        (torch.empty(512, device="meta"), "device|meta"),
+    ]:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            ops.nf4_dequantize_into(out, *args)
+    with pytest.raises(RuntimeError, match="go together"):
+        ops.nf4_dequantize_into(torch.empty(512), weight.packed, weight.absmax, n.absmax, None, None, 64, 256)
+    with pytest.raises(ValueError, match="out has 511 elements"):
+        weight.dequantize(out=torch.empty(511))
+    with pytest.raises(ValueError, match="dtype"):
+        weight.dequantize(torch.float16, out=torch.empty(512))
+
+
 def test_strided_input_quantizes_its_logical_values(generator):
     base = random_weight((96, 70), torch.bfloat16, generator)
     for view in (base.t(), base[:, ::3], base[5:90:2]):
@@ -180,6 +215,8 @@ def _sample_args(generator):
         "nf4_quantize": (w, 64),
         "nf4_dequantize": (packed, absmax, 64, [37, 70], torch.bfloat16),
         "nf4_dequantize_nested": (packed, codes, nested, code, offset, 64, 256, [37, 70], torch.float16),
+        "nf4_dequantize_into": (torch.empty(37, 70, dtype=torch.float16), packed, codes, nested, code,
+                                offset.reshape(1), 64, 256),  # fmt: skip
         "quantize_blockwise_8bit": (absmax - offset, code, 256),
         "dequantize_blockwise_8bit": (codes, nested, code, 256),
     }

@@ -111,6 +111,22 @@ at::Tensor nf4_dequantize_nested_cpu(const at::Tensor& packed, const at::Tensor&
   return out;
 }
 
+void nf4_dequantize_into_cpu(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& nested_absmax,
+                             const std::optional<at::Tensor>& nested_code,
+                             const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                             int64_t nested_blocksize) {
+  const DequantArgs args = check_dequantize_into(out, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                 blocksize, nested_blocksize);
+  const quant::BlockScales scales =
+      nested_absmax.has_value()
+          ? block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize)
+          : block_scales(absmax);
+  PK_DISPATCH_FLOAT_HALF_BFLOAT16(out.scalar_type(), "nf4_dequantize_into", [&] {
+    dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
+  });
+}
+
 at::Tensor nf4_decode_range_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code,
@@ -204,6 +220,7 @@ TORCH_LIBRARY_IMPL(peftkern, CPU, m) {
   m.impl("nf4_quantize", &peftkern::nf4::nf4_quantize_cpu);
   m.impl("nf4_dequantize", &peftkern::nf4::nf4_dequantize_cpu);
   m.impl("nf4_dequantize_nested", &peftkern::nf4::nf4_dequantize_nested_cpu);
+  m.impl("nf4_dequantize_into", &peftkern::nf4::nf4_dequantize_into_cpu);
   m.impl("nf4_decode_range", &peftkern::nf4::nf4_decode_range_cpu);
   m.impl("quantize_blockwise_8bit", &peftkern::nf4::quantize_blockwise_8bit_cpu);
   m.impl("dequantize_blockwise_8bit", &peftkern::nf4::dequantize_blockwise_8bit_cpu);

@@ -223,6 +223,24 @@ at::Tensor nf4_dequantize_nested_cuda(const at::Tensor& packed, const at::Tensor
   return out;
 }
 
+void nf4_dequantize_into_cuda(at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
+                              const std::optional<at::Tensor>& nested_absmax,
+                              const std::optional<at::Tensor>& nested_code,
+                              const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                              int64_t nested_blocksize) {
+  const CudaDeviceGuard guard(packed);
+  const DequantArgs args = check_dequantize_into(out, packed, absmax, nested_absmax, nested_code, nested_offset,
+                                                 blocksize, nested_blocksize);
+  if (!nested_absmax.has_value()) {
+    launch_dequantize(packed, args, PlainAbsmax{absmax.const_data_ptr<float>()}, out);
+    return;
+  }
+  const NestedAbsmax scale_of{absmax.const_data_ptr<uint8_t>(), nested_absmax->const_data_ptr<float>(),
+                              nested_code->const_data_ptr<float>(), nested_offset->const_data_ptr<float>(),
+                              nested_blocksize};
+  launch_dequantize(packed, args, scale_of, out);
+}
+
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit_cuda(const at::Tensor& x,
                                                                 const at::Tensor& code,
                                                                 int64_t blocksize) {
@@ -267,6 +285,7 @@ PK_CUDA_LIBRARY_IMPL(m) {
   m.impl("nf4_quantize", &peftkern::nf4::nf4_quantize_cuda);
   m.impl("nf4_dequantize", &peftkern::nf4::nf4_dequantize_cuda);
   m.impl("nf4_dequantize_nested", &peftkern::nf4::nf4_dequantize_nested_cuda);
+  m.impl("nf4_dequantize_into", &peftkern::nf4::nf4_dequantize_into_cuda);
   m.impl("quantize_blockwise_8bit", &peftkern::nf4::quantize_blockwise_8bit_cuda);
   m.impl("dequantize_blockwise_8bit", &peftkern::nf4::dequantize_blockwise_8bit_cuda);
 }

@@ -159,6 +159,11 @@ def _(packed, absmax_codes, nested_absmax, nested_code, nested_offset, blocksize
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
+@_ext.register_fake("nf4_dequantize_into")
+def _(out, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize):
+    return None
+
+
 @_ext.register_fake("nf4_decode_range")
 def _(packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize, numel, first, count, dtype):
     return packed.new_empty((count,), dtype=dtype)
@@ -205,6 +210,23 @@ def dequantize_nested(
     if _use_kernel("nf4_dequantize_nested", packed):
         return torch.ops.peftkern.nf4_dequantize_nested(*args, list(shape), dtype)
     return nf4_dequantize_nested_reference(*args, shape, dtype)
+
+
+def dequantize_into(out: torch.Tensor, packed, absmax, nested=None, blocksize: int = 64) -> torch.Tensor:
+    """NF4 weight -> the caller's buffer `out` (contiguous, float32/float16/bfloat16, as many
+    elements as the weight; bitsandbytes' `dequantize_4bit(out=...)`): no allocation, so a buffer
+    reused across calls pays no page faults. nested: (nested_absmax, nested_code, nested_offset,
+    nested_blocksize) under double quantization, absmax then the uint8 codes. Returns out."""
+    args = (nested[0], nested[1], nested[2].reshape(1), blocksize, nested[3]) if nested else (None, None, None, blocksize, 0)
+    if _use_kernel("nf4_dequantize_into", packed):
+        torch.ops.peftkern.nf4_dequantize_into(out, packed, absmax, *args)
+        return out
+    if not out.is_contiguous():
+        raise ValueError("dequantize_into: out must be contiguous")
+    shape = (out.numel(),)
+    dense = (nf4_dequantize_nested_reference(packed, absmax, *args[:3], blocksize, args[4], shape, out.dtype) if nested
+             else nf4_dequantize_reference(packed, absmax, blocksize, shape, out.dtype))  # fmt: skip
+    return out.copy_(dense.view(out.shape))
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
