@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(not _ext.has_kernel("nf4_lora_gemv", "cpu"), rea
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
-# (out, in, blocksize); (40, 256, 64) and (24, 384, 32): rows of whole 128-code chunks (the AVX-512 chunked kernel)
+# (out, in, blocksize); (40, 256, 64), (24, 384, 32), (20, 2304, 64), (7, 4096, 32) and (9, 1024, 256):
+# rows of whole 128-code chunks (the AVX-512 chunked kernel), with 4, 12, 36 (two groups of 16
+# block scales and a partial one), 128 and 4 blocks a row
 SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096), (40, 256, 64),
-          (24, 384, 32)]  # fmt: skip
+          (24, 384, 32), (20, 2304, 64), (7, 4096, 32), (9, 1024, 256)]  # fmt: skip
 
 
 def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, with_bias=True, blocksize=64,
@@ -108,5 +110,12 @@ def test_decode_path_of_nf4_lora_linear_matches_the_training_path(generator, dty
     assert qlora_ops.use_gemv(x, (bias, a, b), None, None)
     with torch.no_grad():
         fast = qlora_ops.nf4_lora_linear(x, weight, bias, a, b, 0.5)
-    slow = qlora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5)
-    torch.testing.assert_close(fast, slow.detach(), **TOL[dtype])
+    slow = qlora_ops.nf4_lora_linear(x.requires_grad_(), weight, bias, a, b, 0.5).detach()
+    # The two paths sum in different orders: bounded by the magnitudes of the summed terms, not of
+    # the result (an output where x·Wᵀ and the LoRA term of ~10 cancel failed a fixed atol of 1e-5
+    # by 2.2e-5 with seed 2042806737)
+    xf, af, bf = x.detach().float().abs(), a.float().abs(), b.float().abs()
+    terms = xf @ weight.dequantize(torch.float32).abs().t() + bias.float().abs() + 0.5 * (xf @ af.t()) @ bf.t()
+    tol = TOL[dtype]
+    assert not fast.isnan().any()
+    assert ((fast.float() - slow.float()).abs() <= tol["rtol"] * terms + tol["atol"]).all()

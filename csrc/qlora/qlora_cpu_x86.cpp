@@ -16,7 +16,6 @@
 
 #if defined(PK_X86)
 #include <algorithm>
-#include <vector>
 
 #include "../nf4/nf4_simd_x86.h"
 
@@ -164,27 +163,33 @@ PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed
   alignas(64) int32_t lane_block_mem[16];
   for (int i = 0; i < 16; ++i) lane_block_mem[i] = static_cast<int32_t>(8 * i / bs);
   const __m512i lane_block = _mm512_load_si512(lane_block_mem);
-  std::vector<float> row_scales(blocks_per_row + 16, 0.0f);  // + 16: the last chunk's vector load
   for (int64_t o = row_begin; o < row_end; ++o) {
-    block_scales_avx512(a.scales, o * blocks_per_row, blocks_per_row, row_scales.data());
     const uint8_t* p = packed + o * (K / 2);
     __m512 acc[TT];
     for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < K; c += kChunk) {
-      const __m512i d = _mm512_loadu_si512(p + c / 2);
-      const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_loadu_ps(row_scales.data() + c / bs));
-      __m512 sum[TT][A];
-      for (int t = 0; t < TT; ++t)
-        for (int k = 0; k < A; ++k) sum[t][k] = _mm512_setzero_ps();
-      for (int s = 0; s < 8; ++s) {
-        const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * s), codes);
-        for (int t = 0; t < TT; ++t) {
-          sum[t][s % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + c + 16 * s), w, sum[t][s % A]);
+    // 16 blocks' scales at a time, kept in a register (reloading them from a masked vector store
+    // stalls on store-to-load forwarding); 16 blocks are a whole number of chunks (bs % 8 == 0).
+    for (int64_t g = 0; g < blocks_per_row; g += 16) {
+      const __m512 scales16 = block_scales16_avx512(a.scales, o * blocks_per_row + g, std::min<int64_t>(16, blocks_per_row - g));
+      const int64_t c_end = std::min(K, (g + 16) * bs);
+      for (int64_t c = g * bs; c < c_end; c += kChunk) {
+        const __m512i d = _mm512_loadu_si512(p + c / 2);
+        // lane i: block (c + 8 i) / bs = c / bs + 8 i / bs of the row, g + that of the register
+        const __m512 scale = _mm512_permutexvar_ps(
+            _mm512_add_epi32(lane_block, _mm512_set1_epi32(static_cast<int32_t>(c / bs - g))), scales16);
+        __m512 sum[TT][A];
+        for (int t = 0; t < TT; ++t)
+          for (int k = 0; k < A; ++k) sum[t][k] = _mm512_setzero_ps();
+        for (int s = 0; s < 8; ++s) {
+          const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * s), codes);
+          for (int t = 0; t < TT; ++t) {
+            sum[t][s % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + c + 16 * s), w, sum[t][s % A]);
+          }
         }
-      }
-      for (int t = 0; t < TT; ++t) {
-        const __m512 chunk = A == 2 ? _mm512_add_ps(sum[t][0], sum[t][A - 1]) : sum[t][0];
-        acc[t] = _mm512_fmadd_ps(chunk, scale, acc[t]);
+        for (int t = 0; t < TT; ++t) {
+          const __m512 chunk = A == 2 ? _mm512_add_ps(sum[t][0], sum[t][A - 1]) : sum[t][0];
+          acc[t] = _mm512_fmadd_ps(chunk, scale, acc[t]);
+        }
       }
     }
     for (int t = 0; t < TT; ++t) dots[t * N + o] = _mm512_reduce_add_ps(acc[t]);
