@@ -106,6 +106,15 @@ def check_nf4(device: str, generator: torch.Generator) -> list[Result]:
                 out = ops.nf4_dequantize_nested(*args, list(shape), dtype)
                 ref = nf4_ops.nf4_dequantize_nested_reference(*args, shape, dtype)
                 _exact(results, "nf4_dequantize_nested", device, dtype, shape, bs, [(out, ref)])
+
+                # the same two into a caller's buffer (starting as NaN: every element must be written)
+                plain_into = torch.full(shape, float("nan"), device=device, dtype=dtype)
+                ops.nf4_dequantize_into(plain_into, packed, absmax, None, None, None, bs, 0)
+                nested_into = torch.full(shape, float("nan"), device=device, dtype=dtype)
+                ops.nf4_dequantize_into(nested_into, packed, codes, nested, code8, offset.reshape(1), bs, 256)
+                plain_ref = nf4_ops.nf4_dequantize_reference(ref_packed, ref_absmax, bs, shape, dtype)
+                _exact(results, "nf4_dequantize_into", device, dtype, shape, bs,
+                       [(plain_into, plain_ref), (nested_into, ref)])  # fmt: skip
     return results
 
 
