@@ -113,9 +113,6 @@ using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::T
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                double, double, int64_t, int64_t);
-using InputGradsSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                                 int64_t);
-
 class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -131,44 +128,37 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["offset"] = offset;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["x_grad"] = x.requires_grad();
     ctx->set_materialize_grads(false);  // xa is rarely used downstream: no zero gradient, no wasted GEMMs
     return {out, xa};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("peftkern::lora_linear_bwd", "").typed<BwdSig>();
-    static const auto input_grads =
-        c10::Dispatcher::singleton().findSchemaOrThrow("peftkern::lora_input_grads_", "").typed<InputGradsSig>();
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3], &xa = saved[4];
     const double scaling = ctx->saved_data["scaling"].toDouble(), p = ctx->saved_data["dropout_p"].toDouble();
     const int64_t seed = ctx->saved_data["seed"].toInt(), offset = ctx->saved_data["offset"].toInt();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros({x.size(0), weight.size(0)}, x.options());
-    if (!ctx->saved_data["x_grad"].toBool()) {
+    at::Tensor grad_x, grad_a, grad_b;
+    // Edges: x, weight, bias (when given), lora_a, lora_b. A frozen base (LoRA's case) gets none.
+    if (ctx->needs_input_grad(0)) {
+      std::tie(grad_x, grad_a, grad_b) = bwd.call(grad_out, x, weight, lora_a, lora_b, xa, scaling, p, seed, offset);
+      if (grads[1].defined()) {
+        // xa was used downstream too (unusual): its gradient goes through the same dropped
+        // projection, grad_x += (grad_xa·A) ⊙ m/(1−p) and grad_A += grad_xaᵀ·dropout(x)
+        grad_a = grad_a + rank::input_grads_op_(grad_x, x, grads[1].contiguous(), lora_a, p, seed, offset);
+      }
+    } else {
       // x needs no gradient (the first layer of a frozen base: its input comes from a frozen
       // embedding): skip the base GEMM grad_out·W. grad_A still needs dropout(x), so its pass runs
-      // on a zero scratch gradient; the same kernels as below, so the same grad_A and grad_B.
-      static const auto out_grads = c10::Dispatcher::singleton()
-                                        .findSchemaOrThrow("peftkern::lora_out_grads", "")
-                                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                                  const at::Tensor&, double)>();
-      auto [grad_xa, grad_b] = out_grads.call(grad_out.contiguous(), xa, lora_b, scaling);
+      // on a zero scratch gradient; the same kernels as lora_linear_bwd, so the same grad_A, grad_B.
+      at::Tensor grad_xa;
+      std::tie(grad_xa, grad_b) = rank::out_grads_op(grad_out.contiguous(), xa, lora_b, scaling);
       if (grads[1].defined()) grad_xa = grad_xa + grads[1];
       at::Tensor scratch = at::zeros({x.size(0), x.size(1)}, x.options());
-      at::Tensor grad_a = input_grads.call(scratch, x, grad_xa.contiguous(), lora_a, p, seed, offset);
-      const at::Tensor grad_weight = ctx->needs_input_grad(1) ? grad_out.t().mm(x) : at::Tensor();
-      const at::Tensor grad_bias = has_bias && ctx->needs_input_grad(2) ? grad_out.sum(0) : at::Tensor();
-      return {at::Tensor(), grad_weight, grad_bias, grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      grad_a = rank::input_grads_op_(scratch, x, grad_xa.contiguous(), lora_a, p, seed, offset);
     }
-    auto [grad_x, grad_a, grad_b] = bwd.call(grad_out, x, weight, lora_a, lora_b, xa, scaling, p, seed, offset);
-    if (grads[1].defined()) {
-      // xa was used downstream too (unusual): its gradient goes through the same dropped
-      // projection, grad_x += (grad_xa·A) ⊙ m/(1−p) and grad_A += grad_xaᵀ·dropout(x)
-      grad_a = grad_a + input_grads.call(grad_x, x, grads[1].contiguous(), lora_a, p, seed, offset);
-    }
-    // Edges: x, weight, bias (when given), lora_a, lora_b. A frozen base (LoRA's case) gets none.
     const at::Tensor grad_weight = ctx->needs_input_grad(1) ? grad_out.t().mm(x) : at::Tensor();
     const at::Tensor grad_bias = has_bias && ctx->needs_input_grad(2) ? grad_out.sum(0) : at::Tensor();
     return {grad_x, grad_weight, grad_bias, grad_a, grad_b, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};

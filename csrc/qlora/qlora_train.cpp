@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "../dropout/dropout_host.h"
+#include "../rank_product/rank_product.h"
 
 namespace peftkern {
 namespace qlora {
@@ -37,9 +38,6 @@ using FwdSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor
 using BwdInputSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                                const OptTensor&, const OptTensor&, int64_t, int64_t, int64_t, const OptTensor&,
                                const OptTensor&, int64_t);
-using OutGradsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
-using InputGradsSig = at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                                 int64_t);
 using TrainSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const OptTensor&, const OptTensor&, const OptTensor&, int64_t,
                                                     int64_t, int64_t, const OptTensor&, const at::Tensor&,
@@ -78,7 +76,6 @@ class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunc
                                const at::Tensor& lora_b, double scaling, double dropout_p, int64_t seed,
                                int64_t offset) {
     static const auto train = op_handle<TrainSig>("peftkern::nf4_lora_linear_train");
-    const bool x_grad = x.requires_grad(), bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, xa] = train.call(x, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
                                 nested_blocksize, out_features, bias, lora_a, lora_b, scaling, dropout_p, seed, offset);
@@ -91,16 +88,13 @@ class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunc
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["seed"] = seed;
     ctx->saved_data["offset"] = offset;
-    ctx->saved_data["x_grad"] = x_grad;
-    ctx->saved_data["bias_grad"] = bias_grad;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);  // xa is rarely used downstream: no zero gradient for it
     return {out, xa};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto out_grads = op_handle<OutGradsSig>("peftkern::lora_out_grads");
     static const auto bwd_input = op_handle<BwdInputSig>("peftkern::nf4_lora_linear_bwd_input");
-    static const auto input_grads = op_handle<InputGradsSig>("peftkern::lora_input_grads_");
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &lora_a = s[1], &lora_b = s[2], &xa = s[3], &packed = s[4], &absmax = s[5];
     const auto optional = [](const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
@@ -109,17 +103,20 @@ class Nf4LoraLinearFunction : public torch::autograd::Function<Nf4LoraLinearFunc
     const int64_t m = x.size(0), k = x.size(1), n = lora_b.size(0);
     // grad_out feeds three ops: an expanded one (stride 0, from .sum()) is copied once
     const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros({m, n}, x.options());
-    auto [grad_xa, grad_b] = out_grads.call(grad_out, xa, lora_b, scaling);
+    auto [grad_xa, grad_b] = rank::out_grads_op(grad_out, xa, lora_b, scaling);
     if (grads[1].defined()) grad_xa = grad_xa + grads[1];  // xa used downstream too: the same projection's gradient
+    // Edges: x, packed, absmax, the three nested tensors (when given), bias (when given), A, B.
+    const int64_t bias_edge = s[6].defined() ? 6 : 3;
     at::Tensor grad_x;
-    if (ctx->saved_data["x_grad"].toBool()) {
+    if (ctx->needs_input_grad(0)) {
       grad_x = bwd_input.call(grad_out, packed, absmax, optional(s[6]), optional(s[7]), optional(s[8]),
                               ctx->saved_data["blocksize"].toInt(), ctx->saved_data["nested_blocksize"].toInt(), k,
                               std::nullopt, std::nullopt, 0);
     }
     at::Tensor scratch = grad_x.defined() ? grad_x : at::zeros({m, k}, x.options());
-    const at::Tensor grad_a = input_grads.call(scratch, x, grad_xa, lora_a, p, seed, offset);
-    const at::Tensor grad_bias = ctx->saved_data["bias_grad"].toBool() ? grad_out.sum(0) : at::Tensor();
+    const at::Tensor grad_a = rank::input_grads_op_(scratch, x, grad_xa, lora_a, p, seed, offset);
+    const bool bias_grad = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(bias_edge);
+    const at::Tensor grad_bias = bias_grad ? grad_out.sum(0) : at::Tensor();
     const at::Tensor none;
     return {grad_x, none, none, none, none, none, none, none, none, grad_bias, grad_a, grad_b, none, none, none, none};
   }

@@ -21,7 +21,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
+#include <tuple>
 #include <utility>
 
 namespace peftkern {
@@ -51,6 +53,27 @@ at::Tensor input_grads_(at::Tensor grad_x, const at::Tensor& x, const at::Tensor
 // returns grad_xaᵀ·(x ⊙ m/(1−p)); input_grads_ itself when p = 0. grad_x contiguous when p > 0.
 at::Tensor input_grads_dropout_(at::Tensor grad_x, const at::Tensor& x, const at::Tensor& grad_xa,
                                 const at::Tensor& lora_a, double p, int64_t seed, int64_t offset);
+
+// The ops `lora_out_grads` and `lora_input_grads_` (out_grads and input_grads_dropout_ above, with
+// their checks) through the dispatcher, for the C++ autograd formulas (lora_linear.cpp,
+// qlora_train.cpp): tracing (torch.compile, opcheck's fake tensors) sees the ops, not the kernels.
+inline std::tuple<at::Tensor, at::Tensor> out_grads_op(const at::Tensor& grad_out, const at::Tensor& xa,
+                                                       const at::Tensor& lora_b, double scaling) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("peftkern::lora_out_grads", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(grad_out, xa, lora_b, scaling);
+}
+
+inline at::Tensor input_grads_op_(at::Tensor& grad_x, const at::Tensor& x, const at::Tensor& grad_xa,
+                                  const at::Tensor& lora_a, double p, int64_t seed, int64_t offset) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("peftkern::lora_input_grads_", "")
+                             .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               double, int64_t, int64_t)>();
+  return op.call(grad_x, x, grad_xa, lora_a, p, seed, offset);
+}
 
 }  // namespace rank
 }  // namespace peftkern
