@@ -28,7 +28,7 @@ inline T* decode_scalar_part(const uint8_t* packed, const T* table, int64_t& i, 
 }
 
 // Walks the blocks of [first, first + count), 16 at a time: their absmax decoded into one register
-// (block_scales16_avx512) and each block's broadcast from it, no division per block. The common
+// (BlockScales16Avx512) and each block's broadcast from it, no division per block. The common
 // case, 16 whole blocks inside the range with blocksize a multiple of 32, takes a fast path: each
 // block's table made once (make_table(scale)) and its codes decoded 32 at a time
 // (decode32(packed bytes, table, output offset)) with no per-block bounds, parity or tail tests.
@@ -41,9 +41,10 @@ PK_TARGET_AVX512 inline void decode_blocks_avx512(const uint8_t* packed, const q
   const int64_t end = first + count;
   const int64_t first_block = first / blocksize, last_block = (end - 1) / blocksize;
   const bool whole32 = blocksize % 32 == 0;
+  const BlockScales16Avx512 block_scales16(scales);
   for (int64_t b0 = first_block; b0 <= last_block; b0 += 16) {
     const int64_t blocks = std::min<int64_t>(16, last_block - b0 + 1);
-    const __m512 block_scale = block_scales16_avx512(scales, b0, blocks);
+    const __m512 block_scale = block_scales16(b0, blocks);
     const int64_t lo = b0 * blocksize, hi = (b0 + blocks) * blocksize;
     if (whole32 && lo >= first && hi <= end) {
       const uint8_t* p = packed + lo / 2;
