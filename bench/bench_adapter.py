@@ -80,7 +80,8 @@ def test_adapter(benchmark, record, mode, hidden, tokens, impl, device, dtype):
     if mode != "forward":
         io = 2 * io + tokens * hidden * size  # + grad_out read, grads written (roughly twice forward)
     flops = 4 * tokens * hidden * m * (1 if mode == "forward" else 3)
-    record(f"adapter {mode} h{hidden} {tokens}tok {str(dtype)[6:]} {device}", impl, io, device, flops=flops)
+    record(f"adapter {mode} h{hidden} {tokens}tok {str(dtype)[6:]} {device}", impl, io, device, flops=flops,
+           routing=("adapter", tokens))  # fmt: skip
 
 
 @pytest.mark.parametrize("model_impl", ["bare", "peftkern SeqBn"])

@@ -76,4 +76,4 @@ def test_ia3_linear(benchmark, record, mode, layer, tokens, impl, device, dtype)
     weight_bytes = in_features * out_features * x.element_size()
     flops = 2 * tokens * in_features * out_features * (1 if mode == "forward" else 2)
     name = f"ia3 {'fwd' if mode == 'forward' else 'fwd+bwd'} {layer.split()[0]} {tokens}tok {str(dtype)[6:]} {device}"
-    record(name, impl, weight_bytes, device, flops=flops)
+    record(name, impl, weight_bytes, device, flops=flops, routing=("ia3", tokens))

@@ -73,7 +73,8 @@ def test_lora_linear(benchmark, record, mode, tokens, impl, device, dtype):
     benchmark.pedantic(step, rounds=5 if tokens >= 512 else 30, warmup_rounds=2, iterations=1)
     weight_bytes = IN * OUT * x.element_size()
     flops = 2 * tokens * IN * OUT * (1 if mode == "forward" else 2)  # base GEMM(s); LoRA adds ~1%
-    record(f"lora {mode} {tokens}tok {str(dtype)[6:]} {device}", impl, weight_bytes, device, flops=flops)
+    record(f"lora {mode} {tokens}tok {str(dtype)[6:]} {device}", impl, weight_bytes, device, flops=flops,
+           routing=("lora", tokens))  # fmt: skip
 
 
 def make_dora_layer(impl, device, dtype):

@@ -87,6 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratio = reference time / kernel time")
     suggestions: dict[str, int] = {}
+    no_grad_suggestions: dict[str, int] = {}
     for family, name, width, make_kernel, make_reference, residual in cases():
         if not name.startswith(args.only):
             continue
@@ -106,8 +107,11 @@ def main() -> None:
                   + f"   kernel >= reference from {wins_from}")  # fmt: skip
             if wins_from is None:
                 wins_from = 2 * TOKENS[-1]
-            suggestions[family] = max(suggestions.get(family, 1), wins_from)
-    print("suggested CPU_MIN_TOKENS:", suggestions, " (in use:", routing.CPU_MIN_TOKENS, ")")
+            table = suggestions if train else no_grad_suggestions
+            table[family] = max(table.get(family, 1), wins_from)
+    print("suggested CPU_MIN_TOKENS (training):", suggestions, " (in use:", routing.CPU_MIN_TOKENS, ")")
+    print("suggested under no_grad:", no_grad_suggestions, " (in use: CPU_MIN_TOKENS_NO_GRAD =",
+          routing.CPU_MIN_TOKENS_NO_GRAD, ")")  # fmt: skip
 
 
 if __name__ == "__main__":

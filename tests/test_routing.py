@@ -74,6 +74,25 @@ def test_cpu_routes_by_size(routed, generator, family, op_name, make):
         assert ran(small, op_name)
 
 
+def test_lora_routes_by_its_no_grad_threshold_when_nothing_needs_grad(routed, generator):
+    """Inference (no_grad, or no input requiring grad) routes LoRA by CPU_MIN_TOKENS_NO_GRAD;
+    training by CPU_MIN_TOKENS, even when only A and B require grad (a frozen base's first layer)."""
+    train_min, infer_min = routing.CPU_MIN_TOKENS["lora"], routing.CPU_MIN_TOKENS_NO_GRAD["lora"]
+    w = torch.randn(8, 16, generator=generator)
+    a = torch.randn(4, 16, generator=generator).requires_grad_()
+    b = torch.randn(8, 4, generator=generator).requires_grad_()
+
+    for tokens in sorted({train_min - 1, train_min, infer_min - 1, infer_min}):
+        with torch.no_grad():
+            assert ran(lambda: lora_ops.lora_linear(torch.randn(tokens, 16, generator=generator), w, None, a, b, 0.5),
+                       "lora_linear_fwd") == (tokens >= infer_min), tokens  # fmt: skip
+        x = torch.randn(tokens, 16, generator=generator)  # needs no grad; A and B do
+        assert ran(lambda: lora_ops.lora_linear(x, w, None, a, b, 0.5).sum().backward(),
+                   "lora_linear_fwd") == (tokens >= train_min), tokens  # fmt: skip
+    frozen = torch.randn(infer_min - 1, 16, generator=generator)
+    assert not ran(lambda: lora_ops.lora_linear(frozen, w, None, a.detach(), b.detach(), 0.5), "lora_linear_fwd")
+
+
 @pytest.mark.parametrize("make", [ia3_call, adapter_call, lora_call])
 def test_routes_agree(routed, generator, make):
     """Both routes give the same outputs and gradients (fp32, 1e-5 relative)."""

@@ -111,7 +111,12 @@ def lora_linear(
         weight = weight.t()
     x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
     x2, drop = prepare_dropout(x, dropout, training, "lora_linear")
-    if _ext.has_kernel("lora_linear_fwd", x.device.type) and routing.use_kernel("lora", x2.shape[0], x.device.type):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)
+    )
+    if _ext.has_kernel("lora_linear_fwd", x.device.type) and routing.use_kernel(
+        "lora", x2.shape[0], x.device.type, needs_grad
+    ):
         out = torch.ops.peftkern.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), *drop)[0]
     else:  # no kernel here, or too few tokens for it to pay (ops/routing.py): the same decisions, as a mask
         out = lora_linear_reference(x2, weight, bias, lora_a, lora_b, scaling, *reference_mask(x2, drop))

@@ -24,21 +24,29 @@ import contextlib
 CPU_MIN_TOKENS = {
     "ia3": 2048,
     "adapter": 2048,
-    # LoRA on a dense base (ops/lora.py): its GEMMs are ATen's either way, so the op wins only the
-    # saved-activation memory and a pass or two; below 256 tokens the fixed cost of the custom op
-    # and its Python backward lost 3-30% (2026-12-02, quiet 2-core EPYC, DESIGN.md "Size routing").
-    "lora": 256,
+    # LoRA on a dense base (ops/lora.py), training: its GEMMs are ATen's either way, so the op wins
+    # the saved-activation memory and a pass or two. With its backward in C++ it is at parity or
+    # ahead from 32-128 tokens (2026-12-03, 2-core EPYC, DESIGN.md "Size routing").
+    "lora": 128,
+}
+
+# Where nothing needs a gradient (no_grad, inference) a family may route differently: the op's
+# forward alone has less to win. Families not listed use CPU_MIN_TOKENS.
+CPU_MIN_TOKENS_NO_GRAD = {
+    "lora": 512,
 }
 
 _force_kernels = False
 
 
-def use_kernel(family: str, tokens: int, device_type: str) -> bool:
+def use_kernel(family: str, tokens: int, device_type: str, needs_grad: bool = True) -> bool:
     """Whether op `family` runs its compiled kernel for `tokens` rows on `device_type` (the
-    caller has already checked that a kernel exists there)."""
+    caller has already checked that a kernel exists there); `needs_grad`: whether autograd will
+    record the call (grad mode on and some input requires grad)."""
     if _force_kernels or device_type != "cpu":
         return True
-    return tokens >= CPU_MIN_TOKENS[family]
+    table = CPU_MIN_TOKENS if needs_grad else {**CPU_MIN_TOKENS, **CPU_MIN_TOKENS_NO_GRAD}
+    return tokens >= table[family]
 
 
 @contextlib.contextmanager
