@@ -8,8 +8,9 @@
 // each 32-code step of a segment FMA'd into them; elements of a mid-byte head or a tail shorter
 // than 32 codes go to one scalar sum; at the end of the row the accumulators are added, the lanes
 // reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of whole 128-code
-// chunks, below) sums x * code per lane within a chunk in 4 / tokens partial sums (at least 1)
-// and applies the block's absmax to their sum. Deterministic (no dependence on threads); not bit-identical to the scalar path
+// chunks, below) sums x * code per lane within a chunk in 4 / (tokens x rows per pass) partial sums (at least 1)
+// and applies the block's absmax to their sum (1 or 2 rows per pass change nothing in a row's
+// order). Deterministic (no dependence on threads); not bit-identical to the scalar path
 // (8 partial sums, separate multiply and add), so each path is held to one float32 bound:
 // |error| <= gamma(K + 2) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
 #include "qlora_cpu_x86.h"
@@ -137,11 +138,12 @@ PK_TARGET_AVX2 void rows_avx2(const float* x, const uint8_t* packed, const GemvA
 // bytes first; x is permuted once per call into the same order (kChunkOrder), so no output needs
 // reordering. The codes stay unscaled: per chunk, sum_s x_s * code_s per lane, then times the
 // lane's block absmax (a 16-lane vector of the chunk's 1, 2 or 4 block scales), FMA'd into the
-// row's accumulator. At 1-2 tokens a chunk's sum is split into 4 / tokens chains: one chain of 8
-// dependent FMAs (4 cycles each) per chunk ran at 60% of the speed. Measured floor of this
-// instruction stream on the 2-core EPYC (srl + vpermps + FMA per 16 codes, L1-resident, 8
-// independent accumulators): 1.6-1.8 ns per chunk per core, i.e. 73-80 us for 5632 x 2048 on two
-// cores; the kernel runs 5632 x 2048 at 1 token in 115-160 us (call included).
+// row's accumulator. At 1-2 tokens a chunk's sum is split into chains (4 in all): one chain of 8
+// dependent FMAs (4 cycles each) per chunk ran at 60% of the speed; at 1 token two rows go
+// together and share each load of x (loads, not FMAs, are the most numerous op there).
+// Measured on the 2-core EPYC (DESIGN.md "NF4", 2026-12-03): this instruction stream with its data
+// in L1 runs 1.6-1.8 ns per chunk per core (73-80 us for 5632 x 2048 on two cores); streaming the
+// codes from L3 the same loop takes 2.4-2.7 ns, while a plain read of them runs at ~94 GB/s/core.
 constexpr int kChunk = 128;
 constexpr int kChunkOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
@@ -157,15 +159,57 @@ void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) 
   }
 }
 
+// RR consecutive rows from o (RR x TT dot products), their block scales at `scales` (row r's
+// at scales + r * blocks_per_row). The rows share each load of x.
+template <int TT, int RR>
+PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
+                                                     int64_t o, const float* scales, __m512i lane_block,
+                                                     __mmask16 chunk_blocks, int log2_bs, float* dots) {
+  // partial sums per row and token within a chunk: enough independent FMA chains (4) to cover the
+  // FMA latency at one or two tokens
+  constexpr int A = TT * RR >= 4 ? 1 : 4 / (TT * RR);
+  const int64_t K = a.in_features, N = a.out_features, blocks_per_row = K >> log2_bs;
+  const __m512 codes = _mm512_load_ps(kNf4Table);
+  __m512 acc[RR][TT];
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K; c += kChunk) {
+    __m512i d[RR];
+    __m512 sum[RR][TT][A];
+    for (int r = 0; r < RR; ++r) {
+      d[r] = _mm512_loadu_si512(packed + (o + r) * (K / 2) + c / 2);
+      for (int t = 0; t < TT; ++t)
+        for (int k = 0; k < A; ++k) sum[r][t][k] = _mm512_setzero_ps();
+    }
+    for (int s = 0; s < 8; ++s) {
+      __m512 w[RR];
+      for (int r = 0; r < RR; ++r) w[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(d[r], 4 * s), codes);
+      for (int t = 0; t < TT; ++t) {
+        const __m512 xv = _mm512_loadu_ps(xp + t * K + c + 16 * s);
+        for (int r = 0; r < RR; ++r) sum[r][t][s % A] = _mm512_fmadd_ps(xv, w[r], sum[r][t][s % A]);
+      }
+    }
+    for (int r = 0; r < RR; ++r) {
+      const float* row_scales = scales + r * blocks_per_row + (c >> log2_bs);
+      const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(chunk_blocks, row_scales));
+      for (int t = 0; t < TT; ++t) {
+        __m512 chunk = sum[r][t][0];
+        for (int k = 1; k < A; ++k) chunk = _mm512_add_ps(chunk, sum[r][t][k]);
+        acc[r][t] = _mm512_fmadd_ps(chunk, scale, acc[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int t = 0; t < TT; ++t) dots[t * N + o + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
 template <int TT>
 PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
                                           int64_t row_begin, int64_t row_end, float* dots) {
-  // accumulators per token: enough independent FMA chains to cover the FMA latency at few tokens
-  constexpr int A = TT >= 3 ? 1 : 4 / TT;
-  const int64_t K = a.in_features, N = a.out_features, bs = a.blocksize;
+  constexpr int RR = TT == 1 ? 2 : 1;  // rows per pass
+  const int64_t K = a.in_features, bs = a.blocksize;
   const int64_t blocks_per_row = K / bs;
   const int log2_bs = __builtin_ctzll(static_cast<unsigned long long>(bs));  // a power of two (checked)
-  const __m512 codes = _mm512_load_ps(kNf4Table);
   // lane i covers codes 8i .. 8i + 7 of a chunk: block (8 i) / bs of the chunk's first block, one
   // of the chunk's 128 / bs (at most 4, blocksize >= 32) blocks
   alignas(64) int32_t lane_block_mem[16];
@@ -173,8 +217,8 @@ PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed
   const __m512i lane_block = _mm512_load_si512(lane_block_mem);
   const __mmask16 chunk_blocks = static_cast<__mmask16>((1u << std::max<int64_t>(1, kChunk / bs)) - 1);
   // The block scales of a tile of rows, decoded into an L1-sized buffer before the tile's codes
-  // (double quantization: gathers); read in place when they are float32 already. Decoding them
-  // next to the FMAs that need them put the gather's latency on every chunk's critical path.
+  // (double quantization); read in place when they are float32 already. Decoding them next to the
+  // FMAs that need them put the decode's latency on every chunk's critical path.
   const bool in_place = a.scales.absmax != nullptr;
   const int64_t tile_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, blocks_per_row));  // K may be 0
   std::vector<float> tile_scales(in_place ? 0 : std::min(tile_rows, row_end - row_begin) * blocks_per_row);
@@ -185,29 +229,12 @@ PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed
       block_scales_avx512(a.scales, tile * blocks_per_row, (tile_end - tile) * blocks_per_row, tile_scales.data());
       scales = tile_scales.data();
     }
-    for (int64_t o = tile; o < tile_end; ++o, scales += blocks_per_row) {
-      const uint8_t* p = packed + o * (K / 2);
-      __m512 acc[TT];
-      for (int t = 0; t < TT; ++t) acc[t] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < K; c += kChunk) {
-        const __m512i d = _mm512_loadu_si512(p + c / 2);
-        const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(chunk_blocks, scales + (c >> log2_bs)));
-        __m512 sum[TT][A];
-        for (int t = 0; t < TT; ++t)
-          for (int k = 0; k < A; ++k) sum[t][k] = _mm512_setzero_ps();
-        for (int s = 0; s < 8; ++s) {
-          const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4 * s), codes);
-          for (int t = 0; t < TT; ++t) {
-            sum[t][s % A] = _mm512_fmadd_ps(_mm512_loadu_ps(xp + t * K + c + 16 * s), w, sum[t][s % A]);
-          }
-        }
-        for (int t = 0; t < TT; ++t) {
-          __m512 chunk = sum[t][0];
-          for (int k = 1; k < A; ++k) chunk = _mm512_add_ps(chunk, sum[t][k]);
-          acc[t] = _mm512_fmadd_ps(chunk, scale, acc[t]);
-        }
-      }
-      for (int t = 0; t < TT; ++t) dots[t * N + o] = _mm512_reduce_add_ps(acc[t]);
+    int64_t o = tile;
+    for (; o + RR <= tile_end; o += RR, scales += RR * blocks_per_row) {
+      row_tile_avx512_chunked<TT, RR>(xp, packed, a, o, scales, lane_block, chunk_blocks, log2_bs, dots);
+    }
+    for (; o < tile_end; ++o, scales += blocks_per_row) {
+      row_tile_avx512_chunked<TT, 1>(xp, packed, a, o, scales, lane_block, chunk_blocks, log2_bs, dots);
     }
   }
 }
