@@ -57,6 +57,22 @@ def test_cpu_kernel_matches_reference(generator, dtype, shape, tokens, cpu_isa):
     check(generator, "cpu", dtype, shape, tokens)
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_cpu_kernel_does_not_depend_on_the_thread_count(generator, tokens, cpu_isa):
+    """Bit-identical at 1, 2 and 3 threads: how rows are split between threads (and, in the AVX-512
+    kernel, paired within a thread) must not change any row's summation order. Odd row counts."""
+    x, weight, bias, xa, lora_b = inputs(generator, 75, 2304, tokens, torch.float32, "cpu")
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(qlora_ops.nf4_lora_gemv(x, weight, bias, xa, lora_b, 0.75))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 @pytest.mark.parametrize("options", [dict(nested=False), dict(rank=0), dict(with_bias=False), dict(strided=True)],
                          ids=["plain-absmax", "no-adapter", "no-bias", "strided-rows"])  # fmt: skip
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

@@ -8,9 +8,8 @@
 // each 32-code step of a segment FMA'd into them; elements of a mid-byte head or a tail shorter
 // than 32 codes go to one scalar sum; at the end of the row the accumulators are added, the lanes
 // reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of whole 128-code
-// chunks, below) sums x * code per lane within a chunk in 4 / (tokens x rows per pass) partial sums (at least 1)
-// and applies the block's absmax to their sum (1 or 2 rows per pass change nothing in a row's
-// order). Deterministic (no dependence on threads); not bit-identical to the scalar path
+// chunks, below) sums x * code per lane within a chunk in 2 partial sums (1 from 3 tokens on) and
+// applies the block's absmax to their sum. Deterministic (no dependence on threads); not bit-identical to the scalar path
 // (8 partial sums, separate multiply and add), so each path is held to one float32 bound:
 // |error| <= gamma(K + 2) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
 #include "qlora_cpu_x86.h"
@@ -165,9 +164,10 @@ template <int TT, int RR>
 PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
                                                      int64_t o, const float* scales, __m512i lane_block,
                                                      __mmask16 chunk_blocks, int log2_bs, float* dots) {
-  // partial sums per row and token within a chunk: enough independent FMA chains (4) to cover the
-  // FMA latency at one or two tokens
-  constexpr int A = TT * RR >= 4 ? 1 : 4 / (TT * RR);
+  // partial sums per row and token within a chunk, enough independent FMA chains (4 with the 2 rows
+  // of a 1-token pass) to cover the FMA latency; a function of TT alone, so that a row sums in the
+  // same order whether it is paired or not (pairing depends on where a thread's rows begin)
+  constexpr int A = TT <= 2 ? 2 : 1;
   const int64_t K = a.in_features, N = a.out_features, blocks_per_row = K >> log2_bs;
   const __m512 codes = _mm512_load_ps(kNf4Table);
   __m512 acc[RR][TT];
