@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
           "lora_dropout_project worst error / allowed error (<= 1); "
           "lora_linear_fwd+bwd reports worst error / allowed error (<= 1); "
           "dora_weight_norm the relative error (fp32 1e-5, fp16 1e-3, bf16 8e-3); ia3_*_linear_fwd+bwd as lora; "
-          "nf4_lora_gemv the max error relative to the output's scale; "
+          "nf4_lora_gemv the max error relative to the output's scale; nf4_lora_linear_train+bwd as lora (CPU); "
           "adapter_bottleneck (fwd+bwd) worst error / allowed error (<= 1); "
           "lora_grouped_fwd / ia3_grouped_scale (+bwd) as lora; "
           "scaled_lora (R: rank_scale, O: out_scale; fwd+bwd) as lora")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _ext
 from .ops import adapter as adapter_ops
 from .ops import dora as dora_ops
 from .ops import dropout as dropout_ops
@@ -147,6 +148,12 @@ def lora_linear_errors(x, w, b, a, bb, drop, scaling, generator) -> dict[str, fl
     op's dropout decisions as a mask (`dropout_mask_of`)."""
     x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
     out, _ = torch.ops.peftkern.lora_linear_fwd(x, w, b, a, bb, scaling, *drop)
+    return _lora_errors(out, x, w, b, a, bb, drop, scaling, generator)
+
+
+def _lora_errors(out, x, w, b, a, bb, drop, scaling, generator) -> dict[str, float]:
+    """lora_linear_errors' judge for an op's `out` computed from the leaves x, a, bb (requiring
+    grad) and the dense weight w."""
     cpu_mask, keep_scale = dropout_mask_of(x, drop)
 
     def reference64(transform):
@@ -187,6 +194,34 @@ def check_lora(device: str, generator: torch.Generator) -> list[Result]:
                 worst = max(errors.values())
                 results.append(Result("lora_linear_fwd+bwd", device, str(dtype).removeprefix("torch."), shape,
                                       0, worst, worst <= 1.0))  # fmt: skip
+    return results
+
+
+# (tokens, in, out, r, blocksize, double quantization): odd in (rows straddling bytes and blocks)
+QLORA_TRAIN_SHAPES = [(13, 45, 37, 4, 64, True), (64, 96, 80, 16, 128, False), (3, 33, 5, 8, 32, True),
+                      (1, 256, 130, 2, 64, True), (0, 64, 16, 4, 64, True)]  # fmt: skip
+
+
+def check_qlora_train(device: str, generator: torch.Generator) -> list[Result]:
+    """nf4_lora_linear_train (the CPU QLoRA layer: fused dequant + GEMM, C++ backward) judged as
+    lora_linear_fwd+bwd against the float64 reference on the weight dequantized into x's dtype
+    (what the op multiplies by), with and without dropout. CPU only (CUDA dequantizes instead)."""
+    results = []
+    if not _ext.has_kernel("nf4_lora_linear_train", device):
+        return results
+    for dtype in DTYPES:
+        for tokens, k, n, r, blocksize, nested in QLORA_TRAIN_SHAPES:
+            for dropout in (False, True):
+                x, _, b, a, bb, drop = random_lora_inputs((tokens, k, n, r), dtype, device, generator, dropout=dropout)
+                weight = NF4Weight.quantize(torch.randn(n, k, generator=generator).to(device) * 0.05, blocksize,
+                                            double_quant=nested)  # fmt: skip
+                x, a, bb = (t.detach().requires_grad_() for t in (x, a, bb))
+                out, _ = torch.ops.peftkern.nf4_lora_linear_train(x, *qlora_ops._quant_state(weight), n, b, a, bb,
+                                                                  0.75, *drop)  # fmt: skip
+                errors = _lora_errors(out, x, weight.dequantize(dtype), b, a, bb, drop, 0.75, generator)
+                worst = max(errors.values())
+                results.append(Result("nf4_lora_linear_train+bwd", device, str(dtype).removeprefix("torch."),
+                                      (tokens, k, n, r), blocksize, worst, worst <= 1.0))  # fmt: skip
     return results
 
 
@@ -677,6 +712,7 @@ CHECKS = {
     "rank_product": check_rank_product,
     "dora": check_dora,
     "qlora_gemv": check_qlora_gemv,
+    "qlora_train": check_qlora_train,
     "ia3": check_ia3,
     "adapter": check_adapter,
     "grouped": check_grouped,
