@@ -118,10 +118,7 @@ void nf4_dequantize_into_cpu(at::Tensor& out, const at::Tensor& packed, const at
                              int64_t nested_blocksize) {
   const DequantArgs args = check_dequantize_into(out, packed, absmax, nested_absmax, nested_code, nested_offset,
                                                  blocksize, nested_blocksize);
-  const quant::BlockScales scales =
-      nested_absmax.has_value()
-          ? block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize)
-          : block_scales(absmax);
+  const quant::BlockScales scales = block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize);
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(out.scalar_type(), "nf4_dequantize_into", [&] {
     dequantize_nf4(packed.const_data_ptr<uint8_t>(), args, scales, out.mutable_data_ptr<scalar_t>());
   });
@@ -134,18 +131,9 @@ at::Tensor nf4_decode_range_cpu(const at::Tensor& packed, const at::Tensor& absm
                                int64_t nested_blocksize, int64_t numel, int64_t first, int64_t count,
                                at::ScalarType dtype) {
   constexpr const char* op = "nf4_decode_range";
-  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value() &&
-                  nested_absmax.has_value() == nested_offset.has_value(),
-              op, ": nested_absmax, nested_code and nested_offset go together");
-  quant::BlockScales scales{};
-  if (nested_absmax.has_value()) {
-    check_dequantize_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                            nested_blocksize, {numel}, dtype);
-    scales = block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize);
-  } else {
-    check_dequantize(packed, absmax, blocksize, {numel}, dtype);
-    scales = block_scales(absmax);
-  }
+  check_optional_nested(op, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize, nested_blocksize,
+                        numel, dtype);
+  const quant::BlockScales scales = block_scales(absmax, nested_absmax, nested_code, nested_offset, nested_blocksize);
   TORCH_CHECK(first >= 0 && count >= 0 && first + count <= numel, op, ": the range [", first, ", ",
               first, " + ", count, ") must lie inside the ", numel, " elements");
   at::Tensor out = new_output({count}, packed.options().dtype(dtype));

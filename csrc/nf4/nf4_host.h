@@ -104,26 +104,46 @@ inline DequantArgs check_dequantize_nested(const at::Tensor& packed,
   return {n, blocksize, nested_blocksize};
 }
 
-// nf4_dequantize_into: the checks of nf4_dequantize(_nested) with out's element count and dtype,
-// plus out's own (contiguous, on packed's device). The op name in messages is the into op's.
+// The ops whose nested tensors are optional (nf4_dequantize_into, nf4_decode_range): the three go
+// together, then the checks of nf4_dequantize or nf4_dequantize_nested for `numel` elements of
+// `dtype` (messages name nf4_dequantize(_nested)).
+inline DequantArgs check_optional_nested(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                                         const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
+                                         int64_t nested_blocksize, int64_t numel, at::ScalarType dtype) {
+  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value() &&
+                  nested_absmax.has_value() == nested_offset.has_value(),
+              op, ": nested_absmax, nested_code and nested_offset go together");
+  if (nested_absmax.has_value()) {
+    return check_dequantize_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
+                                   nested_blocksize, {numel}, dtype);
+  }
+  return check_dequantize(packed, absmax, blocksize, {numel}, dtype);
+}
+
+// block_scales of either kind, for tensors checked by check_optional_nested
+inline quant::BlockScales block_scales(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                       const std::optional<at::Tensor>& nested_code,
+                                       const std::optional<at::Tensor>& nested_offset, int64_t nested_blocksize) {
+  return nested_absmax.has_value()
+             ? block_scales(absmax, *nested_absmax, *nested_code, *nested_offset, nested_blocksize)
+             : block_scales(absmax);
+}
+
+// nf4_dequantize_into: check_optional_nested for out's element count and dtype, plus out's own
+// checks (a float dtype, contiguous, on packed's device).
 inline DequantArgs check_dequantize_into(const at::Tensor& out, const at::Tensor& packed, const at::Tensor& absmax,
                                          const std::optional<at::Tensor>& nested_absmax,
                                          const std::optional<at::Tensor>& nested_code,
                                          const std::optional<at::Tensor>& nested_offset, int64_t blocksize,
                                          int64_t nested_blocksize) {
   constexpr const char* op = "nf4_dequantize_into";
-  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value() &&
-                  nested_absmax.has_value() == nested_offset.has_value(),
-              op, ": nested_absmax, nested_code and nested_offset go together");
   check_dtype(out, op, "out", {at::kFloat, at::kHalf, at::kBFloat16});
   check_device(out, op, "out", packed, "packed");
   TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
-  const std::vector<int64_t> flat{out.numel()};
-  if (nested_absmax.has_value()) {
-    return check_dequantize_nested(packed, absmax, *nested_absmax, *nested_code, *nested_offset, blocksize,
-                                   nested_blocksize, flat, out.scalar_type());
-  }
-  return check_dequantize(packed, absmax, blocksize, flat, out.scalar_type());
+  return check_optional_nested(op, packed, absmax, nested_absmax, nested_code, nested_offset, blocksize,
+                               nested_blocksize, out.numel(), out.scalar_type());
 }
 
 inline std::tuple<at::Tensor, at::Tensor> check_and_allocate_quantize_8bit(
