@@ -18,9 +18,10 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=1e-2,
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
 # (out, in, blocksize); (40, 256, 64), (24, 384, 32), (20, 2304, 64), (7, 4096, 32) and (9, 1024, 256):
 # rows of whole 128-code chunks (the AVX-512 chunked kernel), with 4, 12, 36 (two groups of 16
-# block scales and a partial one), 128 and 4 blocks a row
+# block scales and a partial one), 128 and 4 blocks a row; (48, 64, 64), (19, 576, 64) and
+# (6, 320, 32): rows ending in a 64-code half chunk (only that one, at 64)
 SHAPES = [(48, 64, 64), (37, 45, 64), (5, 33, 32), (64, 96, 128), (3, 1, 64), (130, 256, 4096), (40, 256, 64),
-          (24, 384, 32), (20, 2304, 64), (7, 4096, 32), (9, 1024, 256)]  # fmt: skip
+          (24, 384, 32), (20, 2304, 64), (7, 4096, 32), (9, 1024, 256), (19, 576, 64), (6, 320, 32)]  # fmt: skip
 
 
 def inputs(generator, out_f, in_f, tokens, dtype, device, rank=4, nested=True, with_bias=True, blocksize=64,
@@ -113,6 +114,20 @@ def test_bad_input_is_refused_clearly(generator, cpu_isa):
         bad[index] = value
         with pytest.raises(RuntimeError, match=message):
             op(*bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decode_projection_is_one_rounding_of_the_exact_product(generator, dtype):
+    """The decode path's xa = x·Aᵀ (float32 arithmetic for half dtypes on CPU): within one rounding
+    to the dtype of the exact float64 product, plus float32 accumulation."""
+    x = torch.randn(3, 2048, generator=generator).to(dtype)
+    a = torch.randn(16, 2048, generator=generator).to(dtype)
+    xa = qlora_ops.decode_projection(x, a)
+    exact = x.double() @ a.double().t()
+    assert xa.dtype == dtype and xa.shape == (3, 16)
+    unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
+    bound = unit * exact.abs() + 2048 * 2.0**-24 * (x.double().abs() @ a.double().abs().t())
+    assert ((xa.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])

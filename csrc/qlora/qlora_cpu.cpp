@@ -34,15 +34,21 @@ inline float dot(const T* x, const float* w, int64_t len) {
 }
 
 // The epilogue of out[t, o]: the weight's dot product plus bias plus the LoRA term, rounded once.
+// `lora_term`: sum_r xa[t, r] * B[o, r] already computed (the AVX-512 path), or nullptr to sum it
+// here in order.
 template <typename T>
 inline void finish(float dot, int64_t t, int64_t o, const GemvArgs& a, const T* bias, const T* xa,
-                   const T* lora_b, float scaling, T* out) {
+                   const T* lora_b, float scaling, T* out, const float* lora_term = nullptr) {
   float y = dot;
   if (bias != nullptr) y += static_cast<float>(bias[o]);
   if (a.rank > 0) {
     float lora = 0.0f;
-    for (int64_t r = 0; r < a.rank; ++r) {
-      lora += static_cast<float>(xa[t * a.rank + r]) * static_cast<float>(lora_b[o * a.rank + r]);
+    if (lora_term != nullptr) {
+      lora = *lora_term;
+    } else {
+      for (int64_t r = 0; r < a.rank; ++r) {
+        lora += static_cast<float>(xa[t * a.rank + r]) * static_cast<float>(lora_b[o * a.rank + r]);
+      }
     }
     y += scaling * lora;
   }
@@ -97,11 +103,16 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
     // The SIMD kernels read x as float32 (T x K values: nothing next to the weight's N x K / 2 B).
     at::Tensor xf = x.to(at::kFloat).contiguous();
     if (isa == cpu::Isa::kAvx512 && x86::avx512_chunked_layout(args)) {
-      at::Tensor chunked = at::empty_like(xf);
+      at::Tensor chunked = at::empty({args.tokens, x86::chunked_x_row(args)}, xf.options());
       x86::prepare_x_avx512(xf.const_data_ptr<float>(), args, chunked.mutable_data_ptr<float>());
       xf = chunked;
     }
     std::vector<float> dots(args.tokens * out_features);
+    // AVX-512: the LoRA terms xa·Bᵀ in vectors (r lanes at a time, B read in its dtype), not the
+    // scalar loop: that took ~40 µs of a 5632-row bf16 GEMV (15 µs in float32).
+    const bool vector_lora = isa == cpu::Isa::kAvx512 && args.rank > 0;
+    const at::Tensor xa_f = vector_lora ? xa->to(at::kFloat).contiguous() : at::Tensor();
+    std::vector<float> lora_terms(vector_lora ? args.tokens * out_features : 0);
     PK_DISPATCH_FLOAT_HALF_BFLOAT16(x.scalar_type(), "nf4_lora_gemv_cpu", [&] {
       const scalar_t* bias_ptr = optional_data<scalar_t>(bias);
       const scalar_t* xa_ptr = optional_data<scalar_t>(xa);
@@ -110,10 +121,14 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
       at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
         const auto rows = isa == cpu::Isa::kAvx512 ? x86::gemv_dots_avx512 : x86::gemv_dots_avx2;
         rows(xf.const_data_ptr<float>(), packed.const_data_ptr<uint8_t>(), args, begin, end, dots.data());
+        if (vector_lora) {
+          x86::lora_terms_avx512(xa_f.const_data_ptr<float>(), args.tokens, args.rank, b_ptr,
+                                 x86::element_kind(x.scalar_type()), begin, end, out_features, lora_terms.data());
+        }
         for (int64_t o = begin; o < end; ++o) {
           for (int64_t t = 0; t < args.tokens; ++t) {
-            finish(dots[t * out_features + o], t, o, args, bias_ptr, xa_ptr, b_ptr,
-                   static_cast<float>(scaling), out_ptr);
+            finish(dots[t * out_features + o], t, o, args, bias_ptr, xa_ptr, b_ptr, static_cast<float>(scaling),
+                   out_ptr, vector_lora ? &lora_terms[t * out_features + o] : nullptr);
           }
         }
       });

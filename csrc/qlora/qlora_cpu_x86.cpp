@@ -7,8 +7,8 @@
 // (16 for AVX-512, 8 for AVX2) and 1-2 accumulators (2 when few tokens, to hide the FMA latency),
 // each 32-code step of a segment FMA'd into them; elements of a mid-byte head or a tail shorter
 // than 32 codes go to one scalar sum; at the end of the row the accumulators are added, the lanes
-// reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of whole 128-code
-// chunks, below) sums x * code per lane within a chunk in 2 partial sums (1 from 3 tokens on) and
+// reduced as a tree and the scalar sum added. The AVX-512 chunked kernel (rows of 128-code
+// chunks and at most one 64-code half chunk, below) sums x * code per lane within a chunk in 2 partial sums (1 from 3 tokens on) and
 // applies the block's absmax to their sum. Deterministic (no dependence on threads); not bit-identical to the scalar path
 // (8 partial sums, separate multiply and add), so each path is held to one float32 bound:
 // |error| <= gamma(K + 2) * sum_i |x_i * deq(W)_i|, gamma(n) = n u / (1 - n u), u = 2^-24.
@@ -146,8 +146,9 @@ PK_TARGET_AVX2 void rows_avx2(const float* x, const uint8_t* packed, const GemvA
   }
 }
 
-// ---- The chunked AVX-512 kernel: rows whose length is a multiple of 128 and of the blocksize ----
-// (every LLM projection: 2048, 4096, 5632, 11008, ... with blocksize 64). 64 packed bytes are one
+// ---- The chunked AVX-512 kernel: rows whose length is a multiple of 64 and of the blocksize -----
+// (every LLM projection: 576, 2048, 4096, 5632, 11008, ... with blocksize 64; a row of 128 n + 64
+// codes ends in a half chunk, below). 64 packed bytes are one
 // zmm of 16 dwords; dword i holds codes 8i .. 8i + 7 of the 128-code chunk, and shifting it right
 // by 4s puts code 8i + kOrder[s] in the low 4 bits, all vpermps reads. So 8 shifts (integer ALU,
 // not the shuffle ports) + 8 vpermps decode 128 codes, a third of the shuffles of widening the
@@ -163,14 +164,21 @@ PK_TARGET_AVX2 void rows_avx2(const float* x, const uint8_t* packed, const GemvA
 constexpr int kChunk = 128;
 constexpr int kChunkOrder[8] = {1, 0, 3, 2, 5, 4, 7, 6};
 
-// xp[t, c * 128 + 16 s + i] = x[t, c * 128 + 8 i + kChunkOrder[s]]
+// A row may end in a half chunk of 64 codes (K = 128 n + 64: hidden sizes such as 576, 960,
+// 1600): 32 packed bytes, loaded into lanes 0-7 (8 lanes x 8 codes); lanes 8-15 read zero bytes,
+// and their x and scale are 0, so they add nothing.
+int64_t padded_row(int64_t K) { return (K + kChunk - 1) / kChunk * kChunk; }
+
+// xp[t, c + 16 s + i] = x[t, c + 8 i + kChunkOrder[s]] for each chunk c (rows of padded_row(K));
+// 0 for the lanes of a half chunk that lie past the row
 void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) {
+  const int64_t KP = padded_row(K);
   for (int64_t t = 0; t < tokens; ++t) {
     for (int64_t c = 0; c < K; c += kChunk) {
       const float* src = x + t * K + c;
-      float* dst = xp + t * K + c;
+      float* dst = xp + t * KP + c;
       for (int s = 0; s < 8; ++s)
-        for (int i = 0; i < 16; ++i) dst[16 * s + i] = src[8 * i + kChunkOrder[s]];
+        for (int i = 0; i < 16; ++i) dst[16 * s + i] = c + 8 * i < K ? src[8 * i + kChunkOrder[s]] : 0.0f;
     }
   }
 }
@@ -180,12 +188,13 @@ void permute_x_for_chunks(const float* x, int64_t tokens, int64_t K, float* xp) 
 template <int TT, int RR>
 PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint8_t* packed, const GemvArgs& a,
                                                      int64_t o, const float* scales, __m512i lane_block,
-                                                     __mmask16 chunk_blocks, int log2_bs, float* dots) {
+                                                     __mmask16 chunk_blocks, __mmask16 half_blocks, int log2_bs,
+                                                     float* dots) {
   // partial sums per row and token within a chunk, enough independent FMA chains (4 with the 2 rows
   // of a 1-token pass) to cover the FMA latency; a function of TT alone, so that a row sums in the
   // same order whether it is paired or not (pairing depends on where a thread's rows begin)
   constexpr int A = TT <= 2 ? 2 : 1;
-  const int64_t K = a.in_features, N = a.out_features, blocks_per_row = K >> log2_bs;
+  const int64_t K = a.in_features, N = a.out_features, blocks_per_row = K >> log2_bs, KP = padded_row(K);
   const __m512 codes = _mm512_load_ps(kNf4Table);
   // Every loop over the register arrays is unrolled (#pragma GCC unroll): otherwise GCC keeps
   // acc and sum in memory at 8 tokens (measured: 3.5x slower than the FMA rate allows).
@@ -195,11 +204,13 @@ PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint
 #pragma GCC unroll 8
     for (int t = 0; t < TT; ++t) acc[r][t] = _mm512_setzero_ps();
   for (int64_t c = 0; c < K; c += kChunk) {
+    const bool half = c + kChunk > K;  // the row's last 64 codes (lanes 0-7)
     __m512i d[RR];
     __m512 sum[RR][TT][A];
 #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
-      d[r] = _mm512_loadu_si512(packed + (o + r) * (K / 2) + c / 2);
+      const uint8_t* codes_at = packed + (o + r) * (K / 2) + c / 2;
+      d[r] = half ? _mm512_maskz_loadu_epi32(0x00FF, codes_at) : _mm512_loadu_si512(codes_at);
 #pragma GCC unroll 8
       for (int t = 0; t < TT; ++t)
 #pragma GCC unroll 8
@@ -212,7 +223,7 @@ PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint
       for (int r = 0; r < RR; ++r) w[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(d[r], 4 * s), codes);
 #pragma GCC unroll 8
       for (int t = 0; t < TT; ++t) {
-        const __m512 xv = _mm512_loadu_ps(xp + t * K + c + 16 * s);
+        const __m512 xv = _mm512_loadu_ps(xp + t * KP + c + 16 * s);
 #pragma GCC unroll 8
         for (int r = 0; r < RR; ++r) sum[r][t][s % A] = _mm512_fmadd_ps(xv, w[r], sum[r][t][s % A]);
       }
@@ -220,7 +231,8 @@ PK_TARGET_AVX512 inline void row_tile_avx512_chunked(const float* xp, const uint
 #pragma GCC unroll 8
     for (int r = 0; r < RR; ++r) {
       const float* row_scales = scales + r * blocks_per_row + (c >> log2_bs);
-      const __m512 scale = _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(chunk_blocks, row_scales));
+      const __m512 scale =
+          _mm512_permutexvar_ps(lane_block, _mm512_maskz_loadu_ps(half ? half_blocks : chunk_blocks, row_scales));
 #pragma GCC unroll 8
       for (int t = 0; t < TT; ++t) {
         __m512 chunk = sum[r][t][0];
@@ -248,7 +260,9 @@ PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed
   alignas(64) int32_t lane_block_mem[16];
   for (int i = 0; i < 16; ++i) lane_block_mem[i] = static_cast<int32_t>(8 * i / bs);
   const __m512i lane_block = _mm512_load_si512(lane_block_mem);
+  // the scales a chunk's lanes read: its 1, 2 or 4 blocks; 1 or 2 for a half chunk (bs <= 64 there)
   const __mmask16 chunk_blocks = static_cast<__mmask16>((1u << std::max<int64_t>(1, kChunk / bs)) - 1);
+  const __mmask16 half_blocks = static_cast<__mmask16>((1u << std::max<int64_t>(1, kChunk / 2 / bs)) - 1);
   // The block scales of a tile of rows, decoded into an L1-sized buffer before the tile's codes
   // (double quantization); read in place when they are float32 already. Decoding them next to the
   // FMAs that need them put the decode's latency on every chunk's critical path.
@@ -264,20 +278,21 @@ PK_TARGET_AVX512 void rows_avx512_chunked(const float* xp, const uint8_t* packed
     }
     int64_t o = tile;
     for (; o + RR <= tile_end; o += RR, scales += RR * blocks_per_row) {
-      row_tile_avx512_chunked<TT, RR>(xp, packed, a, o, scales, lane_block, chunk_blocks, log2_bs, dots);
+      row_tile_avx512_chunked<TT, RR>(xp, packed, a, o, scales, lane_block, chunk_blocks, half_blocks, log2_bs, dots);
     }
     for (; o < tile_end; ++o, scales += blocks_per_row) {
-      row_tile_avx512_chunked<TT, 1>(xp, packed, a, o, scales, lane_block, chunk_blocks, log2_bs, dots);
+      row_tile_avx512_chunked<TT, 1>(xp, packed, a, o, scales, lane_block, chunk_blocks, half_blocks, log2_bs, dots);
     }
   }
 }
 
 // Tokens in chunks of up to kMaxTokens, each chunk one pass over the rows' weight.
+// x_row: the length of x's rows (in_features, or padded_row for the chunked kernel's x).
 template <template <int> class Rows>
-void by_token_chunks(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
+void by_token_chunks(const float* x, int64_t x_row, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                      int64_t row_end, float* dots) {
   for (int64_t t0 = 0; t0 < a.tokens; t0 += kMaxTokens) {
-    const float* xc = x + t0 * a.in_features;
+    const float* xc = x + t0 * x_row;
     float* dc = dots + t0 * a.out_features;
     switch (std::min<int64_t>(kMaxTokens, a.tokens - t0)) {
       case 1: Rows<1>::run(xc, packed, a, row_begin, row_end, dc); break;
@@ -314,8 +329,10 @@ struct Avx2Rows {
 }  // namespace
 
 bool avx512_chunked_layout(const GemvArgs& a) {
-  return a.in_features % kChunk == 0 && a.in_features % a.blocksize == 0;
+  return a.in_features % (kChunk / 2) == 0 && a.in_features % a.blocksize == 0;
 }
+
+int64_t chunked_x_row(const GemvArgs& a) { return padded_row(a.in_features); }
 
 void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked) {
   permute_x_for_chunks(x, a.tokens, a.in_features, x_chunked);
@@ -324,14 +341,44 @@ void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked) {
 void gemv_dots_avx512(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                       int64_t row_end, float* dots) {
   if (avx512_chunked_layout(a)) {
-    by_token_chunks<Avx512ChunkedRows>(x, packed, a, row_begin, row_end, dots);
+    by_token_chunks<Avx512ChunkedRows>(x, padded_row(a.in_features), packed, a, row_begin, row_end, dots);
   } else {
-    by_token_chunks<Avx512Rows>(x, packed, a, row_begin, row_end, dots);
+    by_token_chunks<Avx512Rows>(x, a.in_features, packed, a, row_begin, row_end, dots);
   }
 }
 void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                     int64_t row_end, float* dots) {
-  by_token_chunks<Avx2Rows>(x, packed, a, row_begin, row_end, dots);
+  by_token_chunks<Avx2Rows>(x, a.in_features, packed, a, row_begin, row_end, dots);
+}
+
+namespace {
+// 16 - n high lanes zero (n < 16), the row's elements widened to float32 exactly
+PK_TARGET_AVX512 inline __m512 load_widened(const void* p, ElementKind kind, int64_t i, __mmask16 m) {
+  switch (kind) {
+    case ElementKind::kHalf:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
+    case ElementKind::kBFloat16:
+      return _mm512_castsi512_ps(
+          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i)), 16));
+    default:
+      return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+  }
+}
+}  // namespace
+
+PK_TARGET_AVX512 void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const void* lora_b,
+                                        ElementKind kind, int64_t row_begin, int64_t row_end, int64_t N,
+                                        float* terms) {
+  for (int64_t o = row_begin; o < row_end; ++o) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t k = 0; k < r; k += 16) {
+        const __mmask16 m = r - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (r - k)) - 1);
+        acc = _mm512_fmadd_ps(load_widened(lora_b, kind, o * r + k, m), _mm512_maskz_loadu_ps(m, xa + t * r + k), acc);
+      }
+      terms[t * N + o] = _mm512_reduce_add_ps(acc);
+    }
+  }
 }
 
 }  // namespace x86

@@ -12,13 +12,24 @@ namespace qlora {
 namespace x86 {
 
 // The AVX-512 kernel reads x in its own order where the layout allows (avx512_chunked_layout):
-// gemv_dots_avx512 then takes x_chunked, which prepare_x_avx512 writes ([tokens, K] float32).
+// gemv_dots_avx512 then takes x_chunked, which prepare_x_avx512 writes ([tokens, chunked_x_row] float32).
 bool avx512_chunked_layout(const GemvArgs& a);
+int64_t chunked_x_row(const GemvArgs& a);  // the row length of x_chunked (in_features rounded up to 128)
 void prepare_x_avx512(const float* x, const GemvArgs& a, float* x_chunked);
 void gemv_dots_avx512(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                       int64_t row_end, float* dots);
 void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, int64_t row_begin,
                     int64_t row_end, float* dots);
+
+// The LoRA terms of the epilogue: terms[t, o] = sum_k xa[t, k] * B[o, k] for o in [row_begin,
+// row_end), t < tokens; xa float32 [tokens, r], B [N, r] contiguous in `kind` (float32, fp16 or
+// bf16, widened exactly). Per (t, o): 16-lane FMAs over r, then a tree reduction.
+enum class ElementKind { kFloat, kHalf, kBFloat16 };
+inline ElementKind element_kind(at::ScalarType t) {
+  return t == at::kHalf ? ElementKind::kHalf : t == at::kBFloat16 ? ElementKind::kBFloat16 : ElementKind::kFloat;
+}
+void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const void* lora_b, ElementKind kind,
+                       int64_t row_begin, int64_t row_end, int64_t N, float* terms);
 
 }  // namespace x86
 }  // namespace qlora

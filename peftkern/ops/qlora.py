@@ -228,6 +228,16 @@ def nf4_lora_gemv(x, weight, bias=None, xa=None, lora_b=None, scaling=0.0):
     )  # fmt: skip
 
 
+def decode_projection(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """xa = x2·Aᵀ [T, r] for the decode GEMV, in x2's dtype. On CPU in bf16/fp16 it is computed in
+    float32 and rounded once (what the half-precision GEMM does too): ATen's bf16 path took ~32 µs
+    for a [1, 2048]·[2048, 16] product against ~5 µs in float32, more than the whole GEMV of a
+    small model's layer (DESIGN.md "QLoRA", decode)."""
+    if x2.device.type == "cpu" and x2.dtype in (torch.bfloat16, torch.float16):
+        return (x2.float() @ lora_a.float().t()).to(x2.dtype)
+    return (x2 @ lora_a.t()).contiguous()
+
+
 def use_gemv(x2, tensors, drop, dense) -> bool:
     """Whether an NF4 linear over x2 [T, in] takes the decode GEMV: few tokens, a device with the
     kernel, no dropout (`drop` the call's (p, seed, offset), or None for a layer without any), no
@@ -252,7 +262,7 @@ def nf4_lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout=0.0, train
     x2, drop = prepare_dropout(x, dropout, training, "nf4_lora_linear")
     if use_gemv(x2, (bias, lora_a, lora_b), drop, dense):
         x2 = x2.contiguous()
-        xa = (x2 @ lora_a.t()).contiguous() if lora_a.shape[0] > 0 else None
+        xa = decode_projection(x2, lora_a) if lora_a.shape[0] > 0 else None
         out = nf4_lora_gemv(x2, weight, bias, xa, lora_b.contiguous() if xa is not None else None, scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
     if dense is None and use_fused_gemm(x2, weight) and _ext.has_kernel("nf4_lora_linear_train", "cpu"):
