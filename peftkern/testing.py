@@ -289,11 +289,13 @@ def check_dropout(device: str, generator: torch.Generator) -> list[Result]:
 def check_qlora_gemv(device: str, generator: torch.Generator) -> list[Result]:
     """nf4_lora_gemv (the QLoRA decode path) against its float32 reference: max error relative
     to the output's scale. Shapes: rows straddling blocks and bytes (odd in), aligned rows (the
-    CUDA vector path), 1 to 11 tokens."""
+    CUDA vector path), rows ending in a 64-code half chunk (the AVX-512 chunked kernel), 1 to 11
+    tokens."""
     results = []
     for dtype in DTYPES:
         for n, k, tokens, blocksize, nested in [(37, 45, 1, 64, True), (64, 96, 3, 128, False), (130, 256, 8, 64, True),
-                                                 (96, 2048, 11, 64, True), (0, 64, 2, 64, True)]:  # fmt: skip
+                                                 (96, 2048, 11, 64, True), (0, 64, 2, 64, True),
+                                                 (40, 576, 9, 64, True), (7, 320, 2, 32, False)]:  # fmt: skip
             w = torch.randn(n, k, generator=generator).to(device) * 0.05
             weight = NF4Weight.quantize(w, blocksize, double_quant=nested)
             x, bias, xa, lora_b = (torch.randn(s, generator=generator).to(device, dtype)
