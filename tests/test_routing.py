@@ -93,6 +93,27 @@ def test_lora_routes_by_its_no_grad_threshold_when_nothing_needs_grad(routed, ge
     assert not ran(lambda: lora_ops.lora_linear(frozen, w, None, a.detach(), b.detach(), 0.5), "lora_linear_fwd")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_lora_half_precision_decode_adds_a_float32_branch(routed, generator, dtype, tokens):
+    """CPU decode in bf16/fp16 (no grad, few tokens): the rank-r branch runs in float32 and the
+    sum is rounded once; within two roundings of the magnitudes of the summed terms, and no
+    compiled op runs."""
+    assert lora_ops.uses_float32_decode_branch(torch.empty(tokens, 64, dtype=dtype))
+    x, w, b = (torch.randn(s, generator=generator) for s in ((tokens, 64), (96, 64), (96,)))
+    a, bb = torch.randn(16, 64, generator=generator) / 8, torch.randn(96, 16, generator=generator) / 4
+    half = [t.to(dtype) for t in (x, w, b, a, bb)]
+    with torch.no_grad():
+        assert not ran(lambda: lora_ops.lora_linear(*half, 2.0), "lora_linear_fwd")
+        out = lora_ops.lora_linear(*half, 2.0)
+    x64, w64, b64, a64, bb64 = (t.double() for t in half)
+    exact = x64 @ w64.t() + b64 + 2.0 * (x64 @ a64.t()) @ bb64.t()
+    terms = x64.abs() @ w64.abs().t() + b64.abs() + 2.0 * (x64.abs() @ a64.abs().t()) @ bb64.abs().t()
+    unit = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    assert out.dtype == dtype and out.shape == (tokens, 96)
+    assert ((out.double() - exact).abs() <= 2 * unit * terms).all()
+
+
 @pytest.mark.parametrize("make", [ia3_call, adapter_call, lora_call])
 def test_routes_agree(routed, generator, make):
     """Both routes give the same outputs and gradients (fp32, 1e-5 relative)."""
