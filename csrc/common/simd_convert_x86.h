@@ -1,12 +1,15 @@
 // Exact float -> bfloat16 / half conversions in AVX-512 and AVX2, rounding as c10's scalar
 // conversions do (so a SIMD kernel matches its scalar spec bit for bit), shared by the CPU kernels
-// that have SIMD paths (the NF4 decode, LoRA dropout). Each function carries its target attribute:
+// that have SIMD paths (the NF4 decode, LoRA dropout, the rank-r products, the QLoRA GEMV), with the
+// masked 16-lane loads and stores of float / bf16 / half built on them. Each function carries its target attribute:
 // callers reach them only after the CPU ISA dispatch (common/cpu_isa.h) said the CPU has it.
 #pragma once
 
 #include "cpu_isa.h"
 
 #if defined(PK_X86)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 namespace peftkern {
@@ -53,6 +56,39 @@ PK_TARGET_AVX2 inline __m256i to_fp16_dwords_avx2(__m256 v) {
   return _mm256_castps_si256(
       _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(nan), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
 }
+
+// The low min(n, 16) lanes.
+PK_TARGET_AVX512 inline __mmask16 lane_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// 16 elements of T as float lanes and back, masked (a row's tail). bf16 and half widen exactly;
+// the narrowing rounds as c10's conversions (above).
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  PK_TARGET_AVX512 static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+  PK_TARGET_AVX512 static void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+template <>
+struct Lanes<c10::BFloat16> {
+  PK_TARGET_AVX512 static __m512 load(const c10::BFloat16* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+  }
+  PK_TARGET_AVX512 static void store(c10::BFloat16* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, to_bf16_avx512(v));
+  }
+};
+template <>
+struct Lanes<c10::Half> {
+  PK_TARGET_AVX512 static __m512 load(const c10::Half* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+  PK_TARGET_AVX512 static void store(c10::Half* p, __mmask16 m, __m512 v) {
+    _mm256_mask_storeu_epi16(p, m, to_fp16_avx512(v));
+  }
+};
 
 }  // namespace simd
 }  // namespace peftkern

@@ -253,33 +253,7 @@ void for_each_row_segment(int64_t e0, int64_t count, int64_t k, const RowBody& r
 }
 
 #if defined(PK_X86)
-// 16 elements of T as float lanes and back, masked (a row's tail), for the AVX-512 rows below.
-// bf16 and half widen exactly; the narrowing rounds as c10's conversions (common/simd_convert_x86.h).
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  PK_TARGET_AVX512 static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-  PK_TARGET_AVX512 static void store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-};
-template <>
-struct Lanes<c10::BFloat16> {
-  PK_TARGET_AVX512 static __m512 load(const c10::BFloat16* p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-  }
-  PK_TARGET_AVX512 static void store(c10::BFloat16* p, __mmask16 m, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, simd::to_bf16_avx512(v));
-  }
-};
-template <>
-struct Lanes<c10::Half> {
-  PK_TARGET_AVX512 static __m512 load(const c10::Half* p, __mmask16 m) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
-  }
-  PK_TARGET_AVX512 static void store(c10::Half* p, __mmask16 m, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, simd::to_fp16_avx512(v));
-  }
-};
+using simd::Lanes;  // 16 elements of T as float lanes and back (common/simd_convert_x86.h)
 
 // One contiguous row segment: o = dropout(x), or o += dropout(x) (kAccumulate), 16 elements per
 // step. The same math as dropped / accumulated (dropout_math.h), Acc = float: the factor is

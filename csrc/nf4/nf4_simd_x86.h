@@ -97,7 +97,7 @@ struct BlockScales16Avx512 {
 
   // the absmax of `count` <= 16 consecutive blocks from `first`
   PK_TARGET_AVX512 __m512 operator()(int64_t first, int64_t count) const {
-    const __mmask16 valid = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __mmask16 valid = simd::lane_mask(count);
     if (scales.absmax != nullptr) return _mm512_maskz_loadu_ps(valid, scales.absmax + first);
     const __m512 value = nested_code(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, scales.codes + first)));
     // A nested block spans >= 32 blocks (a power of two), so these <= 16 lie in one or two of
@@ -125,7 +125,7 @@ PK_TARGET_AVX512 inline void block_scales_avx512(const quant::BlockScales& scale
   for (; b + 16 <= count; b += 16) _mm512_storeu_ps(out + b, block_scales16(first + b, 16));
   if (b < count) {
     const int64_t n = count - b;
-    _mm512_mask_storeu_ps(out + b, __mmask16((1u << n) - 1), block_scales16(first + b, n));
+    _mm512_mask_storeu_ps(out + b, simd::lane_mask(n), block_scales16(first + b, n));
   }
 }
 

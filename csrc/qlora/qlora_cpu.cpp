@@ -122,8 +122,8 @@ at::Tensor nf4_lora_gemv_cpu(const at::Tensor& x_in, const at::Tensor& packed,
         const auto rows = isa == cpu::Isa::kAvx512 ? x86::gemv_dots_avx512 : x86::gemv_dots_avx2;
         rows(xf.const_data_ptr<float>(), packed.const_data_ptr<uint8_t>(), args, begin, end, dots.data());
         if (vector_lora) {
-          x86::lora_terms_avx512(xa_f.const_data_ptr<float>(), args.tokens, args.rank, b_ptr,
-                                 x86::element_kind(x.scalar_type()), begin, end, out_features, lora_terms.data());
+          x86::lora_terms_avx512(xa_f.const_data_ptr<float>(), args.tokens, args.rank, b_ptr, begin, end,
+                                 out_features, lora_terms.data());
         }
         for (int64_t o = begin; o < end; ++o) {
           for (int64_t t = 0; t < args.tokens; ++t) {

@@ -351,35 +351,24 @@ void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, in
   by_token_chunks<Avx2Rows>(x, a.in_features, packed, a, row_begin, row_end, dots);
 }
 
-namespace {
-// 16 - n high lanes zero (n < 16), the row's elements widened to float32 exactly
-PK_TARGET_AVX512 inline __m512 load_widened(const void* p, ElementKind kind, int64_t i, __mmask16 m) {
-  switch (kind) {
-    case ElementKind::kHalf:
-      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
-    case ElementKind::kBFloat16:
-      return _mm512_castsi512_ps(
-          _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i)), 16));
-    default:
-      return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
-  }
-}
-}  // namespace
-
-PK_TARGET_AVX512 void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const void* lora_b,
-                                        ElementKind kind, int64_t row_begin, int64_t row_end, int64_t N,
-                                        float* terms) {
+template <typename T>
+PK_TARGET_AVX512 void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const T* lora_b, int64_t row_begin,
+                                        int64_t row_end, int64_t N, float* terms) {
   for (int64_t o = row_begin; o < row_end; ++o) {
     for (int64_t t = 0; t < tokens; ++t) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t k = 0; k < r; k += 16) {
-        const __mmask16 m = r - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (r - k)) - 1);
-        acc = _mm512_fmadd_ps(load_widened(lora_b, kind, o * r + k, m), _mm512_maskz_loadu_ps(m, xa + t * r + k), acc);
+        const __mmask16 m = simd::lane_mask(r - k);
+        acc = _mm512_fmadd_ps(simd::Lanes<T>::load(lora_b + o * r + k, m), _mm512_maskz_loadu_ps(m, xa + t * r + k), acc);
       }
       terms[t * N + o] = _mm512_reduce_add_ps(acc);
     }
   }
 }
+template void lora_terms_avx512(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+template void lora_terms_avx512(const float*, int64_t, int64_t, const c10::Half*, int64_t, int64_t, int64_t, float*);
+template void lora_terms_avx512(const float*, int64_t, int64_t, const c10::BFloat16*, int64_t, int64_t, int64_t,
+                                float*);
 
 }  // namespace x86
 }  // namespace qlora

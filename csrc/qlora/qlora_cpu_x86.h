@@ -22,14 +22,11 @@ void gemv_dots_avx2(const float* x, const uint8_t* packed, const GemvArgs& a, in
                     int64_t row_end, float* dots);
 
 // The LoRA terms of the epilogue: terms[t, o] = sum_k xa[t, k] * B[o, k] for o in [row_begin,
-// row_end), t < tokens; xa float32 [tokens, r], B [N, r] contiguous in `kind` (float32, fp16 or
-// bf16, widened exactly). Per (t, o): 16-lane FMAs over r, then a tree reduction.
-enum class ElementKind { kFloat, kHalf, kBFloat16 };
-inline ElementKind element_kind(at::ScalarType t) {
-  return t == at::kHalf ? ElementKind::kHalf : t == at::kBFloat16 ? ElementKind::kBFloat16 : ElementKind::kFloat;
-}
-void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const void* lora_b, ElementKind kind,
-                       int64_t row_begin, int64_t row_end, int64_t N, float* terms);
+// row_end), t < tokens; xa float32 [tokens, r], B [N, r] contiguous (float, c10::Half or
+// c10::BFloat16, widened exactly). Per (t, o): 16-lane FMAs over r, then a tree reduction.
+template <typename T>
+PK_TARGET_AVX512 void lora_terms_avx512(const float* xa, int64_t tokens, int64_t r, const T* lora_b, int64_t row_begin,
+                                        int64_t row_end, int64_t N, float* terms);
 
 }  // namespace x86
 }  // namespace qlora

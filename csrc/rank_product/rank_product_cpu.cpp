@@ -28,6 +28,7 @@
 
 #include "../common/checks.h"
 #include "../common/cpu_isa.h"
+#include "../common/simd_convert_x86.h"
 #include "../dropout/dropout_host.h"
 
 #if defined(PK_X86)
@@ -45,9 +46,7 @@ constexpr int64_t kOutBlocks = 8;
 constexpr int64_t kOutBlockCols = 64;
 
 #if defined(PK_X86)
-PK_TARGET_AVX512 inline __mmask16 lane_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
-}
+using simd::lane_mask;
 
 // Rows per row_block call by vectors of r: ROWS·RV accumulators (+ RV of y with kGradB) stay
 // within the 32 zmm registers with room for the panel row and the broadcasts.

@@ -45,8 +45,9 @@ def use_kernel(family: str, tokens: int, device_type: str, needs_grad: bool = Tr
     record the call (grad mode on and some input requires grad)."""
     if _force_kernels or device_type != "cpu":
         return True
-    table = CPU_MIN_TOKENS if needs_grad else {**CPU_MIN_TOKENS, **CPU_MIN_TOKENS_NO_GRAD}
-    return tokens >= table[family]
+    if not needs_grad and family in CPU_MIN_TOKENS_NO_GRAD:
+        return tokens >= CPU_MIN_TOKENS_NO_GRAD[family]
+    return tokens >= CPU_MIN_TOKENS[family]
 
 
 @contextlib.contextmanager
