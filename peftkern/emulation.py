@@ -143,6 +143,15 @@ def _ninja_file(variant: str, root: Path, out_dir: Path, replace: dict[str, str]
         obj = f"obj/{source.parent.name}_{source.stem}.o"
         objects.append(obj)
         lines += [f"build {obj}: compile {copy}", f"  includes = -iquote {source.parent}"]
+    # A replaced header (the planted-bug suite): its copy under src/, where the .cu copies' quoted
+    # includes ("../common/x.h", relative to the including file) find it before the original.
+    compiled = {str(s.relative_to(root)) for s in cuda_sources(root)}
+    for relative, text in replace.items():
+        if relative not in compiled:
+            copy = out_dir / "src" / relative
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            if not copy.exists() or copy.read_text() != text:
+                copy.write_text(text)
     for source in [root / "csrc/emu/runtime.cpp", root / "csrc/emu/library.cpp"]:
         obj = f"obj/{source.parent.name}_{source.stem}.o"
         objects.append(obj)
@@ -156,8 +165,8 @@ def build(
     replace: dict[str, str] | None = None,
 ) -> Path:
     """Compiles the emulation library (incrementally) and returns its path. Raises RuntimeError with
-    the compiler's output when the build fails. `replace` maps a .cu file (relative to `root`) to
-    the text to compile instead (the planted-bug suite), built in `out_dir`."""
+    the compiler's output when the build fails. `replace` maps a .cu file or a header they include
+    (relative to `root`) to the text to compile instead (the planted-bug suite), built in `out_dir`."""
     if variant not in _VARIANT_FLAGS:
         raise ValueError(f"variant must be one of {sorted(_VARIANT_FLAGS)}, got {variant!r}")
     root = Path(root)

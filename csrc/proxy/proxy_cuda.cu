@@ -18,6 +18,7 @@
 
 #include <algorithm>
 
+#include "../common/cuda_block_reduce.h"
 #include "../common/cuda_guard.h"
 #include "../common/dispatch.h"
 #include "proxy_host.h"
@@ -29,25 +30,8 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxGrid = PK_GRID_STRIDE_CAP(65535);
 
-// Tree reduction over the block in a fixed order (deterministic). `scratch` holds kThreads
-// values; every thread gets the result.
-template <typename V, typename Op>
-__device__ V block_reduce(V v, V* scratch, Op op) {
-  scratch[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + s]);
-    __syncthreads();
-  }
-  const V result = scratch[0];
-  __syncthreads();  // scratch is reused by the next reduction
-  return result;
-}
+using cuda::Add;
 
-struct Add {
-  template <typename V>
-  __device__ V operator()(V a, V b) const { return a + b; }
-};
 struct Min {
   __device__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
@@ -60,14 +44,14 @@ template <typename Pred>
 __device__ int64_t count_row(const float* z, int64_t vocab, int64_t* scratch, Pred pred) {
   int64_t n = 0;
   for (int64_t v = threadIdx.x; v < vocab; v += kThreads) n += pred(v, order_key(z[v])) ? 1 : 0;
-  return block_reduce(n, scratch, Add{});
+  return cuda::block_reduce<kThreads>(n, scratch, Add{});
 }
 
 template <typename Term>
 __device__ double sum_row(const float* z, int64_t vocab, double* scratch, Term term) {
   double s = 0.0;
   for (int64_t v = threadIdx.x; v < vocab; v += kThreads) s += term(z[v], order_key(z[v]));
-  return block_reduce(s, scratch, Add{});
+  return cuda::block_reduce<kThreads>(s, scratch, Add{});
 }
 
 template <typename T, typename U>
@@ -91,12 +75,12 @@ __global__ void proxy_logits_kernel(const T* __restrict__ base,    // [rows, >= 
       row_max = MaxNan{}(row_max, static_cast<double>(value));
     }
     // Each thread re-reads only what it wrote until this barrier (inside the reductions).
-    if (block_reduce<int64_t>(bad ? 1 : 0, counts, Add{}) > 0) {
+    if (cuda::block_reduce<kThreads, int64_t>(bad ? 1 : 0, counts, Add{}) > 0) {
       for (int64_t v = threadIdx.x; v < vocab; v += kThreads) z[v] = NAN;
       continue;
     }
     if (f.top_k == 0 && !f.use_top_p) continue;
-    const float max_value = static_cast<float>(block_reduce(row_max, sums, MaxNan{}));
+    const float max_value = static_cast<float>(cuda::block_reduce<kThreads>(row_max, sums, MaxNan{}));
 
     int64_t removed = 0;
     uint32_t kth_key = 0;  // tokens with a smaller key are removed by top-k
@@ -136,7 +120,7 @@ __global__ void proxy_logits_kernel(const T* __restrict__ base,    // [rows, >= 
       const int64_t key = order_key(z[v]);
       if (key > lo && key < next) next = key;
     }
-    next = block_reduce(next, counts, Min{});
+    next = cuda::block_reduce<kThreads>(next, counts, Min{});
     int64_t by_p = at_or_below;
     if (next != INT64_MAX) {
       const int64_t ties = count_row(z, vocab, counts, [=](int64_t, uint32_t key) { return key == next; });
@@ -144,7 +128,7 @@ __global__ void proxy_logits_kernel(const T* __restrict__ base,    // [rows, >= 
       for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
         if (order_key(z[v]) == next) value = z[v];
       }
-      value = static_cast<float>(block_reduce(static_cast<double>(value), sums, MaxNan{}));
+      value = static_cast<float>(cuda::block_reduce<kThreads>(static_cast<double>(value), sums, MaxNan{}));
       by_p += removed_in_group(below, kept_weight(value, static_cast<uint32_t>(next)), ties, threshold);
     }
     by_p = by_p < f.max_removed ? by_p : f.max_removed;
