@@ -222,6 +222,17 @@ inline void define_kernel_ops(torch::Library& m) {
   m.def(
       "proxy_logits(Tensor base, Tensor expert, Tensor anti_expert, float alpha, float temperature, int top_k, "
       "float top_p, int min_tokens_to_keep) -> Tensor");
+  // --- Fused cross-entropy, csrc/cross_entropy/ ---------------------------------------------------
+  // Per-row cross-entropy of logits [rows, vocab] (float32 / bf16 / fp16, computed in float32)
+  // against int64 labels [rows], without writing log-probabilities: loss[r] = lse[r] - logits[r, y],
+  // lse[r] = logsumexp(logits[r]); both float32 [rows], 0 where labels[r] == ignore_index.
+  // See csrc/cross_entropy/cross_entropy_math.h and peftkern/ops/cross_entropy.py.
+  m.def("cross_entropy_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor loss, Tensor lse)");
+  // d(sum_r grad_loss[r] * loss[r]) / d logits, in logits' dtype, contiguous [rows, vocab]:
+  // grad_loss[r] * (softmax(logits[r]) - onehot(labels[r])), from cross_entropy_fwd's lse; 0 rows
+  // where labels[r] == ignore_index.
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
   // --- Child-Tuning's fused masked AdamW, csrc/masked_adamw/ -----------------------------------
   // One AdamW step of ChildTuningAdamW on one tensor, in place: g = grad ⊙ M; moments; p += -step_size·m /
   // (sqrt(v) + eps); p += -lr·wd·p. M: bit e of mask_bits (uint8 [ceil(n / 8)], mode D), else keep/reserve_p

@@ -11,7 +11,10 @@
   `peftkern.load_adapter` or `peft.PeftModel.from_pretrained`; plus `model.safetensors` holding
   only the trainable tensors under the model's own state-dict names, which is what
   `Trainer(resume_from_checkpoint=...)` loads (non-strictly) into a model that is not a
-  PeftModel. No config.json is written: the directory is an adapter, not a model.
+  PeftModel. No config.json is written: the directory is an adapter, not a model;
+- on a causal LM whose loss is transformers' `ForCausalLMLoss`: `loss_function` =
+  `peftkern.ops.cross_entropy.causal_lm_loss`, the same loss from the fused cross-entropy op, which
+  writes no [tokens, vocab] log-probabilities (`patch(..., fused_loss=False)` keeps transformers').
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from .io import save_adapter
+from .ops.cross_entropy import causal_lm_loss
 from .record import PatchRecord
 
 TRAINABLE_NAME = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what Trainer resumes from
@@ -44,10 +48,28 @@ def _save_pretrained(record: PatchRecord, model: nn.Module, save_directory, *arg
     save_file(trainable, os.fspath(directory / TRAINABLE_NAME), metadata={"format": "pt"})
 
 
-def install(model: nn.Module, record: PatchRecord) -> None:
-    """Mark a transformers model as carrying adapters and give it PEFT's save_pretrained; a model
-    that is not a transformers PreTrainedModel is left alone."""
+def install(model: nn.Module, record: PatchRecord, fused_loss: bool = True) -> None:
+    """Mark a transformers model as carrying adapters, give it PEFT's save_pretrained and (with
+    fused_loss) the fused causal-LM loss; a model that is not a transformers PreTrainedModel is
+    left alone."""
     if not callable(getattr(type(model), "save_pretrained", None)) or not hasattr(model, "config"):
         return
     record.set_attribute(model, _MARK, True)
     record.set_attribute(model, "save_pretrained", types.MethodType(functools.partial(_save_pretrained, record), model))
+    if fused_loss and _uses_causal_lm_loss(model):
+        # transformers reads `_loss_function` first (PreTrainedModel.loss_function); unpatch removes it
+        record.set_attribute(model, "_loss_function", causal_lm_loss)
+
+
+def _uses_causal_lm_loss(model: nn.Module) -> bool:
+    """Whether the model computes its loss with transformers' ForCausalLMLoss (and not with a loss
+    of its own, a user's, or another task's)."""
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+    except ImportError:
+        return False
+    if "_loss_function" in vars(model) or getattr(model, "loss_type", None) != "ForCausalLM":
+        return False  # a loss the user set, or another task's (reading loss_function would warn then)
+    # transformers' property, which reads `_loss_function` first
+    return LOSS_MAPPING.get("ForCausalLM") is ForCausalLMLoss and isinstance(getattr(type(model), "loss_function", None),
+                                                                             property)

@@ -21,7 +21,8 @@ from .record import PatchRecord
 MULTI_ADAPTER_METHODS = multi_adapter.MULTI_ADAPTER_METHODS  # kept importable from here
 
 
-def patch(model: nn.Module, config=None, adapter_name: str = "default", **options) -> nn.Module:
+def patch(model: nn.Module, config=None, adapter_name: str = "default", fused_loss: bool = True,
+          **options) -> nn.Module:  # fmt: skip
     """Apply a PEFT method to `model` in place (it is returned too). `config`: a peftkern config
     (`peftkern.LoraConfig`, ...), the matching `peft` config object, or a dict of PEFT's field
     names (its `peft_type` picks the method; LORA when absent). Freezes every parameter but the
@@ -31,6 +32,11 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
     read without copying): QLoRA. `quantize="nf4"` quantizes the targeted dense `nn.Linear` bases
     to NF4 (blocksize 64, double quantization, as QLoRA) and frees their dense weights; `unpatch`
     then gives back the NF4 layers, not the dense ones.
+
+    `fused_loss` (default True): a transformers causal LM computes its training loss with
+    peftkern's fused cross-entropy (`peftkern.ops.cross_entropy.causal_lm_loss`: transformers'
+    ForCausalLMLoss without the [tokens, vocab] log-probabilities); the logits it returns are
+    unchanged. False keeps transformers' loss.
 
     A Hugging Face `peft.PeftModel` is patched without a config: its LoRA / DoRA / IA³ layers are
     swapped for peftkern's, sharing PEFT's own parameters (see `peftkern.methods.from_peft`)."""
@@ -53,7 +59,7 @@ def patch(model: nn.Module, config=None, adapter_name: str = "default", **option
         plan(record)
         if config.peft_type in MULTI_ADAPTER_METHODS:  # model(..., adapter_names=[...]) and generate(...)
             multi_adapter.install(model, record)
-        hf_integration.install(model, record)  # Trainer, save_pretrained, gradient checkpointing
+        hf_integration.install(model, record, fused_loss)  # Trainer, save_pretrained, checkpointing, loss
 
     record = PatchRecord(model, method=config.peft_type, config=config, adapter_name=adapter_name)
     return _apply_recorded(model, record, apply, freeze=True)

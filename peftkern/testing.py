@@ -22,6 +22,7 @@ from .ops import ia3 as ia3_ops
 from .ops import lora as lora_ops
 from .nf4 import NF4Weight
 from .ops import nf4 as nf4_ops
+from .ops import cross_entropy as ce_ops
 from .ops import proxy as proxy_ops
 from .ops import qlora as qlora_ops
 from .ops import relora as relora_ops
@@ -705,6 +706,40 @@ def check_rank_product(device: str, generator: torch.Generator) -> list[Result]:
     return results
 
 
+# The fused cross-entropy: (rows, vocab) from one logit to a real vocabulary, odd sizes around the
+# 16-lane vectors; every third row ignored.
+CROSS_ENTROPY_SHAPES = [(1, 1), (5, 17), (4, 33), (6, 4099), (3, 49152), (0, 8)]
+# dlogits: one rounding to the output dtype (its unit roundoff) plus the float32 exp / lse error
+CROSS_ENTROPY_GRAD_RTOL = {torch.float32: 2e-6 + 1e-5, torch.bfloat16: 2.0**-8 + 1e-5, torch.float16: 2.0**-11 + 1e-5}
+
+
+def check_cross_entropy(device: str, generator: torch.Generator) -> list[Result]:
+    """cross_entropy_fwd (loss, lse) and cross_entropy_bwd (dlogits) against float64: the loss and
+    lse within 1e-5·(1 + |lse|), dlogits within the output dtype's rounding (scaled errors, pass <= 1)."""
+    results = []
+    for dtype in DTYPES:
+        for rows, vocab in CROSS_ENTROPY_SHAPES:
+            logits = (torch.randn(rows, vocab, generator=generator) * 4).to(dtype)
+            labels = torch.randint(0, vocab, (rows,), generator=generator)
+            labels[::3] = ce_ops.IGNORE_INDEX
+            grad_loss = torch.randn(rows, generator=generator)
+            z = logits.double().requires_grad_()
+            want_loss, want_lse = ce_ops.cross_entropy_rows_reference(z, labels)
+            (want_loss * grad_loss.double()).sum().backward()
+            loss, lse = torch.ops.peftkern.cross_entropy_fwd(logits.to(device), labels.to(device), ce_ops.IGNORE_INDEX)
+            grad = torch.ops.peftkern.cross_entropy_bwd(grad_loss.to(device), logits.to(device), labels.to(device), lse,
+                                                        ce_ops.IGNORE_INDEX).cpu()  # fmt: skip
+            bound = 1e-5 * (1.0 + want_lse.detach().abs())
+            errors = _scaled_errors({}, ["loss", "lse"], [loss, lse], [want_loss.detach(), want_lse.detach()],
+                                    [bound, bound], 1.0, 1e-30)  # fmt: skip
+            rounding = torch.maximum(z.grad.abs(), grad.double().abs().nan_to_num(0.0))
+            _scaled_errors(errors, ["dlogits"], [grad], [z.grad], [rounding], CROSS_ENTROPY_GRAD_RTOL[dtype], 1e-7)
+            worst = max(errors.values())
+            results.append(Result("cross_entropy", device, str(dtype).removeprefix("torch."), (rows, vocab), 0, worst,
+                                  worst <= 1.0))  # fmt: skip
+    return results
+
+
 # The per-family checks `python -m peftkern.check` runs, in its order: name -> check(device,
 # generator) -> list[Result].
 CHECKS = {
@@ -721,4 +756,5 @@ CHECKS = {
     "scaled_lora": check_scaled_lora,
     "relora": check_relora,
     "proxy": check_proxy,
+    "cross_entropy": check_cross_entropy,
 }

@@ -38,6 +38,8 @@ def cases():
         ("ia3_grouped_scale", (torch.randn(3, 5), torch.ones(1, 5), torch.zeros(3, dtype=torch.int32))),
         ("quantize_blockwise_8bit", (torch.randn(10), torch.randn(256), 256)),
         ("proxy_logits", (torch.randn(2, 9), torch.randn(2, 11), torch.randn(2, 9), 1.0, 0.8, 3, 0.9, 1)),
+        ("cross_entropy_fwd", (torch.randn(3, 9), torch.tensor([0, 8, -100]), -100)),
+        ("cross_entropy_bwd", (torch.ones(3), torch.randn(3, 9), torch.tensor([0, 8, -100]), torch.ones(3), -100)),
     ]
 
 

@@ -2,6 +2,6 @@
 the autograd formula and the wrapper that picks the compiled kernel for a tensor's device or
 falls back to the reference. Importing a family module registers its fakes and autograd."""
 
-from . import adapter, dora, dropout, grouped, ia3, lora, nf4, qlora, rank_product
+from . import adapter, cross_entropy, dora, dropout, grouped, ia3, lora, nf4, qlora, rank_product
 
-__all__ = ["adapter", "dora", "dropout", "grouped", "ia3", "lora", "nf4", "qlora", "rank_product"]
+__all__ = ["adapter", "cross_entropy", "dora", "dropout", "grouped", "ia3", "lora", "nf4", "qlora", "rank_product"]
