@@ -20,6 +20,10 @@ TORCH_LIBRARY(peftkern, m) {
   m.def("set_cpu_isa(str isa) -> ()");
   // Every path this CPU supports, scalar first.
   m.def("cpu_isas_supported() -> str[]");
+  // The library of our layers' float32 CPU base GEMMs ("aten": MKL; "onednn"), chosen once from the
+  // CPU vendor or PEFTKERN_CPU_GEMM (csrc/common/cpu_gemm.h); set_cpu_gemm forces one.
+  m.def("cpu_gemm() -> str");
+  m.def("set_cpu_gemm(str library) -> ()");
   // CPU only: elements [first, first + count) of a flat NF4 weight of `numel` elements, decoded by
   // the primitive every CPU kernel shares (nf4::cpu::decode_range), so tests reach any start (odd =
   // mid-byte) and length on every ISA path. Plain absmax (float32), or uint8 codes + nested_*.

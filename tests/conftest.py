@@ -94,6 +94,22 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("kernels", ["cpu", "cuda-emulated"], indirect=True)
 
 
+@pytest.fixture(params=["aten", "onednn"])
+def cpu_gemm(request):
+    """The library of our layers' float32 CPU base GEMMs (csrc/common/cpu_gemm.h), forced for the
+    test, so both paths are tested on every machine (the load-time choice is restored after)."""
+    ops = torch.ops.peftkern
+    before = ops.cpu_gemm()
+    try:
+        ops.set_cpu_gemm(request.param)
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    try:
+        yield request.param
+    finally:
+        ops.set_cpu_gemm(before)
+
+
 @pytest.fixture
 def cpu_isa(request):
     """The CPU SIMD path this test runs on (forced with set_cpu_isa, the load-time choice restored

@@ -28,7 +28,7 @@ def check_output_and_gradients(x, w, b, a, bb, drop, scaling, generator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("bias, dropout", [(True, False), (False, True), (True, True)])
-def test_matches_reference(dtype, bias, dropout, generator):
+def test_matches_reference(dtype, bias, dropout, generator, cpu_gemm):
     for m, k, n, r in SHAPES:
         x, w, b, a, bb, drop = make_inputs(m, k, n, r, dtype, generator, bias=bias, dropout=dropout)
         check_output_and_gradients(x, w, b, a, bb, drop, 0.75, generator)
@@ -48,7 +48,7 @@ def test_strided_x_draws_what_its_contiguous_copy_draws(generator):
     check_output_and_gradients(x, w, None, a.requires_grad_(), bb.requires_grad_(), drop, 0.5, generator)
 
 
-def test_wrapper_handles_leading_dims_and_fan_in_fan_out(generator):
+def test_wrapper_handles_leading_dims_and_fan_in_fan_out(generator, cpu_gemm):
     x = torch.randn(2, 3, 10, generator=generator)
     w = torch.randn(6, 10, generator=generator)
     a, bb = torch.randn(4, 10, generator=generator), torch.randn(6, 4, generator=generator)

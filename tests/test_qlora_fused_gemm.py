@@ -65,7 +65,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype, shape, tokens, tile", CASES)
-def test_forward_matches_reference(generator, dtype, shape, tokens, tile):
+def test_forward_matches_reference(generator, cpu_gemm, dtype, shape, tokens, tile):
     out_f, in_f, blocksize = shape
     weight, x, bias, xa, lora_b, _, _ = make(generator, out_f, in_f, tokens, dtype, blocksize=blocksize)
     got = qlora_ops.nf4_lora_linear_fwd(x, weight, bias, xa, lora_b, 0.75, tile_bytes=tile)
@@ -85,7 +85,7 @@ def test_forward_matches_reference(generator, dtype, shape, tokens, tile):
 
 
 @pytest.mark.parametrize("dtype, shape, tokens, tile", CASES)
-def test_backward_input_matches_reference(generator, dtype, shape, tokens, tile):
+def test_backward_input_matches_reference(generator, cpu_gemm, dtype, shape, tokens, tile):
     out_f, in_f, blocksize = shape
     weight, _, _, xa, _, lora_a, grad_out = make(generator, out_f, in_f, tokens, dtype, blocksize=blocksize)
     got = qlora_ops.nf4_lora_linear_bwd_input(grad_out, weight, xa, lora_a, tile_bytes=tile)
@@ -105,7 +105,7 @@ def test_variants_no_bias_no_adapter_plain_absmax(generator, nested, tile):
         check(got, reference_bwd(grad_out, weight, None, None), torch.float32, (9, in_f))
 
 
-def test_strided_inputs(generator):
+def test_strided_inputs(generator, cpu_gemm):
     """x, grad_out, xa, lora_b and lora_a as views with non-unit strides: GEMM operands as they are."""
     weight, x, bias, xa, lora_b, lora_a, grad_out = make(generator, 37, 45, 11, torch.float32)
     x_t = x.t().contiguous().t()  # column-major
@@ -126,7 +126,7 @@ def test_strided_inputs(generator):
 
 
 @pytest.mark.parametrize("out_f, in_f, tokens", [(0, 64, 2), (16, 64, 0), (16, 0, 2), (0, 0, 3)])
-def test_empty_shapes(generator, out_f, in_f, tokens):
+def test_empty_shapes(generator, cpu_gemm, out_f, in_f, tokens):
     weight, x, bias, xa, lora_b, lora_a, grad_out = make(generator, out_f, in_f, tokens, torch.float32)
     got = qlora_ops.nf4_lora_linear_fwd(x, weight, bias, xa, lora_b, 0.5)
     assert got.shape == (tokens, out_f)

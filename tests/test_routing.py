@@ -3,6 +3,8 @@ take the plain-PyTorch reference path, as many or more take the compiled kernel;
 the kernel; `kernels_always()` overrides. Which path ran is read from the profiler (the kernel's
 op name appears only when it ran). Results agree either way (the reference is the spec)."""
 
+import os
+
 import pytest
 import torch
 
@@ -135,3 +137,36 @@ def test_routes_agree(routed, generator, make):
 
 def test_cuda_always_takes_the_kernel():
     assert all(routing.use_kernel(family, 1, "cuda") for family in routing.CPU_MIN_TOKENS)
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@pytest.mark.skipif(not _ext.op_exists("cpu_gemm"), reason="op library not built")
+def test_cpu_gemm_library_choice():
+    """The base GEMMs' library (csrc/common/cpu_gemm.h): oneDNN on AMD CPUs (where MKL takes its
+    generic path), ATen elsewhere, PEFTKERN_CPU_GEMM forcing either; an unknown name is an error."""
+    import subprocess
+    import sys
+
+    ops = torch.ops.peftkern
+    has_onednn = hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    probe = "import torch, peftkern; print(torch.ops.peftkern.cpu_gemm())"
+    default = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "PEFTKERN_CPU_GEMM"})  # fmt: skip
+    assert default.stdout.strip() == ("onednn" if _cpu_vendor() == "AuthenticAMD" and has_onednn else "aten")
+    forced = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**os.environ, "PEFTKERN_CPU_GEMM": "aten"})  # fmt: skip
+    assert forced.stdout.strip() == "aten"
+    bad = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PEFTKERN_CPU_GEMM": "blas"})  # fmt: skip
+    assert bad.returncode != 0 and "PEFTKERN_CPU_GEMM: unknown CPU GEMM library 'blas'" in bad.stderr
+    with pytest.raises(RuntimeError, match="set_cpu_gemm: unknown CPU GEMM library 'blas'"):
+        ops.set_cpu_gemm("blas")

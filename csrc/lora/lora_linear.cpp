@@ -6,8 +6,8 @@
 // b [N], A [r, K], B [N, r]. Python flattens leading dims into M. The dropout decisions m are
 // drawn from (seed, offset) by csrc/dropout/ and drawn again in backward: no mask exists.
 //
-// What this version fuses (the base GEMMs are the vendor BLAS — MKL/oneDNN on CPU, cuBLAS(Lt) on
-// CUDA — reached through ATen, so one implementation serves both devices; the rank-r products are
+// What this version fuses (the base GEMMs are the vendor BLAS — on CPU float32 oneDNN or MKL, the
+// faster on this CPU (common/cpu_gemm.h), cuBLAS(Lt) on CUDA, ATen's choice otherwise; the rank-r products are
 // csrc/rank_product/'s AVX-512 kernels on CPU float32, ATen's GEMMs elsewhere):
 //   * the bias rides in the base GEMM's epilogue (addmm), the LoRA-B product is accumulated into
 //     the same output buffer (no [M, N] temporary, no extra add);
@@ -29,6 +29,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../common/cpu_gemm.h"
 #include "../dropout/dropout_host.h"
 #include "../rank_product/rank_product.h"
 
@@ -71,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_fwd(const at::Tensor& x, const at
     check_like(*bias, kFwd, "bias", x);
     check_numel(*bias, kFwd, "bias", n);
   }
-  at::Tensor out = bias ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  at::Tensor out = cpu::linear(x, weight, bias);  // x·Wᵀ + b (oneDNN or ATen on CPU float32, common/cpu_gemm.h)
   at::Tensor xa = dropout::project(x, lora_a, dropout_p, seed, offset);  // dropout(x)·Aᵀ, xd never kept
   rank::add_expand_(out, xa, lora_b, scaling);  // out += s·xa·Bᵀ
   return {out, xa};
@@ -93,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_linear_bwd(
               ", expected [", m, ", ", r, "]");
   // grad_xa = s·grad_out·B [M, r] and grad_B = s·grad_outᵀ·xa [N, r], one read of grad_out
   auto [grad_xa, grad_b] = rank::out_grads(grad_out, xa, lora_b, scaling);
-  at::Tensor grad_x = at::mm(grad_out, weight);  // [M, K]
+  at::Tensor grad_x = cpu::linear(grad_out, weight.t(), std::nullopt);  // grad_out·W [M, K]
   // grad_x += (grad_xa·A) ⊙ m/(1−p) and grad_A = grad_xaᵀ·(x ⊙ m/(1−p)), the decisions m drawn again
   at::Tensor grad_a = rank::input_grads_dropout_(grad_x, x, grad_xa, lora_a, dropout_p, seed, offset);
   return {grad_x, grad_a, grad_b};

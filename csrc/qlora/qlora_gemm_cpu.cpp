@@ -27,6 +27,7 @@
 
 #include <algorithm>
 
+#include "../common/cpu_gemm.h"
 #include "../common/dispatch.h"
 #include "../nf4/nf4_cpu_decode.h"
 #include "../rank_product/rank_product.h"
@@ -102,10 +103,11 @@ void fwd_tiles(const at::Tensor& x, const uint8_t* packed, const GemmArgs& a, co
     });
     const at::Tensor w = buffer.narrow(0, 0, n);  // [n, K]
     at::Tensor o = out.narrow(1, n0, n);          // [M, n], leading dimension N
-    if (bias.has_value()) {
-      at::addmm_out(o, bias->narrow(0, n0, n), x, w.t());
+    if (n == N) {  // one tile (the usual case): the whole output, written by the GEMM directly
+      out = cpu::linear(x, w, bias);
+      o = out;
     } else {
-      at::mm_out(o, x, w.t());
+      cpu::linear_out(o, x, w, bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, n0, n)) : std::nullopt);
     }
     if (a.rank > 0) rank::add_expand_(o, *xa, lora_b->narrow(0, n0, n), scaling);  // o += s·xa·B[n0:n0+n]ᵀ
   }
@@ -129,7 +131,12 @@ void bwd_input_tiles(const at::Tensor& grad_out, const uint8_t* packed, const Ge
     });
     const at::Tensor w = buffer.narrow(0, 0, N * k).view({N, k});
     at::Tensor g = grad_x.narrow(1, k0, k);  // [M, k], leading dimension K
-    at::mm_out(g, grad_out, w);
+    if (k == K) {  // one tile: the whole gradient, written by the GEMM directly
+      grad_x = cpu::linear(grad_out, w.t(), std::nullopt);
+      g = grad_x;
+    } else {
+      cpu::linear_out(g, grad_out, w.t(), std::nullopt);
+    }
     if (a.rank > 0) rank::add_expand_(g, *grad_xa, lora_a->narrow(1, k0, k).t(), 1.0);  // g += grad_xa·A[:, k0:k0+k]
   }
 }
