@@ -6,8 +6,9 @@ fine-tuned on a small text shipped with peftkern (peftkern/data/demo_corpus.txt:
 mascot the model cannot know). It prints the loss falling, saves the adapter in Hugging Face
 PEFT's format, reloads it into a freshly quantized model, checks the reloaded model gives the same
 logits, and generates an answer before and after. Then (unless --no-compare) the same training
-runs with Hugging Face PEFT on bitsandbytes' 4-bit layers, each run in its own process, and the
-two are printed side by side: tokens/s and peak memory.
+runs again with peftkern and with Hugging Face PEFT on bitsandbytes' 4-bit layers, each in its own
+process, the two taking turns step by step, and the two are printed side by side: tokens/s (of each
+one's own step time) and peak memory.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def to_bnb_4bit(model, targets=TARGETS):
     return model
 
 
-def train(impl: str, args, report: bool) -> dict:
-    """One fine-tuning run; returns its measurements (run in a child process for clean peaks)."""
+def prepare(impl: str, args):
+    """The model of one implementation, patched, with its tokenizer, training batches and optimizer."""
     import peftkern
 
     torch.manual_seed(args.seed)
@@ -104,27 +105,41 @@ def train(impl: str, args, report: bool) -> dict:
 
         model = peft.get_peft_model(to_bnb_4bit(model), peft.LoraConfig(**LORA))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    before = generate(model, tokenizer) if report else None
     batches = training_batches(tokenizer, args.batch_size, args.seq_len, args.steps, args.seed)
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr)
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step, ids in enumerate(batches, 1):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if report and (step % max(1, args.steps // 10) == 0 or step == 1):
-            print(f"  step {step:4d}/{args.steps}  loss {loss.item():.4f}", flush=True)
-    elapsed = time.perf_counter() - start
-    result = {
+    return model, tokenizer, batches, torch.optim.AdamW(trainable, lr=args.lr)
+
+
+def train_step(model, optimizer, ids) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def summary(impl: str, args, losses: list[float], seconds: float) -> dict:
+    return {
         "impl": impl,
         "first_loss": losses[0],
         "last_loss": sum(losses[-5:]) / len(losses[-5:]),
-        "tokens_per_s": args.steps * args.batch_size * args.seq_len / elapsed,
+        "tokens_per_s": args.steps * args.batch_size * args.seq_len / seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def train(impl: str, args, report: bool) -> dict:
+    """One fine-tuning run; returns its measurements."""
+    import peftkern
+
+    model, tokenizer, batches, optimizer = prepare(impl, args)
+    before = generate(model, tokenizer) if report else None
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step, ids in enumerate(batches, 1):
+        losses.append(train_step(model, optimizer, ids))
+        if report and (step % max(1, args.steps // 10) == 0 or step == 1):
+            print(f"  step {step:4d}/{args.steps}  loss {losses[-1]:.4f}", flush=True)
+    result = summary(impl, args, losses, time.perf_counter() - start)
     if report:
         result["before"], result["after"] = before, generate(model, tokenizer)
         adapter_dir = Path(args.output_dir)
@@ -153,18 +168,42 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _child(impl, args, queue):
-    queue.put(train(impl, args, report=False))
+def _compare_child(impl: str, args, turns, replies) -> None:
+    """One implementation's training in its own process (clean peak memory), one step per turn."""
+    model, _, batches, optimizer = prepare(impl, args)
+    model.train()
+    replies.put("ready")
+    losses, seconds = [], 0.0
+    for ids in batches:
+        turns.get()
+        start = time.perf_counter()
+        losses.append(train_step(model, optimizer, ids))
+        seconds += time.perf_counter() - start
+        replies.put(None)
+    replies.put(summary(impl, args, losses, seconds))
 
 
-def run_in_child(impl: str, args) -> dict:
+def compare(args, impls=("peftkern", "peft+bitsandbytes")) -> list[dict]:
+    """The implementations trained side by side, each in a fresh process, taking turns step by step
+    (the first to go alternates): a slow spell of a shared machine falls on both, not on whichever
+    ran then. Throughput counts each one's own step time."""
     context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(impl, args, queue), daemon=True)  # dies with the demo
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
+    channels = [(context.Queue(), context.Queue()) for _ in impls]
+    processes = [context.Process(target=_compare_child, args=(impl, args, *channel), daemon=True)  # dies with the demo
+                 for impl, channel in zip(impls, channels)]  # fmt: skip
+    for process in processes:
+        process.start()
+    for _, replies in channels:
+        if replies.get() != "ready":
+            raise RuntimeError("a comparison run failed to start")
+    for step in range(args.steps):
+        for turns, replies in channels if step % 2 == 0 else channels[::-1]:
+            turns.put("step")
+            replies.get()
+    results = [replies.get() for _, replies in channels]
+    for process in processes:
+        process.join()
+    return results
 
 
 def main(argv=None) -> int:
@@ -198,8 +237,9 @@ def main(argv=None) -> int:
     ok = result["reloaded"] and result["last_loss"] < result["first_loss"]
 
     if not args.no_compare:
-        print("\nthroughput and memory, each run in a fresh process (same data, steps and seed):")
-        rows = [run_in_child("peftkern", args), run_in_child("peft+bitsandbytes", args)]
+        print("\nthroughput and memory, each run in a fresh process, the two taking turns step by step "
+              "(same data, steps and seed):")
+        rows = compare(args)
         print(f"  {'implementation':<20}{'tokens/s':>10}{'peak RSS MB':>13}{'loss first -> last':>22}")
         for row in rows:
             print(f"  {row['impl']:<20}{row['tokens_per_s']:>10.1f}{row['peak_rss_mb']:>13.0f}"
