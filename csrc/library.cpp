@@ -6,6 +6,7 @@
 #include <sstream>
 #include <string>
 
+#include "common/cpu_gemm.h"
 #include "common/cpu_isa.h"
 #include "common/outputs.h"
 
@@ -54,7 +55,14 @@ std::string build_info() {
   s << "\", \"cpu_isas_supported\": [";
   const auto isas = cpu::supported_isas();
   for (size_t i = 0; i < isas.size(); ++i) s << (i ? ", " : "") << "\"" << isas[i] << "\"";
-  s << "]}";
+  // The library of the layers' float32 CPU base GEMMs (common/cpu_gemm.h)
+  s << "], \"cpu_gemm\": \"";
+  try {
+    s << cpu::gemm_name(cpu::active_gemm());
+  } catch (const std::exception&) {
+    s << "error: invalid PEFTKERN_CPU_GEMM";
+  }
+  s << "\"}";
   return s.str();
 }
 

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if "cpu_isa" in info:
         print(f"CPU SIMD path: {info['cpu_isa']} (this CPU supports {', '.join(info['cpu_isas_supported'])}; "
               "PEFTKERN_CPU_ISA forces one)")
+    if "cpu_gemm" in info:
+        print(f"CPU GEMM library of the layers' float32 base GEMMs: {info['cpu_gemm']} (PEFTKERN_CPU_GEMM=aten|onednn "
+              "forces one)")
     if not _ext.available():
         print("FAIL: the compiled op library is missing; build it with `pip install --no-build-isolation -e .`")
         return 1

@@ -3,7 +3,9 @@ implementation built once in one process and timed in interleaved rounds (median
 comparison that survives run-to-run drift, which on a shared 2-core machine is larger than the
 differences bench_e2e's sequential rounds try to show. Also with LoRA dropout 0, so the cost of
 dropout itself is visible. --autocast-bf16 runs every step under torch.autocast("cpu", bfloat16)
-(float32 weights, as bench_e2e's autocast-bf16 rows).
+(float32 weights, as bench_e2e's autocast-bf16 rows). The frozen base is transformers' model with no
+adapter: its nn.Linear GEMMs are ATen's (MKL in float32), while peftkern's layers run theirs through
+oneDNN on AMD CPUs (csrc/common/cpu_gemm.h), so there peftkern's step can be below this "floor".
 
     python scripts/interleaved_e2e.py [--rounds 7] [--autocast-bf16]
 """
