@@ -85,34 +85,27 @@ unsigned int grid_for(int64_t rows) { return static_cast<unsigned int>(std::min<
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                           int64_t ignore_index) {
   const CudaDeviceGuard guard(logits);
-  const Inputs in = check_inputs(logits, labels, ignore_index, "cross_entropy_fwd");
-  const Args& a = in.args;
-  auto loss = new_output({a.rows}, logits.options().dtype(at::kFloat));
-  auto lse = new_output({a.rows}, logits.options().dtype(at::kFloat));
-  if (a.rows == 0) return {loss, lse};
+  Forward f = check_and_allocate_fwd(logits, labels, ignore_index);
+  const Args& a = f.in.args;
+  if (a.rows == 0) return {f.loss, f.lse};
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(a.dtype, "cross_entropy_fwd_cuda", [&] {
-    PK_LAUNCH(grid_for(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream(), cross_entropy_fwd_kernel<scalar_t>)(static_cast<const scalar_t*>(a.logits), a.labels, loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), a.rows, a.vocab, a.stride, a.ignore_index);
+    PK_LAUNCH(grid_for(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream(), cross_entropy_fwd_kernel<scalar_t>)(static_cast<const scalar_t*>(a.logits), a.labels, f.loss.mutable_data_ptr<float>(), f.lse.mutable_data_ptr<float>(), a.rows, a.vocab, a.stride, a.ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse};
+  return {f.loss, f.lse};
 }
 
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
                                   const at::Tensor& lse, int64_t ignore_index) {
-  constexpr const char* op = "cross_entropy_bwd";
   const CudaDeviceGuard guard(logits);
-  const Inputs in = check_inputs(logits, labels, ignore_index, op);
-  const Args& a = in.args;
-  check_row_values(grad_loss, op, "grad_loss", a, logits);
-  check_row_values(lse, op, "lse", a, logits);
-  const at::Tensor g = grad_loss.contiguous(), l = lse.contiguous();
-  auto out = new_output({a.rows, a.vocab}, logits.options());
-  if (out.numel() == 0) return out;
+  Backward b = check_and_allocate_bwd(grad_loss, logits, labels, lse, ignore_index);
+  const Args& a = b.in.args;
+  if (b.out.numel() == 0) return b.out;
   PK_DISPATCH_FLOAT_HALF_BFLOAT16(a.dtype, "cross_entropy_bwd_cuda", [&] {
-    PK_LAUNCH(grid_for(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream(), cross_entropy_bwd_kernel<scalar_t>)(g.const_data_ptr<float>(), static_cast<const scalar_t*>(a.logits), a.labels, l.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), a.rows, a.vocab, a.stride, a.ignore_index);
+    PK_LAUNCH(grid_for(a.rows), kThreads, 0, at::cuda::getCurrentCUDAStream(), cross_entropy_bwd_kernel<scalar_t>)(b.grad_loss.const_data_ptr<float>(), static_cast<const scalar_t*>(a.logits), a.labels, b.lse.const_data_ptr<float>(), b.out.mutable_data_ptr<scalar_t>(), a.rows, a.vocab, a.stride, a.ignore_index);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return b.out;
 }
 
 }  // namespace

@@ -51,13 +51,39 @@ inline Inputs check_inputs(const at::Tensor& logits, const at::Tensor& labels, i
   return {args, std::move(rows), std::move(targets)};
 }
 
-// cross_entropy_bwd's per-row inputs: float32 [rows] each, on the logits' device.
-inline void check_row_values(const at::Tensor& t, const char* op, const char* name, const Args& args,
-                             const at::Tensor& logits) {
-  check_dtype(t, op, name, {at::kFloat});
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == args.rows, op, ": ", name, " must be [", args.rows, "], got shape ",
-              t.sizes());
-  check_device(t, op, name, logits, "logits");
+// cross_entropy_fwd's checked inputs and its outputs (float32 [rows] each).
+struct Forward {
+  Inputs in;
+  at::Tensor loss, lse;
+};
+
+inline Forward check_and_allocate_fwd(const at::Tensor& logits, const at::Tensor& labels, int64_t ignore_index) {
+  Inputs in = check_inputs(logits, labels, ignore_index, "cross_entropy_fwd");
+  const int64_t rows = in.args.rows;
+  return {std::move(in), new_output({rows}, logits.options().dtype(at::kFloat)),
+          new_output({rows}, logits.options().dtype(at::kFloat))};
+}
+
+// cross_entropy_bwd's checked inputs (grad_loss and lse float32 [rows] on the logits' device, made
+// contiguous) and its output, contiguous [rows, vocab] in the logits' dtype.
+struct Backward {
+  Inputs in;
+  at::Tensor grad_loss, lse, out;
+};
+
+inline Backward check_and_allocate_bwd(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse, int64_t ignore_index) {
+  constexpr const char* op = "cross_entropy_bwd";
+  Inputs in = check_inputs(logits, labels, ignore_index, op);
+  const std::pair<const at::Tensor*, const char*> rows[] = {{&grad_loss, "grad_loss"}, {&lse, "lse"}};
+  for (const auto& [t, name] : rows) {
+    check_dtype(*t, op, name, {at::kFloat});
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == in.args.rows, op, ": ", name, " must be [", in.args.rows,
+                "], got shape ", t->sizes());
+    check_device(*t, op, name, logits, "logits");
+  }
+  at::Tensor out = new_output({in.args.rows, in.args.vocab}, logits.options());
+  return {std::move(in), grad_loss.contiguous(), lse.contiguous(), std::move(out)};
 }
 
 }  // namespace cross_entropy
